@@ -1,0 +1,35 @@
+"""Building vLLM engines with the settings fastgrpo uses everywhere (demo, server, trainer)."""
+
+import os
+
+# GiB of KV cache the CPU build reserves when the user has not chosen (vLLM's own
+# default, 4 GiB, is more than a 135M model on a laptop needs).
+DEFAULT_CPU_KVCACHE_GIB = 1
+
+
+def on_cpu() -> bool:
+    """True when the installed vLLM is the CPU build (or there is no GPU to use)."""
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def prepare_cpu_env(kv_cache_space_gib: float | None = None) -> None:
+    """Environment the CPU build reads when it creates its workers."""
+    if kv_cache_space_gib is not None:
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_space_gib)
+    else:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(DEFAULT_CPU_KVCACHE_GIB))
+
+
+def make_llm(model: str, **engine_kwargs):
+    """An in-process `vllm.LLM`. Callers must sit under `if __name__ == "__main__":` (vLLM spawns)."""
+    if on_cpu():
+        prepare_cpu_env(engine_kwargs.pop("kv_cache_space", None))
+        # On the CPU build, torch.compile costs 30-60 s of engine start and bought no
+        # throughput here (135M model, 16x8x128 tokens: 418 tok/s eager and compiled).
+        engine_kwargs.setdefault("enforce_eager", True)
+    from vllm import LLM
+
+    engine_kwargs.setdefault("dtype", "auto")
+    return LLM(model=model, **engine_kwargs)

@@ -1,0 +1,304 @@
+"""`fastgrpo tp-dp`: which tensor-parallel / data-parallel layout for the generation server.
+
+Prints the prompt batch size, a table of every TP x DP layout (does it fit,
+KV cache, sequences per replica, predicted round time and tokens/s) and a
+recommendation. The model behind it is `fastgrpo.parallel` (see docs/tp-dp.md).
+This module imports only the standard library at top level; matplotlib and
+yaml are imported where they are used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from fastgrpo import parallel
+from fastgrpo.cliutil import add_flag
+
+# Built-in defaults for the batch figures, used when neither the command line
+# nor --config gives one. They match TRL's GRPOConfig defaults.
+BATCH_DEFAULTS = dict(
+    per_device_train_batch_size=8,
+    num_processes=1,
+    gradient_accumulation_steps=1,
+    num_generations=8,
+    max_completion_length=256,
+    prompt_length=512,
+)
+
+# Training-config keys (TRL GRPOConfig / accelerate names) -> our argument names.
+CONFIG_KEYS = {
+    "per_device_train_batch_size": "per_device_train_batch_size",
+    "gradient_accumulation_steps": "gradient_accumulation_steps",
+    "num_generations": "num_generations",
+    "max_completion_length": "max_completion_length",
+    "max_prompt_length": "prompt_length",
+    "prompt_length": "prompt_length",
+    "num_processes": "num_processes",
+    "model": "model",
+    "model_name_or_path": "model",
+}
+
+CUSTOM_GPU_FLAGS = ("gpu_memory_gib", "gpu_bandwidth_gbs", "gpu_bf16_tflops", "interconnect_gbs")
+
+EPILOG = """\
+examples:
+  fastgrpo tp-dp --model Qwen2.5-7B --num_server_gpus 8 --gpu H100-80GB \\
+      --per_device_train_batch_size 8 --num_processes 4 --gradient_accumulation_steps 16 \\
+      --num_generations 8 --max_completion_length 1024 --prompt_length 512
+  fastgrpo tp-dp --config run.yaml --num-server-gpus 4 --gpu A100-80GB --json
+  fastgrpo tp-dp --model ./my-model --num_server_gpus 2 --gpu custom \\
+      --gpu_memory_gib 94 --gpu_bandwidth_gbs 3900 --gpu_bf16_tflops 835 --interconnect_gbs 300
+
+known GPUs: {gpus}
+known models: {models} (or a local folder holding config.json)
+"""
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "tp-dp",
+        help="choose the generation server's tensor/data-parallel layout",
+        description=(
+            "Predict, for every TP x DP layout of the generation server's GPUs, whether the model "
+            "fits and how long a generation round takes, and recommend the fastest. Prompts per "
+            "round = per_device_train_batch_size x num_processes x gradient_accumulation_steps / "
+            "num_generations. A performance model, not a measurement: see docs/tp-dp.md."
+        ),
+        epilog=EPILOG.format(
+            gpus=", ".join(parallel.known_gpu_names()),
+            models=", ".join(name.split("/")[-1] for name in parallel.known_model_names()),
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_flag(parser, "--model", default=None, help="known model name (e.g. Qwen2.5-7B) or local folder with config.json")
+    add_flag(parser, "--config", default=None, help="training config YAML to read the batch figures and model from; flags override it")
+    add_flag(parser, "--num_server_gpus", type=int, default=None, help="GPUs the generation server gets (TP x DP); required")
+    add_flag(parser, "--gpu", default="H100-80GB", help="GPU type: a known name, or 'custom' with the figures below (default: H100-80GB)")
+    batch = parser.add_argument_group("batch figures (default: --config, else TRL's defaults)")
+    add_flag(batch, "--per_device_train_batch_size", type=int, default=None, help=f"completions per training process per step (default {BATCH_DEFAULTS['per_device_train_batch_size']})")
+    add_flag(batch, "--num_processes", type=int, default=None, help=f"training processes / GPUs (default {BATCH_DEFAULTS['num_processes']})")
+    add_flag(batch, "--gradient_accumulation_steps", type=int, default=None, help=f"(default {BATCH_DEFAULTS['gradient_accumulation_steps']})")
+    add_flag(batch, "--num_generations", type=int, default=None, help=f"completions per prompt (default {BATCH_DEFAULTS['num_generations']})")
+    add_flag(batch, "--max_completion_length", type=int, default=None, help=f"tokens per completion, at most (default {BATCH_DEFAULTS['max_completion_length']})")
+    add_flag(batch, "--prompt_length", type=int, default=None, help=f"tokens per prompt, typical or max_prompt_length (default {BATCH_DEFAULTS['prompt_length']})")
+    server = parser.add_argument_group("server settings")
+    add_flag(server, "--gpu_memory_utilization", type=float, default=parallel.DEFAULT_GPU_MEMORY_UTILIZATION, help="as passed to vllm-serve (default 0.9)")
+    add_flag(server, "--max_num_seqs", type=int, default=None, help="vLLM's cap on sequences running at once per replica (default: vLLM's for the GPU)")
+    custom = parser.add_argument_group("custom GPU figures (with --gpu custom all four are required; with a known GPU they override its figures)")
+    add_flag(custom, "--gpu_memory_gib", type=float, default=None, help="device memory, GiB")
+    add_flag(custom, "--gpu_bandwidth_gbs", type=float, default=None, help="peak memory bandwidth, GB/s")
+    add_flag(custom, "--gpu_bf16_tflops", type=float, default=None, help="dense bf16 peak, TFLOPS")
+    add_flag(custom, "--interconnect_gbs", type=float, default=None, help="GPU-to-GPU bandwidth per direction, GB/s (NVLink total / 2, or PCIe)")
+    add_flag(custom, "--allreduce_latency_us", type=float, default=None, help="cost of one small all-reduce between 2 GPUs, microseconds (default 20 NVLink-class)")
+    output = parser.add_argument_group("output")
+    add_flag(output, "--json", action="store_true", help="print one JSON object instead of the table")
+    add_flag(output, "--plot", default=None, help="also save a PNG of predicted tokens/s per layout against prompt batch size")
+    # A --measure option (time each layout on real GPUs) belongs here once the server exists.
+    parser.set_defaults(func=run)
+    return parser
+
+
+# ---------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------
+
+
+def read_training_config(path: str) -> dict:
+    """The batch figures and model from a training YAML, under our argument names."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise parallel.PlanError(f"cannot read --config {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise parallel.PlanError(f"--config {path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise parallel.PlanError(f"--config {path} must be a mapping of settings, got {type(raw).__name__}")
+    found = {}
+    for key, name in CONFIG_KEYS.items():
+        if raw.get(key) is not None and name not in found:
+            found[name] = raw[key]
+    for name, value in found.items():
+        if name != "model" and not isinstance(value, int):
+            raise parallel.PlanError(f"--config {path}: {name} must be an integer, got {value!r}")
+    return found
+
+
+def resolve_inputs(args: argparse.Namespace) -> dict:
+    """Command line over --config over built-in defaults."""
+    from_config = read_training_config(args.config) if args.config else {}
+    inputs = {}
+    for name in [*BATCH_DEFAULTS, "model"]:
+        value = getattr(args, name)
+        if value is None:
+            value = from_config.get(name, BATCH_DEFAULTS.get(name))
+        inputs[name] = value
+    if inputs["model"] is None:
+        raise parallel.PlanError("no model: pass --model NAME_OR_PATH (or a --config with `model` / `model_name_or_path`)")
+    if args.num_server_gpus is None:
+        raise parallel.PlanError("pass --num_server_gpus: how many GPUs the generation server gets (TP x DP)")
+    return inputs
+
+
+def resolve_gpu_from_args(args: argparse.Namespace) -> parallel.GPUSpec:
+    figures = {name: getattr(args, name) for name in CUSTOM_GPU_FLAGS}
+    if args.gpu.lower() == "custom":
+        missing = [f"--{name}" for name, value in figures.items() if value is None]
+        if missing:
+            raise parallel.PlanError(f"--gpu custom needs {', '.join(missing)} (see --help)")
+        return parallel.custom_gpu(
+            memory_gib=figures["gpu_memory_gib"],
+            bandwidth_gbs=figures["gpu_bandwidth_gbs"],
+            bf16_tflops=figures["gpu_bf16_tflops"],
+            interconnect_gbs=figures["interconnect_gbs"],
+            allreduce_latency_us=args.allreduce_latency_us or 20.0,
+        )
+    gpu = parallel.resolve_gpu(args.gpu)
+    overrides = dict(
+        memory_gib=figures["gpu_memory_gib"],
+        bandwidth_gbs=figures["gpu_bandwidth_gbs"],
+        bf16_tflops=figures["gpu_bf16_tflops"],
+        interconnect_gbs=figures["interconnect_gbs"],
+        allreduce_latency_us=args.allreduce_latency_us,
+    )
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if not overrides:
+        return gpu
+    return parallel.GPUSpec(**{**gpu.__dict__, **overrides, "name": gpu.name + " (custom figures)"})
+
+
+# ---------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------
+
+
+def _format_layout_row(est: parallel.LayoutEstimate) -> list[str]:
+    if not est.valid:
+        return [est.label, "invalid", "", "", "", "", "", est.reason]
+    if not est.fits:
+        return [est.label, "no", f"{est.weights_gib_per_device:.1f}", "", "", "", "", est.reason]
+    sequences = f"{est.sequences_per_replica} ({est.concurrent_sequences_per_replica})"
+    return [
+        est.label,
+        "yes",
+        f"{est.weights_gib_per_device:.1f}",
+        f"{est.kv_cache_gib_per_replica:.1f}",
+        sequences,
+        f"{est.seconds_per_round:.1f}",
+        f"{est.tokens_per_second:,.0f}",
+        "",
+    ]
+
+
+def format_plan(plan: parallel.TPDPPlan, inputs: dict) -> str:
+    w, m, g = plan.workload, plan.model, plan.gpu
+    lines = [
+        f"Prompt batch size: {inputs['per_device_train_batch_size']} x {inputs['num_processes']} x "
+        f"{inputs['gradient_accumulation_steps']} / {w.num_generations} = {w.prompt_batch_size} prompts per round "
+        f"({w.sequences} completions of up to {w.max_completion_length} tokens, prompts of {w.prompt_length})",
+        f"Model: {m.name} ({m.param_count / 1e9:.2f}B parameters, {m.weight_bytes / parallel.GIB:.1f} GiB of weights)",
+        f"Server: {plan.num_server_gpus} x {g.name} ({g.memory_gib:g} GiB, {g.bandwidth_gbs:g} GB/s, "
+        f"{g.bf16_tflops:g} TFLOPS bf16, {g.interconnect_gbs:g} GB/s link), "
+        f"gpu_memory_utilization {plan.gpu_memory_utilization:g}, max_num_seqs {plan.max_num_seqs}",
+        "",
+    ]
+    header = ["layout", "fits", "weights/GPU GiB", "KV/replica GiB", "seqs/replica (at once)", "round s", "tokens/s", "note"]
+    rows = [header] + [_format_layout_row(est) for est in plan.layouts]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths)]
+        lines.append("  ".join(cells + [row[-1]]).rstrip())
+    lines.append("")
+    if plan.recommended:
+        rec = plan.recommended
+        lines.append(
+            f"Recommended: --tensor_parallel_size {rec.tensor_parallel_size} --data_parallel_size {rec.data_parallel_size}"
+        )
+        lines.append(f"  {rec.reason}")
+    else:
+        lines.append("Recommended: none; no layout fits.")
+    if plan.warnings:
+        lines.append("Warnings:")
+        lines.extend(f"  - {warning}" for warning in plan.warnings)
+    return "\n".join(lines)
+
+
+def plot_plan(plan: parallel.TPDPPlan, path: str) -> None:
+    """Predicted tokens/s of each layout against the prompt batch size (the user's batch marked)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    current = plan.workload.prompt_batch_size
+    top = max(512, 8 * current)
+    batch_sizes = [2**k for k in range(0, top.bit_length()) if 2**k <= top]
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    for tp, dp in parallel.candidate_layouts(plan.num_server_gpus):
+        xs, ys = [], []
+        for batch in batch_sizes:
+            workload = parallel.Workload(batch, plan.workload.num_generations, plan.workload.prompt_length,
+                                         plan.workload.max_completion_length)
+            est = parallel.estimate_layout(plan.model, plan.gpu, workload, tp, dp,
+                                           plan.gpu_memory_utilization, plan.max_num_seqs)
+            if est.usable:
+                xs.append(batch)
+                ys.append(est.tokens_per_second)
+        if xs:
+            ax.plot(xs, ys, marker="o", markersize=3, label=f"TP={tp}, DP={dp}")
+    ax.axvline(current, color="gray", linestyle="--", linewidth=1, label=f"your batch ({current})")
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.set_xlabel("prompt batch size (prompts per round)")
+    ax.set_ylabel("predicted completion tokens/s")
+    ax.set_title(
+        f"{plan.model.name.split('/')[-1]} on {plan.num_server_gpus} x {plan.gpu.name}, "
+        f"{plan.workload.prompt_length}+{plan.workload.max_completion_length} tokens, "
+        f"{plan.workload.num_generations} per prompt",
+        fontsize=9,
+    )
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        inputs = resolve_inputs(args)
+        gpu = resolve_gpu_from_args(args)
+        plan = parallel.plan_tp_dp(
+            inputs["model"],
+            args.num_server_gpus,
+            gpu,
+            max_completion_length=inputs["max_completion_length"],
+            prompt_length=inputs["prompt_length"],
+            per_device_train_batch_size=inputs["per_device_train_batch_size"],
+            num_processes=inputs["num_processes"],
+            gradient_accumulation_steps=inputs["gradient_accumulation_steps"],
+            num_generations=inputs["num_generations"],
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            max_num_seqs=args.max_num_seqs,
+        )
+    except parallel.PlanError as e:
+        print(f"fastgrpo tp-dp: error: {e}", file=sys.stderr)
+        return 2
+    if args.plot:
+        try:
+            plot_plan(plan, args.plot)
+        except OSError as e:
+            print(f"fastgrpo tp-dp: error: cannot write --plot {args.plot}: {e.strerror}", file=sys.stderr)
+            return 2
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+    else:
+        print(format_plan(plan, inputs))
+        if args.plot:
+            print(f"Plot saved to {args.plot}")
+    return 0
