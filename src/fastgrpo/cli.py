@@ -15,6 +15,7 @@ from fastgrpo import __version__
 # subcommand name -> module that defines it. Only commands that work are listed.
 SUBCOMMANDS = {
     "demo": "fastgrpo.demo",
+    "vllm-serve": "fastgrpo.serve.cli",
     "tp-dp": "fastgrpo.tp_dp",
 }
 

@@ -1,0 +1,84 @@
+"""`fastgrpo vllm-serve`: the generation server (flags per ../shared/DESIGN.md, both spellings)."""
+
+import argparse
+
+from fastgrpo.cliutil import add_flag
+
+
+def _optional_bool(value: str) -> bool:
+    lowered = value.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "vllm-serve",
+        help="run the generation server (vLLM engines, generate/weight-sync/OpenAI routes)",
+        description="Serve a model with N independent vLLM engine replicas (data parallel) of TP devices each. "
+                    "The trainer sends prompts and, after each optimizer step, its new weights.",
+    )
+    add_flag(p, "--model", required=True, help="model name or local path ('default': the embedded SmolLM2-135M-Instruct)")
+    add_flag(p, "--revision", default=None, help="model revision (branch, tag or commit)")
+    add_flag(p, "--tensor_parallel_size", type=int, default=1, help="devices per engine replica (default 1)")
+    add_flag(p, "--data_parallel_size", type=int, default=1, help="independent engine replicas (default 1)")
+    add_flag(p, "--host", default="0.0.0.0", help="bind address (default 0.0.0.0)")
+    add_flag(p, "--port", type=int, default=8000, help="port (default 8000)")
+    add_flag(p, "--gpu_memory_utilization", type=float, default=0.9,
+             help="fraction of device memory for weights, activations and KV cache (default 0.9)")
+    add_flag(p, "--dtype", default="auto", help="vLLM dtype: auto, bfloat16, float16, float32 (default auto)")
+    add_flag(p, "--max_model_len", type=int, default=None, help="context limit; smaller means a smaller KV cache")
+    add_flag(p, "--enable_prefix_caching", type=_optional_bool, default=None, nargs="?", const=True,
+             metavar="BOOL", help="vLLM prefix caching (default: vLLM's choice)")
+    add_flag(p, "--enforce_eager", type=_optional_bool, default=None, nargs="?", const=True, metavar="BOOL",
+             help="no torch.compile / CUDA graphs (default: eager on CPU, vLLM's default on GPU)")
+    add_flag(p, "--max_num_seqs", type=int, default=None, help="most sequences an engine runs at once")
+    add_flag(p, "--kv_cache_space", type=float, default=None,
+             help="GiB of KV cache per replica on vLLM's CPU build (default 1, or VLLM_CPU_KVCACHE_SPACE)")
+    add_flag(p, "--api_key", default=None, help="if set, every route but /health needs 'Authorization: Bearer KEY'")
+    add_flag(p, "--log_level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+             help="log level (default info)")
+    add_flag(p, "--seed", type=int, default=0, help="engine seed (default 0)")
+    p.set_defaults(func=run)
+
+
+def validate(args) -> None:
+    """Fail before starting anything, naming the flag and the fix."""
+    checks = [
+        (args.tensor_parallel_size >= 1, "--tensor_parallel_size must be >= 1"),
+        (args.data_parallel_size >= 1, "--data_parallel_size must be >= 1"),
+        (0 < args.gpu_memory_utilization <= 1, "--gpu_memory_utilization must be in (0, 1]"),
+        (args.max_model_len is None or args.max_model_len >= 16, "--max_model_len must be >= 16"),
+        (1 <= args.port <= 65535, "--port must be in 1..65535"),
+        (args.kv_cache_space is None or args.kv_cache_space > 0, "--kv_cache_space must be > 0 GiB"),
+        (args.max_num_seqs is None or args.max_num_seqs >= 1, "--max_num_seqs must be >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise SystemExit(f"fastgrpo vllm-serve: error: {message}")
+
+
+def run(args) -> int:
+    import logging
+
+    import uvicorn
+
+    from fastgrpo.models import resolve_model
+    from fastgrpo.serve.app import create_app
+    from fastgrpo.serve.replicas import ServerSettings
+
+    validate(args)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = ServerSettings(
+        model=resolve_model(args.model), revision=args.revision,
+        tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
+        gpu_memory_utilization=args.gpu_memory_utilization, dtype=args.dtype, max_model_len=args.max_model_len,
+        enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
+        max_num_seqs=args.max_num_seqs, kv_cache_space=args.kv_cache_space, seed=args.seed,
+    )
+    app = create_app(settings, api_key=args.api_key)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_keep_alive=60)
+    return 0

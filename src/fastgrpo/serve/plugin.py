@@ -1,0 +1,20 @@
+"""vLLM general plugin: registers fastgrpo's gloo weight-transfer backend.
+
+vLLM calls every `vllm.general_plugins` entry point in each of its processes
+(API server, engine core, workers), so the backend exists wherever
+`WeightTransferEngineFactory.create_engine` runs. Safe to call repeatedly.
+"""
+
+MODULE = "fastgrpo.serve.gloo_transfer"
+
+
+def register() -> None:
+    from vllm.distributed.weight_transfer.factory import (
+        WeightTransferEngineFactory,
+        WeightTransferTrainerFactory,
+    )
+
+    if "gloo" not in WeightTransferEngineFactory._registry:
+        WeightTransferEngineFactory.register_engine("gloo", MODULE, "GlooWeightTransferEngine")
+    if "gloo" not in WeightTransferTrainerFactory._registry:
+        WeightTransferTrainerFactory.register_engine("gloo", MODULE, "GlooTrainerWeightTransferEngine")

@@ -1,0 +1,131 @@
+"""Typed requests and responses of the generation server (FastAPI validates them, 422 -> 400)."""
+
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+
+class ErrorResponse(BaseModel):
+    error: str  # what went wrong and what to do about it
+    type: str  # "invalid_request", "not_ready", "replica_dead", "weight_transfer", ...
+    field: str | None = None
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str
+
+
+class SamplingFields(BaseModel):
+    """Sampling settings, with vLLM's meanings."""
+
+    n: int = Field(1, ge=1, le=1024, description="completions per prompt")
+    temperature: float = Field(1.0, ge=0.0, le=100.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(-1, ge=-1, description="-1 or 0: no top-k")
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    max_tokens: int = Field(16, ge=1, description="new tokens per completion")
+    seed: int | None = None
+    stop: list[str] | None = None
+    ignore_eos: bool = False
+
+
+class GenerateRequest(SamplingFields):
+    """Exactly one of `prompts` (text), `prompt_token_ids` or `messages` (chat, template applied)."""
+
+    prompts: list[str] | None = None
+    prompt_token_ids: list[list[int]] | None = None
+    messages: list[list[ChatMessage]] | None = None
+    prompt_logprobs: bool = Field(False, description="also return each prompt token's logprob")
+
+    @model_validator(mode="after")
+    def _one_prompt_kind(self):
+        given = [k for k in ("prompts", "prompt_token_ids", "messages") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of 'prompts' (text), 'prompt_token_ids' or 'messages' (chat); "
+                f"got {given or 'none'}"
+            )
+        batch = getattr(self, given[0])
+        if len(batch) == 0:
+            raise ValueError(f"'{given[0]}' is empty: send at least one prompt")
+        if self.prompt_token_ids is not None and any(len(ids) == 0 for ids in self.prompt_token_ids):
+            raise ValueError("'prompt_token_ids' holds an empty prompt: every prompt needs at least one token")
+        return self
+
+
+class Completion(BaseModel):
+    token_ids: list[int]
+    logprobs: list[float]  # of each sampled token, under the sampling distribution
+    text: str
+    finish_reason: str | None  # "stop", "length", or None when aborted
+
+
+class PromptResult(BaseModel):
+    prompt_token_ids: list[int]
+    prompt_logprobs: list[float | None] | None = None  # first token has none
+    completions: list[Completion]
+    replica: int
+
+
+class GenerateResponse(BaseModel):
+    results: list[PromptResult]
+    weight_version: int
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok", "starting", "degraded", "failed"]
+    model: str
+    replicas: list[dict]
+    tensor_parallel_size: int
+    data_parallel_size: int
+    world_size: int  # TP x DP: inference ranks in the weight-transfer group (the trainer adds one)
+    weight_version: int
+    weights_consistent: bool
+    weight_transfer_backend: str
+    dtype: str
+    max_model_len: int | None
+
+
+class InitTransferRequest(BaseModel):
+    master_address: str
+    master_port: int = Field(ge=1, le=65535)
+    world_size: int = Field(ge=2)
+    backend: Literal["gloo", "nccl"] | None = None  # default: the server's (gloo on CPU, nccl on GPU)
+    bucket_bytes: int | None = Field(None, ge=1 << 16)
+    timeout_s: float = Field(120.0, gt=0, le=3600)
+
+
+class StartUpdateRequest(BaseModel):
+    names: list[str]
+    dtype_names: list[str]
+    shapes: list[list[int]]
+    weight_version: int | None = Field(None, ge=0, description="version to assign; default: current + 1")
+    timeout_s: float = Field(120.0, gt=0, le=3600, description="how long to wait for the trainer's data")
+
+    @model_validator(mode="after")
+    def _same_lengths(self):
+        if not (len(self.names) == len(self.dtype_names) == len(self.shapes)):
+            raise ValueError(
+                f"names, dtype_names and shapes need one entry per tensor; got "
+                f"{len(self.names)}, {len(self.dtype_names)}, {len(self.shapes)}"
+            )
+        if not self.names:
+            raise ValueError("'names' is empty: push at least one tensor")
+        return self
+
+
+class StartUpdateResponse(BaseModel):
+    transfer_id: str
+    num_tensors: int
+    bytes: int
+
+
+class FinishUpdateRequest(BaseModel):
+    transfer_id: str
+
+
+class WeightVersionResponse(BaseModel):
+    weight_version: int
+    seconds: float | None = None

@@ -1,0 +1,256 @@
+"""Engine replicas: N independent vLLM engines (data parallel), each on its own devices.
+
+vLLM's own data parallelism refuses dense models since 0.14, so DP here means
+independent `AsyncLLM` engines, each pinned to disjoint devices (GPU: a slice of
+the visible devices; CPU: disjoint cores), with work split among them by load.
+"""
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+
+log = logging.getLogger("fastgrpo.serve")
+
+
+@dataclass
+class ServerSettings:
+    model: str
+    revision: str | None = None
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    enable_prefix_caching: bool | None = None
+    enforce_eager: bool | None = None  # None: eager on CPU (compile buys nothing there), vLLM's default on GPU
+    max_num_seqs: int | None = None
+    kv_cache_space: float | None = None  # GiB, CPU build only
+    seed: int = 0
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.data_parallel_size
+
+
+def device_slices(settings: ServerSettings, on_cpu: bool) -> list[str | None]:
+    """What each replica is pinned to: a CUDA_VISIBLE_DEVICES value (GPU) or a
+    VLLM_CPU_OMP_THREADS_BIND value (CPU, ranks separated by '|'). None: vLLM's default."""
+    tp, dp = settings.tensor_parallel_size, settings.data_parallel_size
+    if on_cpu:
+        if dp == 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            return [None]
+        cores = sorted(os.sched_getaffinity(0))
+        if len(cores) < tp * dp:
+            raise ValueError(
+                f"--data_parallel_size {dp} x --tensor_parallel_size {tp} needs {tp * dp} CPU cores, "
+                f"this process may use {len(cores)}: lower DP or TP"
+            )
+        per_rank = len(cores) // (tp * dp)
+        ranks = [cores[i * per_rank : (i + 1) * per_rank] for i in range(tp * dp)]
+        binds = [",".join(map(str, r)) for r in ranks]
+        return ["|".join(binds[d * tp : (d + 1) * tp]) for d in range(dp)]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    devices = [d for d in visible.split(",") if d.strip()] if visible else None
+    if devices is None:
+        from vllm.platforms import current_platform
+
+        devices = [str(i) for i in range(current_platform.device_count())]
+    if len(devices) < tp * dp:
+        raise ValueError(
+            f"--data_parallel_size {dp} x --tensor_parallel_size {tp} needs {tp * dp} GPUs, "
+            f"{len(devices)} are visible (CUDA_VISIBLE_DEVICES={visible!r}): lower DP or TP"
+        )
+    return [",".join(devices[d * tp : (d + 1) * tp]) for d in range(dp)]
+
+
+class RWLock:
+    """Many generations at once, or one weight update alone. Writers go first once waiting."""
+
+    def __init__(self) -> None:
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+        self._cond = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def read(self):
+        async with self._cond:
+            await self._cond.wait_for(lambda: not self._writer and self._writers_waiting == 0)
+            self._readers += 1
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    async def acquire_write(self) -> None:
+        async with self._cond:
+            self._writers_waiting += 1
+            try:
+                await self._cond.wait_for(lambda: not self._writer and self._readers == 0)
+            finally:
+                self._writers_waiting -= 1
+            self._writer = True
+
+    async def release_write(self) -> None:
+        async with self._cond:
+            self._writer = False
+            self._cond.notify_all()
+
+
+@dataclass
+class Replica:
+    index: int
+    devices: str | None
+    engine: object = None
+    load_tokens: int = 0  # tokens still to be generated for requests assigned here
+    error: str | None = None
+    started_s: float | None = None
+
+    @property
+    def alive(self) -> bool:
+        if self.error is not None or self.engine is None:
+            return False
+        return not self.engine.errored
+
+    def describe(self) -> dict:
+        state = "ready" if self.alive else ("failed" if self.error or self.engine is not None else "starting")
+        return {"index": self.index, "devices": self.devices, "state": state,
+                "load_tokens": self.load_tokens, "error": self.error, "start_seconds": self.started_s}
+
+
+class ReplicaDead(RuntimeError):
+    pass
+
+
+def assign_by_load(costs: list[int], loads: list[int]) -> list[int]:
+    """Greedy longest-first assignment of work items to the least-loaded replica.
+
+    `costs[i]` is item i's tokens to generate, `loads[r]` replica r's outstanding
+    tokens. Returns the replica of each item. Pure, so tests can check it alone.
+    """
+    loads = list(loads)
+    owner = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: -costs[i]):
+        r = min(range(len(loads)), key=lambda r: (loads[r], r))
+        owner[i] = r
+        loads[r] += costs[i]
+    return owner
+
+
+@dataclass
+class ReplicaPool:
+    settings: ServerSettings
+    on_cpu: bool
+    backend: str  # weight-transfer backend compiled into every engine
+    replicas: list[Replica] = field(default_factory=list)
+
+    def start(self) -> None:
+        """Create every engine, one after another (each inherits the pinning env at spawn)."""
+        from vllm.config import WeightTransferConfig
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        from fastgrpo.engine import prepare_cpu_env
+
+        s = self.settings
+        slices = device_slices(s, self.on_cpu)
+        self.replicas = [Replica(i, d) for i, d in enumerate(slices)]
+        if self.on_cpu:
+            prepare_cpu_env(s.kv_cache_space)
+        env_key = "VLLM_CPU_OMP_THREADS_BIND" if self.on_cpu else "CUDA_VISIBLE_DEVICES"
+        saved = os.environ.get(env_key)
+        try:
+            for replica in self.replicas:
+                if replica.devices is not None:
+                    os.environ[env_key] = replica.devices
+                args = AsyncEngineArgs(
+                    model=s.model,
+                    revision=s.revision,
+                    tensor_parallel_size=s.tensor_parallel_size,
+                    gpu_memory_utilization=s.gpu_memory_utilization,
+                    dtype=s.dtype,
+                    max_model_len=s.max_model_len,
+                    enable_prefix_caching=s.enable_prefix_caching,
+                    enforce_eager=self.on_cpu if s.enforce_eager is None else s.enforce_eager,
+                    seed=s.seed,
+                    logprobs_mode="processed_logprobs",  # logprobs of what was sampled from
+                    weight_transfer_config=WeightTransferConfig(backend=self.backend),
+                    disable_log_stats=True,
+                    **({"max_num_seqs": s.max_num_seqs} if s.max_num_seqs else {}),
+                )
+                began = time.perf_counter()
+                try:
+                    replica.engine = AsyncLLM.from_engine_args(args)
+                except Exception as exc:  # keep the others; health reports this one
+                    replica.error = f"engine failed to start: {exc}"
+                    log.exception("replica %d failed to start", replica.index)
+                    raise
+                replica.started_s = round(time.perf_counter() - began, 1)
+                log.info("replica %d ready on %s in %.1f s", replica.index, replica.devices or "default devices",
+                         replica.started_s)
+        finally:
+            if saved is None:
+                os.environ.pop(env_key, None)
+            else:
+                os.environ[env_key] = saved
+
+    def shutdown(self) -> None:
+        for replica in self.replicas:
+            if replica.engine is not None:
+                with contextlib.suppress(Exception):
+                    replica.engine.shutdown()
+
+    @property
+    def live(self) -> list[Replica]:
+        return [r for r in self.replicas if r.alive]
+
+    def check_dead(self) -> None:
+        for replica in self.replicas:
+            if replica.engine is not None and replica.engine.errored and replica.error is None:
+                replica.error = "engine process died (see the server log for its last words)"
+
+    async def generate_one(self, replica: Replica, prompt, params, cost: int):
+        """One prompt (with its n completions) on one replica; returns the final RequestOutput."""
+        request_id = uuid.uuid4().hex
+        replica.load_tokens += cost
+        final = None
+        try:
+            async for output in replica.engine.generate(prompt, params, request_id):
+                final = output
+        except Exception as exc:
+            self.check_dead()
+            if not replica.alive:
+                raise ReplicaDead(
+                    f"replica {replica.index} ({replica.devices or 'default devices'}) died while serving this "
+                    f"request: {replica.error}. Its other replicas keep serving; restart the server to recover it."
+                ) from exc
+            raise
+        finally:
+            replica.load_tokens -= cost
+        return final
+
+    async def generate(self, prompts: list, params, costs: list[int]):
+        """Run prompts across live replicas, split by load; results in input order with replica indices."""
+        self.check_dead()
+        live = self.live
+        if not live:
+            raise ReplicaDead("no replica is alive: " + "; ".join(f"{r.index}: {r.error}" for r in self.replicas))
+        owners = assign_by_load(costs, [r.load_tokens for r in live])
+        tasks = [self.generate_one(live[o], p, params, c) for p, o, c in zip(prompts, owners, costs)]
+        outputs = await asyncio.gather(*tasks)
+        return [(out, live[o].index) for out, o in zip(outputs, owners)]
+
+    async def each(self, method: str, *args, timeout: float | None = None, **kwargs) -> list:
+        """Call an engine method on every replica concurrently."""
+        calls = [getattr(r.engine, method)(*args, **kwargs) for r in self.replicas]
+        return await asyncio.wait_for(asyncio.gather(*calls), timeout)
+
+    async def each_with(self, method: str, per_replica_args: list, timeout: float | None = None) -> list:
+        calls = [getattr(r.engine, method)(a) for r, a in zip(self.replicas, per_replica_args)]
+        return await asyncio.wait_for(asyncio.gather(*calls), timeout)
