@@ -14,7 +14,7 @@ def on_cpu() -> bool:
     return current_platform.is_cpu()
 
 
-def prepare_cpu_env(kv_cache_space_gib: float | None = None) -> None:
+def prepare_cpu_env(kv_cache_space_gib: int | None = None) -> None:
     """Environment the CPU build reads when it creates its workers."""
     if kv_cache_space_gib is not None:
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_space_gib)

@@ -3,6 +3,7 @@
 import asyncio
 import contextlib
 import logging
+import os
 import threading
 import time
 import uuid
@@ -13,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from fastgrpo.serve.checkpoint import check_push, checkpoint_specs
+from fastgrpo.serve.gloo_transfer import TRAINER_DID_NOT_SEND
 from fastgrpo.serve.protocol import (
     Completion,
     ErrorResponse,
@@ -79,8 +81,10 @@ def error_response(status: int, type: str, message: str, field: str | None = Non
 
 def sampling_params(fields: SamplingFields, prompt_logprobs: bool = False):
     from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
 
     return SamplingParams(
+        output_kind=RequestOutputKind.FINAL_ONLY,  # one output holding all n completions
         n=fields.n, temperature=fields.temperature, top_p=fields.top_p,
         top_k=0 if fields.top_k in (-1, 0) else fields.top_k, min_p=fields.min_p,
         repetition_penalty=fields.repetition_penalty, max_tokens=fields.max_tokens, seed=fields.seed,
@@ -166,8 +170,12 @@ def create_app(settings: ServerSettings, api_key: str | None = None) -> FastAPI:
             state.pool.start()
             state.tokenizer = AutoTokenizer.from_pretrained(settings.model, revision=settings.revision)
         except Exception as exc:
+            # A server that cannot serve should not linger looking alive: say why and exit non-zero.
             state.startup_error = f"{type(exc).__name__}: {exc}"
             log.exception("server failed to start")
+            print(f"fastgrpo vllm-serve: error: the engines failed to start: {state.startup_error}", flush=True)
+            state.pool.shutdown()
+            os._exit(1)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -339,11 +347,15 @@ def create_app(settings: ServerSettings, api_key: str | None = None) -> FastAPI:
                 else state.weight_version + 1
         except TimeoutError:
             state.transfer_open = False
-            raise ApiError(504, "weight_transfer", f"the trainer's weights did not arrive within "
-                           f"{push.timeout_s:.0f} s (the trainer side did not send): the group is closed; "
-                           "open it again and push again") from None
+            raise ApiError(504, "weight_transfer", f"{TRAINER_DID_NOT_SEND} within {push.timeout_s:.0f} s "
+                           "(the trainer side did not send): the group is closed; open it again and push "
+                           "again") from None
         except Exception as exc:
             state.transfer_open = False
+            if TRAINER_DID_NOT_SEND in str(exc):
+                raise ApiError(504, "weight_transfer", f"{TRAINER_DID_NOT_SEND} within {push.timeout_s:.0f} s "
+                               "(the trainer side did not send): the group is closed; open it again and push "
+                               "again") from None
             raise ApiError(500, "weight_transfer", f"the weight push failed on the server: {exc}. The group "
                            "is closed: open it again and push again.") from exc
         finally:

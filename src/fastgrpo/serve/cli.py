@@ -36,7 +36,7 @@ def add_parser(subparsers) -> None:
     add_flag(p, "--enforce_eager", type=_optional_bool, default=None, nargs="?", const=True, metavar="BOOL",
              help="no torch.compile / CUDA graphs (default: eager on CPU, vLLM's default on GPU)")
     add_flag(p, "--max_num_seqs", type=int, default=None, help="most sequences an engine runs at once")
-    add_flag(p, "--kv_cache_space", type=float, default=None,
+    add_flag(p, "--kv_cache_space", type=int, default=None,
              help="GiB of KV cache per replica on vLLM's CPU build (default 1, or VLLM_CPU_KVCACHE_SPACE)")
     add_flag(p, "--api_key", default=None, help="if set, every route but /health needs 'Authorization: Bearer KEY'")
     add_flag(p, "--log_level", default="info", choices=["critical", "error", "warning", "info", "debug"],
@@ -53,7 +53,7 @@ def validate(args) -> None:
         (0 < args.gpu_memory_utilization <= 1, "--gpu_memory_utilization must be in (0, 1]"),
         (args.max_model_len is None or args.max_model_len >= 16, "--max_model_len must be >= 16"),
         (1 <= args.port <= 65535, "--port must be in 1..65535"),
-        (args.kv_cache_space is None or args.kv_cache_space > 0, "--kv_cache_space must be > 0 GiB"),
+        (args.kv_cache_space is None or args.kv_cache_space >= 1, "--kv_cache_space must be a whole number of GiB >= 1"),
         (args.max_num_seqs is None or args.max_num_seqs >= 1, "--max_num_seqs must be >= 1"),
     ]
     for ok, message in checks:

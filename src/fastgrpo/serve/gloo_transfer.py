@@ -28,6 +28,8 @@ import torch.distributed as dist
 BACKEND_NAME = "gloo"
 DEFAULT_BUCKET_BYTES = 128 * 2**20
 DEFAULT_TIMEOUT_S = 120.0
+# Raised by a worker whose trainer never sent; the server maps it to a 504 that says so.
+TRAINER_DID_NOT_SEND = "the trainer's weights did not arrive"
 _ALIGN = 64  # byte alignment of each tensor inside a bucket, so dtype views are legal
 
 
@@ -227,7 +229,12 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, 
         metas = update_info.metas()
         for bucket in plan_buckets(metas, self.bucket_bytes):
             buffer = torch.empty(bucket_size(metas, bucket), dtype=torch.uint8)
-            broadcast_from_trainer(self.group, buffer)
+            try:
+                broadcast_from_trainer(self.group, buffer)
+            except RuntimeError as exc:
+                if "Timed out" in str(exc):
+                    raise TimeoutError(f"{TRAINER_DID_NOT_SEND} (gloo: {exc})") from exc
+                raise
             self.model.load_weights(unpack_bucket(metas, bucket, buffer))
 
     def shutdown(self) -> None:

@@ -28,7 +28,7 @@ class ServerSettings:
     enable_prefix_caching: bool | None = None
     enforce_eager: bool | None = None  # None: eager on CPU (compile buys nothing there), vLLM's default on GPU
     max_num_seqs: int | None = None
-    kv_cache_space: float | None = None  # GiB, CPU build only
+    kv_cache_space: int | None = None  # GiB, CPU build only (vLLM reads whole GiB)
     seed: int = 0
 
     @property

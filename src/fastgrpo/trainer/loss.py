@@ -95,7 +95,8 @@ def group_advantages(
         raise ValueError(f"rewards must be 1-D (one reward per completion), got shape {tuple(rewards.shape)}")
     if num_generations < 2:
         raise ValueError(
-            f"num_generations must be at least 2 (a group of one has no baseline to compare with), got {num_generations}"
+            f"num_generations must be at least 2 (a group of one has no baseline to compare with), "
+            f"got {num_generations}"
         )
     if not rewards.is_floating_point():
         rewards = rewards.float()
@@ -334,7 +335,9 @@ def grpo_loss(
     if epsilon_low < 0 or epsilon_high < 0:
         raise ValueError(f"epsilon_low and epsilon_high must be >= 0, got {epsilon_low} and {epsilon_high}")
     if per_token_logps.dim() != 2:
-        raise ValueError(f"per_token_logps must have shape [batch, completion_tokens], got {tuple(per_token_logps.shape)}")
+        raise ValueError(
+            f"per_token_logps must have shape [batch, completion_tokens], got {tuple(per_token_logps.shape)}"
+        )
     batch_size = per_token_logps.shape[0]
     if completion_mask.shape != per_token_logps.shape:
         raise ValueError(

@@ -1,0 +1,302 @@
+"""The generation server, for real: `fastgrpo vllm-serve` (vLLM CPU build) as a subprocess, over HTTP.
+
+One DP=2 server (float32, so logprobs compare tightly with transformers) serves
+most tests; tests that break things (timeouts, a killed replica) come last.
+"""
+
+import concurrent.futures
+import os
+import signal
+import time
+
+import httpx
+import psutil
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from fastgrpo.client import ServerError, VLLMClient
+
+pytestmark = pytest.mark.slow
+
+# bf16 would need ~0.05; both sides compute in float32 here, so differences are
+# kernel rounding only.
+LOGPROB_TOL = 2e-3
+
+
+@pytest.fixture(scope="module")
+def server(server_factory, tiny_qwen2):
+    return server_factory(["--model", tiny_qwen2, "--data-parallel-size", "2", "--dtype", "float32",
+                           "--max-model-len", "256", "--kv-cache-space", "1"])
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    c = VLLMClient(base_url=server.base_url, timeout=60, weight_transfer_timeout=30)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_qwen2):
+    return AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.float32)
+
+
+PROBE = "What is 12 + 35? The answer is 47."
+
+
+def server_probe_logprobs(client, ids) -> list[float]:
+    result = client.generate(prompt_token_ids=[ids], max_tokens=1, prompt_logprobs=True, temperature=1.0)
+    return result.results[0].prompt_logprobs[1:]
+
+
+def hf_probe_logprobs(model, ids) -> list[float]:
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    return [logp[i, ids[i + 1]].item() for i in range(len(ids) - 1)]
+
+
+def post(server, path, body) -> httpx.Response:
+    return httpx.post(server.base_url + path, json=body, timeout=120)
+
+
+# --- routes --------------------------------------------------------------------
+
+
+def test_health_reports_replicas_pinned_apart_and_world_size(client):
+    health = client.health()
+    assert health["status"] == "ok"
+    assert health["data_parallel_size"] == 2 and health["tensor_parallel_size"] == 1
+    assert health["world_size"] == 2
+    assert [r["state"] for r in health["replicas"]] == ["ready", "ready"]
+    devices = [r["devices"] for r in health["replicas"]]
+    assert devices[0] != devices[1]  # disjoint cores
+    assert health["weight_transfer_backend"] == "gloo"
+    assert health["dtype"] == "float32"
+
+
+def test_generate_text_returns_tokens_logprobs_finish_reason_and_version(client):
+    response = client.generate(["What is 3 + 4?", "hello"], n=3, max_tokens=8, temperature=1.0, seed=1)
+    assert response.weight_version == client.health()["weight_version"]
+    assert len(response.results) == 2
+    for result in response.results:
+        assert len(result.completions) == 3
+        for completion in result.completions:
+            assert 1 <= len(completion.token_ids) <= 8
+            assert len(completion.logprobs) == len(completion.token_ids)
+            assert all(lp <= 0.0 for lp in completion.logprobs)
+            assert completion.finish_reason in ("stop", "length")
+
+
+def test_generate_token_ids_and_chat_messages(client, tiny_qwen2):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen2)
+    ids = tokenizer("What is 3 + 4?")["input_ids"]
+    by_ids = client.generate(prompt_token_ids=[ids], max_tokens=4, temperature=0.0)
+    assert by_ids.results[0].prompt_token_ids == ids
+    conversation = [{"role": "user", "content": "What is 3 + 4?"}]
+    by_chat = client.chat([conversation], max_tokens=4, temperature=0.0)
+    expected = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert by_chat.results[0].prompt_token_ids == list(expected)
+    # Greedy decoding is deterministic: the same prompt gives the same tokens.
+    again = client.generate(prompt_token_ids=[ids], max_tokens=4, temperature=0.0)
+    assert again.results[0].completions[0].token_ids == by_ids.results[0].completions[0].token_ids
+
+
+def test_stop_strings_and_sampling_fields_are_honoured(client):
+    response = client.generate(["one two three"], n=2, max_tokens=12, temperature=0.7, top_p=0.9, top_k=20,
+                               min_p=0.01, repetition_penalty=1.1, seed=3)
+    assert len(response.results[0].completions) == 2
+    seeded = [client.generate(["one two"], max_tokens=6, seed=7).results[0].completions[0].token_ids
+              for _ in range(2)]
+    assert seeded[0] == seeded[1]
+
+
+def test_work_is_split_across_replicas(client):
+    response = client.generate([f"prompt number {i}" for i in range(8)], n=2, max_tokens=4)
+    assert {r.replica for r in response.results} == {0, 1}
+
+
+def test_concurrent_requests_are_served_concurrently(client):
+    """A short request sent after a long one finishes first: requests are not queued one after another."""
+    finished = []
+
+    def run(name, max_tokens):
+        client.generate(["count with me"], n=8, max_tokens=max_tokens, temperature=1.0)
+        finished.append(name)
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        long = pool.submit(run, "long", 200)
+        time.sleep(0.3)
+        short = pool.submit(run, "short", 2)
+        long.result(), short.result()
+    assert finished == ["short", "long"]
+
+
+def test_reset_prefix_cache(client):
+    client.reset_prefix_cache()
+    assert client.generate(["after reset"], max_tokens=2).results
+
+
+def test_openai_client_completions_and_chat(server):
+    openai = pytest.importorskip("openai")
+    oa = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused")
+    models = oa.models.list()
+    assert len(models.data) == 1
+    completion = oa.completions.create(model=models.data[0].id, prompt="What is 3 + 4?", max_tokens=5, n=2)
+    assert len(completion.choices) == 2 and completion.usage.completion_tokens > 0
+    chat = oa.chat.completions.create(model=models.data[0].id, max_tokens=5,
+                                      messages=[{"role": "user", "content": "What is 3 + 4?"}])
+    assert chat.choices[0].message.role == "assistant"
+    assert chat.choices[0].finish_reason in ("stop", "length")
+    with pytest.raises(openai.BadRequestError):
+        oa.completions.create(model=models.data[0].id, prompt="x", max_tokens=-1)
+
+
+# --- bad input: 4xx JSON naming the field, then the server keeps serving -----------
+
+
+@pytest.mark.parametrize("body,field,words", [
+    ({"prompts": ["x"], "n": 0}, "n", "greater than or equal to 1"),
+    ({"prompts": ["x"], "max_tokens": -5}, "max_tokens", "greater than or equal to 1"),
+    ({"prompts": ["x " * 300], "max_tokens": 4}, "prompts", "max_model_len=256"),
+    ({"prompt_token_ids": [[1, 2]], "max_tokens": 255}, "prompt_token_ids", "max_model_len=256"),
+    ({"prompt_token_ids": [[1, 99999]]}, "prompt_token_ids", "outside the vocabulary"),
+    ({"max_tokens": 4}, None, "exactly one of"),
+    ({"prompts": [], "max_tokens": 4}, None, "is empty"),
+    ({"prompts": ["x"], "temperature": -1}, "temperature", "greater than or equal to 0"),
+])
+def test_bad_generate_requests_get_400_and_server_keeps_serving(server, client, body, field, words):
+    response = post(server, "/generate", body)
+    assert response.status_code == 400, response.text
+    error = response.json()
+    assert error["type"] == "invalid_request"
+    assert words in error["error"]
+    if field is not None:
+        assert error["field"] == field
+    assert client.generate(["still serving"], max_tokens=2).results[0].completions
+
+
+def test_openai_streaming_is_refused_clearly(server):
+    response = post(server, "/v1/completions", {"prompt": "x", "stream": True})
+    assert response.status_code == 400 and "stream" in response.json()["error"]
+
+
+# --- weight sync, proven by numbers ----------------------------------------------
+
+
+def test_weight_push_changes_server_logprobs_to_match_transformers(client, hf_model, tiny_qwen2):
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(tiny_qwen2)(PROBE)["input_ids"]
+    original_state = {k: v.clone() for k, v in hf_model.state_dict().items()}
+    before = server_probe_logprobs(client, ids)
+    assert max(abs(a - b) for a, b in zip(before, hf_probe_logprobs(hf_model, ids))) < LOGPROB_TOL
+
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for param in hf_model.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    version_before = client.health()["weight_version"]
+    version = client.update_weights(hf_model)
+    assert version == version_before + 1
+    after = server_probe_logprobs(client, ids)
+    expected = hf_probe_logprobs(hf_model, ids)
+    assert max(abs(a - b) for a, b in zip(after, expected)) < LOGPROB_TOL
+    assert max(abs(a - b) for a, b in zip(after, before)) > 0.05  # the push really changed the model
+    # Every replica got the push: a batch spread over both agrees on the probe.
+    spread = client.generate(prompt_token_ids=[ids] * 4, max_tokens=1, prompt_logprobs=True)
+    assert {r.replica for r in spread.results} == {0, 1}
+    for result in spread.results:
+        assert max(abs(a - b) for a, b in zip(result.prompt_logprobs[1:], expected)) < LOGPROB_TOL
+    assert spread.weight_version == version
+
+    hf_model.load_state_dict(original_state)
+    assert client.update_weights(hf_model, weight_version=100) == 100
+    restored = server_probe_logprobs(client, ids)
+    assert max(abs(a - b) for a, b in zip(restored, before)) < LOGPROB_TOL
+
+
+def test_bad_pushes_are_refused_and_weights_stay_intact(client, hf_model, tiny_qwen2):
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(tiny_qwen2)(PROBE)["input_ids"]
+    before = server_probe_logprobs(client, ids)
+    version = client.health()["weight_version"]
+    state = dict(hf_model.named_parameters())
+    bad_pushes = {
+        "unknown weight name": {"model.layers.0.not_a_weight": torch.zeros(3)},
+        "has shape": {"model.norm.weight": torch.zeros(5)},
+        "has dtype int64": {"model.norm.weight": torch.zeros(state["model.norm.weight"].shape, dtype=torch.int64)},
+    }
+    for words, push in bad_pushes.items():
+        with pytest.raises(ServerError) as error:
+            client.update_weights(push)
+        assert error.value.status == 400 and words in error.value.message
+        after = server_probe_logprobs(client, ids)
+        assert max(abs(a - b) for a, b in zip(after, before)) == 0.0
+        assert client.health()["weight_version"] == version
+    # And a good push still works afterwards.
+    assert client.update_weights(hf_model) == version + 1
+
+
+def test_a_push_the_trainer_never_sends_times_out_naming_the_trainer(server, tiny_qwen2, hf_model):
+    """/weights/update waits for the trainer's data; it never comes: 504 that says so, then recovery."""
+    c = VLLMClient(base_url=server.base_url, timeout=30, weight_transfer_timeout=4)
+    try:
+        c.init_weight_transfer("gloo")
+        named = [(n, p.detach()) for n, p in hf_model.named_parameters()]
+        start = c._request("POST", "/weights/start", json={
+            "names": [n for n, _ in named], "dtype_names": ["float32"] * len(named),
+            "shapes": [list(t.shape) for _, t in named], "timeout_s": 4})
+        response = post(server, "/weights/update", {"transfer_id": start["transfer_id"]})
+        assert response.status_code == 504
+        assert "trainer" in response.json()["error"] and "did not arrive" in response.json()["error"]
+        # Half-loaded weights are never served: generation says why until a full push lands.
+        refused = post(server, "/generate", {"prompts": ["x"], "max_tokens": 2})
+        assert refused.status_code == 503 and "push the weights again" in refused.json()["error"]
+        c.sender = None  # the server closed the group; the next push reopens it
+        c.update_weights(hf_model)
+        assert c.generate(["back"], max_tokens=2).results[0].completions
+    finally:
+        c.close()
+
+
+def test_workers_that_never_join_fail_the_trainer_with_a_message(server):
+    """The trainer opens a group the server refuses to join: the error names the server side."""
+    c = VLLMClient(base_url=server.base_url, timeout=30, weight_transfer_timeout=3)
+    c.info = dict(c.info, world_size=c.info["world_size"] + 1)  # a wrong world size: the server says no
+    try:
+        with pytest.raises(TimeoutError) as error:
+            c.update_weights({"model.norm.weight": torch.ones(128)})
+        message = str(error.value)
+        assert "workers did not join" in message and "world_size" in message
+    finally:
+        c.close()
+
+
+# --- a replica dies (last: it breaks the server) ------------------------------------
+
+
+def test_dead_replica_is_reported_and_others_keep_serving(server, client):
+    engines = sorted(
+        (p for p in psutil.Process(server.proc.pid).children(recursive=True)
+         if "EngineCore" in " ".join(p.cmdline()) or "EngineCore" in p.name()),
+        key=lambda p: p.create_time(),
+    )
+    assert len(engines) == 2, [p.cmdline() for p in psutil.Process(server.proc.pid).children(recursive=True)]
+    victim = engines[1]  # replica 1 started second
+    for proc in [victim, *victim.children(recursive=True)]:
+        os.kill(proc.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        health = httpx.get(server.base_url + "/health", timeout=10)
+        if health.json()["replicas"][1]["state"] == "failed":
+            break
+        time.sleep(0.5)
+    assert health.status_code == 503 and health.json()["status"] == "degraded"
+    assert health.json()["replicas"][0]["state"] == "ready"
+    assert "died" in health.json()["replicas"][1]["error"]
+    response = client.generate([f"p{i}" for i in range(4)], max_tokens=2)
+    assert {r.replica for r in response.results} == {0}
