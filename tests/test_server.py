@@ -276,6 +276,32 @@ def test_workers_that_never_join_fail_the_trainer_with_a_message(server):
         c.close()
 
 
+# --- an API key, and a bad config ---------------------------------------------------
+
+
+def test_api_key_guards_every_route_but_health(server_factory, tiny_llama):
+    keyed = server_factory(["--model", tiny_llama, "--api-key", "s3cret", "--max-model-len", "128",
+                            "--kv-cache-space", "1"])
+    assert httpx.get(keyed.base_url + "/health").status_code == 200
+    for path, body in [("/generate", {"prompts": ["x"]}), ("/v1/completions", {"prompt": "x"})]:
+        response = post(keyed, path, body)
+        assert response.status_code == 401 and "Authorization: Bearer" in response.json()["error"]
+    with VLLMClient(base_url=keyed.base_url, api_key="s3cret", timeout=30) as c:
+        assert c.generate(["with the key"], max_tokens=2).results[0].completions
+        assert c.health()["data_parallel_size"] == 1
+
+
+def test_a_layout_the_machine_cannot_hold_fails_at_start(tiny_qwen2, tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "fastgrpo.cli", "vllm-serve", "--model", tiny_qwen2,
+                             "--port", "8999", "--data-parallel-size", "64"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "needs 64 CPU cores" in result.stdout + result.stderr
+
+
 # --- a replica dies (last: it breaks the server) ------------------------------------
 
 

@@ -79,6 +79,13 @@ def run(args) -> int:
         enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
         max_num_seqs=args.max_num_seqs, kv_cache_space=args.kv_cache_space, seed=args.seed,
     )
+    from fastgrpo.engine import on_cpu
+    from fastgrpo.serve.replicas import device_slices
+
+    try:  # a layout the machine cannot hold fails here, before any engine starts
+        device_slices(settings, on_cpu())
+    except ValueError as exc:
+        raise SystemExit(f"fastgrpo vllm-serve: error: {exc}") from None
     app = create_app(settings, api_key=args.api_key)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_keep_alive=60)
     return 0

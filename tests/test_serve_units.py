@@ -1,0 +1,106 @@
+"""Pure pieces of the server, tested alone: load-based dispatch, bucket packing, push validation, flags."""
+
+import random
+
+import pytest
+import torch
+
+from fastgrpo.serve.checkpoint import check_push
+from fastgrpo.serve.gloo_transfer import TensorMeta, bucket_size, pack_bucket, plan_buckets, unpack_bucket
+from fastgrpo.serve.replicas import ServerSettings, assign_by_load, device_slices
+
+
+def test_assign_by_load_balances_tokens_not_counts():
+    # One long item and many short ones: the long one gets a replica to itself.
+    costs = [1000] + [100] * 10
+    owners = assign_by_load(costs, [0, 0])
+    loads = [sum(c for c, o in zip(costs, owners) if o == r) for r in range(2)]
+    assert loads == [1000, 1000]
+    # Splitting evenly by count would have put 6 items (1500 tokens) on one side.
+
+
+def test_assign_by_load_respects_existing_load_and_is_near_optimal():
+    rng = random.Random(0)
+    for _ in range(50):
+        costs = [rng.randint(1, 500) for _ in range(rng.randint(1, 30))]
+        start = [rng.randint(0, 300) for _ in range(3)]
+        owners = assign_by_load(costs, start)
+        loads = [start[r] + sum(c for c, o in zip(costs, owners) if o == r) for r in range(3)]
+        # Longest-processing-time greedy is within 4/3 of optimal; a simple bound checks it is sane:
+        assert max(loads) <= (sum(costs) + sum(start)) / 3 + max(costs)
+
+
+def test_buckets_pack_and_unpack_exactly():
+    torch.manual_seed(0)
+    tensors = [torch.randn(3, 5), torch.randn(7).to(torch.bfloat16), torch.randint(0, 9, (4, 2)),
+               torch.randn(100, 10), torch.randn(1).to(torch.float16)]
+    metas = [TensorMeta(f"t{i}", str(t.dtype).removeprefix("torch."), tuple(t.shape)) for i, t in enumerate(tensors)]
+    buckets = plan_buckets(metas, bucket_bytes=512)
+    assert [i for b in buckets for i, _ in b] == list(range(len(tensors)))  # every tensor once, in order
+    assert any(len(b) == 1 and metas[b[0][0]].nbytes > 512 for b in buckets)  # oversized gets its own bucket
+    for bucket in buckets:
+        buffer = torch.empty(bucket_size(metas, bucket), dtype=torch.uint8)
+        pack_bucket(metas, bucket, {i: tensors[i] for i, _ in bucket}, buffer)
+        for (name, view), (i, _) in zip(unpack_bucket(metas, bucket, buffer), bucket):
+            assert name == f"t{i}" and view.dtype == tensors[i].dtype and torch.equal(view, tensors[i])
+
+
+def test_check_push_names_the_tensor_and_the_problem():
+    specs = {"a.weight": ("bfloat16", (4, 4)), "b.bias": ("bfloat16", (4,))}
+    assert check_push(specs, ["a.weight", "b.bias"], ["float32", "bfloat16"], [[4, 4], [4]]) == []
+    problems = check_push(specs, ["a.weight", "c.weight", "b.bias", "b.bias"],
+                          ["int32", "float32", "float32", "float32"], [[4, 4], [1], [5], [4]])
+    text = " | ".join(problems)
+    assert "'a.weight' has dtype int32" in text
+    assert "unknown weight name 'c.weight'" in text
+    assert "'b.bias' has shape [5], the served model expects [4]" in text
+    assert "'b.bias' appears twice" in text
+
+
+def test_cpu_replicas_get_disjoint_cores(monkeypatch):
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert device_slices(ServerSettings("m", data_parallel_size=2), on_cpu=True) == ["0,1", "2,3"]
+    assert device_slices(ServerSettings("m", data_parallel_size=2, tensor_parallel_size=2), on_cpu=True) == ["0|1", "2|3"]
+    assert device_slices(ServerSettings("m"), on_cpu=True) == [None]  # DP=1: vLLM's own binding
+    with pytest.raises(ValueError, match="needs 8 CPU cores"):
+        device_slices(ServerSettings("m", data_parallel_size=8), on_cpu=True)
+
+
+def test_gpu_replicas_get_slices_of_visible_devices(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    assert device_slices(ServerSettings("m", data_parallel_size=2, tensor_parallel_size=2), on_cpu=False) == ["4,5", "6,7"]
+    with pytest.raises(ValueError, match="needs 8 GPUs, 4 are visible"):
+        device_slices(ServerSettings("m", data_parallel_size=4, tensor_parallel_size=2), on_cpu=False)
+
+
+def test_serve_flags_both_spellings_defaults_and_bad_values(capsys):
+    from fastgrpo.cli import build_parser
+    from fastgrpo.serve.cli import validate
+
+    parser = build_parser()
+    args = parser.parse_args(["vllm-serve", "--model", "m"])
+    assert (args.tensor_parallel_size, args.data_parallel_size, args.host, args.port) == (1, 1, "0.0.0.0", 8000)
+    assert (args.gpu_memory_utilization, args.dtype, args.max_model_len, args.enable_prefix_caching) == (0.9, "auto", None, None)
+    assert args.revision is None
+    for snake, dash, value, attr in [
+        ("--tensor_parallel_size", "--tensor-parallel-size", "2", "tensor_parallel_size"),
+        ("--data_parallel_size", "--data-parallel-size", "3", "data_parallel_size"),
+        ("--gpu_memory_utilization", "--gpu-memory-utilization", "0.5", "gpu_memory_utilization"),
+        ("--max_model_len", "--max-model-len", "1024", "max_model_len"),
+        ("--enable_prefix_caching", "--enable-prefix-caching", "true", "enable_prefix_caching"),
+        ("--max_num_seqs", "--max-num-seqs", "64", "max_num_seqs"),
+        ("--kv_cache_space", "--kv-cache-space", "2", "kv_cache_space"),
+        ("--api_key", "--api-key", "k", "api_key"),
+        ("--log_level", "--log-level", "debug", "log_level"),
+        ("--enforce_eager", "--enforce-eager", "false", "enforce_eager"),
+    ]:
+        a = parser.parse_args(["vllm-serve", "--model", "m", snake, value])
+        b = parser.parse_args(["vllm-serve", "--model", "m", dash, value])
+        assert getattr(a, attr) == getattr(b, attr) is not None
+    help_text = parser._subparsers._group_actions[0].choices["vllm-serve"].format_help()
+    for flag in ["--revision", "--host", "--port", "--dtype", "--enforce-eager", "--api-key", "--kv-cache-space"]:
+        assert flag in help_text
+    bad = parser.parse_args(["vllm-serve", "--model", "m", "--gpu-memory-utilization", "1.5"])
+    with pytest.raises(SystemExit, match="--gpu_memory_utilization must be in"):
+        validate(bad)
