@@ -9,4 +9,12 @@ def __getattr__(name):
         from fastgrpo.client import VLLMClient
 
         return VLLMClient
+    if name == "GRPOConfig":
+        from fastgrpo.config import GRPOConfig
+
+        return GRPOConfig
+    if name == "GRPOTrainer":
+        from fastgrpo.trainer.grpo_trainer import GRPOTrainer
+
+        return GRPOTrainer
     raise AttributeError(f"module 'fastgrpo' has no attribute {name!r}")

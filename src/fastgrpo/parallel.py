@@ -81,8 +81,11 @@ def vllm_batch_defaults(gpu_name: str, memory_gib: float) -> tuple[int, int]:
 
     The per-step token budget (the prefill chunk; vLLM's profiling run sizes
     the activation peak with it) and the cap on sequences running at once.
-    Source: vLLM 0.32, EngineArgs.get_batch_defaults, offline engine values.
+    Source: vLLM 0.32, EngineArgs.get_batch_defaults, offline engine values
+    (the CPU build's per worker).
     """
+    if is_cpu(gpu_name):
+        return 4096, 256
     if memory_gib >= 160:
         return 16384, 1024  # B200-class
     if memory_gib >= 70 and "a100" not in gpu_name.lower():
@@ -175,6 +178,9 @@ class GPUSpec:
     bf16_tflops: float  # dense
     interconnect_gbs: float  # GB/s per direction, device to device
     allreduce_latency_us: float  # fixed cost of one small all-reduce between two devices
+    # A fixed KV cache per device, GiB, instead of what the memory budget leaves
+    # (vLLM's CPU build: VLLM_CPU_KVCACHE_SPACE). None on GPUs.
+    kv_cache_gib: float | None = None
 
 
 @dataclass(frozen=True)
@@ -329,6 +335,30 @@ def resolve_gpu(gpu: str) -> GPUSpec:
     return GPUSpec(name=key, **KNOWN_GPUS[key])
 
 
+def is_cpu(gpu_name: str) -> bool:
+    return gpu_name.lower().startswith("cpu")
+
+
+def cpu_device(cores: int = 1, kv_cache_gib: float | None = None) -> GPUSpec:
+    """`cores` cores of the CPU table row taken as one device (a CPU engine replica's OpenMP threads).
+
+    Compute, bandwidth and memory scale with the cores (the table's figures are
+    per core); the KV cache is the fixed VLLM_CPU_KVCACHE_SPACE of the replica.
+    """
+    if cores < 1:
+        raise PlanError(f"a CPU replica needs at least one core, got {cores}")
+    row = KNOWN_GPUS["CPU"]
+    return GPUSpec(
+        name="CPU" if cores == 1 else f"CPU ({cores} cores)",
+        memory_gib=row["memory_gib"] * cores,
+        bandwidth_gbs=row["bandwidth_gbs"] * cores,
+        bf16_tflops=row["bf16_tflops"] * cores,
+        interconnect_gbs=row["interconnect_gbs"],
+        allreduce_latency_us=row["allreduce_latency_us"],
+        kv_cache_gib=row["kv_cache_gib"] if kv_cache_gib is None else kv_cache_gib,
+    )
+
+
 def custom_gpu(
     memory_gib: float,
     bandwidth_gbs: float,
@@ -463,6 +493,8 @@ def estimate_layout(
     weights = model.weight_bytes / tp
     reserve = FIXED_RESERVE_GIB * GIB + activation_reserve_bytes(model, tp, chunk_tokens, max_num_seqs)
     kv_bytes_per_device = max(0.0, budget - weights - reserve)
+    if gpu.kv_cache_gib is not None:  # vLLM's CPU build: a fixed size, not what is left
+        kv_bytes_per_device = gpu.kv_cache_gib * GIB
     est.weights_gib_per_device = weights / GIB
     est.kv_cache_gib_per_replica = kv_bytes_per_device * tp / GIB
     kv_tokens = int(kv_bytes_per_device // model.kv_bytes_per_token(tp))

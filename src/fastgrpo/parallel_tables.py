@@ -95,6 +95,18 @@ KNOWN_GPUS = {
     # GeForce RTX 4090 (Ada whitepaper): 24 GB GDDR6X, 1008 GB/s, 165 TFLOPS bf16
     # (fp32 accumulate), PCIe Gen4; no peer-to-peer, so all-reduce goes through the host.
     "RTX-4090": dict(memory_gib=23.6, bandwidth_gbs=1008, bf16_tflops=165, interconnect_gbs=25, allreduce_latency_us=80),
+    # One core of fastgrpo's CPU reference machine (2 cores, 23 GiB, vLLM's CPU
+    # build), so that `--num_server_gpus` counts cores. Measured there, not from
+    # a datasheet (docs/tp-dp.md, "Measuring"): bf16 matmul ~870 GFLOP/s and a
+    # memory copy ~76 GB/s with both cores busy, split evenly per core (so a
+    # replica of k cores gets k times these); memory = host RAM / 2 cores.
+    # These are achieved figures, yet the model still applies its efficiency
+    # factors (0.8, 0.6) to them. Cores exchange all-reduce data through shared
+    # memory: link = the copy figure, latency a guess (not measured). The KV
+    # cache is not what is left of the memory but a fixed size:
+    # VLLM_CPU_KVCACHE_SPACE, fastgrpo's default 1 GiB (--kv_cache_space).
+    "CPU": dict(memory_gib=11.5, bandwidth_gbs=38, bf16_tflops=0.435, interconnect_gbs=38, allreduce_latency_us=50,
+                kv_cache_gib=1.0),
 }
 
 GPU_ALIASES = {
@@ -108,4 +120,5 @@ GPU_ALIASES = {
     "A10G": ["A10", "A10G-24GB"],
     "RTX-4090": ["4090", "RTX4090", "GEFORCE-RTX-4090"],
     "B200": ["B200-180GB"],
+    "CPU": ["CPU-core", "CPU-2core"],
 }

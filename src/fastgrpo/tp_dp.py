@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from fastgrpo import parallel
@@ -50,9 +51,11 @@ examples:
   fastgrpo tp-dp --config run.yaml --num-server-gpus 4 --gpu A100-80GB --json
   fastgrpo tp-dp --model ./my-model --num_server_gpus 2 --gpu custom \\
       --gpu_memory_gib 94 --gpu_bandwidth_gbs 3900 --gpu_bf16_tflops 835 --interconnect_gbs 300
+  fastgrpo tp-dp --model default --measure --per_device_train_batch_size 8 \\
+      --gradient_accumulation_steps 4 --num_generations 8 --max_completion_length 128 --prompt_length 64
 
 known GPUs: {gpus}
-known models: {models} (or a local folder holding config.json)
+known models: {models} (or a local folder holding config.json; 'default': the embedded SmolLM2-135M-Instruct)
 """
 
 
@@ -64,7 +67,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "Predict, for every TP x DP layout of the generation server's GPUs, whether the model "
             "fits and how long a generation round takes, and recommend the fastest. Prompts per "
             "round = per_device_train_batch_size x num_processes x gradient_accumulation_steps / "
-            "num_generations. A performance model, not a measurement: see docs/tp-dp.md."
+            "num_generations. A performance model; --measure also times every layout on the real server. "
+            "See docs/tp-dp.md."
         ),
         epilog=EPILOG.format(
             gpus=", ".join(parallel.known_gpu_names()),
@@ -72,10 +76,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_flag(parser, "--model", default=None, help="known model name (e.g. Qwen2.5-7B) or local folder with config.json")
+    add_flag(parser, "--model", default=None, help="known model name (e.g. Qwen2.5-7B), local folder with config.json, or 'default' (the embedded SmolLM2-135M-Instruct)")
     add_flag(parser, "--config", default=None, help="training config YAML to read the batch figures and model from; flags override it")
-    add_flag(parser, "--num_server_gpus", type=int, default=None, help="GPUs the generation server gets (TP x DP); required")
-    add_flag(parser, "--gpu", default="H100-80GB", help="GPU type: a known name, or 'custom' with the figures below (default: H100-80GB)")
+    add_flag(parser, "--num_server_gpus", type=int, default=None,
+             help="GPUs the generation server gets (TP x DP); CPU cores with --gpu CPU or --measure on a CPU "
+                  "machine (default there: the cores this process may use); required otherwise")
+    add_flag(parser, "--gpu", default=None,
+             help="GPU type: a known name, 'CPU' (one core of vLLM's CPU build), or 'custom' with the figures "
+                  "below (default: H100-80GB; CPU with --measure on a CPU machine)")
     batch = parser.add_argument_group("batch figures (default: --config, else TRL's defaults)")
     add_flag(batch, "--per_device_train_batch_size", type=int, default=None, help=f"completions per training process per step (default {BATCH_DEFAULTS['per_device_train_batch_size']})")
     add_flag(batch, "--num_processes", type=int, default=None, help=f"training processes / GPUs (default {BATCH_DEFAULTS['num_processes']})")
@@ -86,6 +94,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     server = parser.add_argument_group("server settings")
     add_flag(server, "--gpu_memory_utilization", type=float, default=parallel.DEFAULT_GPU_MEMORY_UTILIZATION, help="as passed to vllm-serve (default 0.9)")
     add_flag(server, "--max_num_seqs", type=int, default=None, help="vLLM's cap on sequences running at once per replica (default: vLLM's for the GPU)")
+    add_flag(server, "--kv_cache_space", type=int, default=None,
+             help="CPU only: GiB of KV cache per replica, as passed to vllm-serve (default 1)")
     custom = parser.add_argument_group("custom GPU figures (with --gpu custom all four are required; with a known GPU they override its figures)")
     add_flag(custom, "--gpu_memory_gib", type=float, default=None, help="device memory, GiB")
     add_flag(custom, "--gpu_bandwidth_gbs", type=float, default=None, help="peak memory bandwidth, GB/s")
@@ -95,7 +105,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     output = parser.add_argument_group("output")
     add_flag(output, "--json", action="store_true", help="print one JSON object instead of the table")
     add_flag(output, "--plot", default=None, help="also save a PNG of predicted tokens/s per layout against prompt batch size")
-    # A --measure option (time each layout on real GPUs) belongs here once the server exists.
+    measure = parser.add_argument_group("measuring (starts the real server in each layout)")
+    add_flag(measure, "--measure", action="store_true",
+             help="start `fastgrpo vllm-serve` in every candidate layout on this machine's devices, time a round "
+                  "of the real shape, print measured beside predicted, and recommend from the measurement")
+    add_flag(measure, "--measure_timeout", type=float, default=None,
+             help="seconds each layout's server may take to start (default 300)")
+    add_flag(measure, "--measure_rounds", type=int, default=1,
+             help="timed rounds per layout after the warm-up; the median counts (default 1)")
+    add_flag(measure, "--measure_log_dir", default=None,
+             help="keep the servers' logs here (default: a temporary folder, kept only if a layout fails)")
     parser.set_defaults(func=run)
     return parser
 
@@ -139,14 +158,44 @@ def resolve_inputs(args: argparse.Namespace) -> dict:
         inputs[name] = value
     if inputs["model"] is None:
         raise parallel.PlanError("no model: pass --model NAME_OR_PATH (or a --config with `model` / `model_name_or_path`)")
-    if args.num_server_gpus is None:
-        raise parallel.PlanError("pass --num_server_gpus: how many GPUs the generation server gets (TP x DP)")
+    inputs["model"] = resolve_model_argument(inputs["model"])
     return inputs
 
 
-def resolve_gpu_from_args(args: argparse.Namespace) -> parallel.GPUSpec:
+def resolve_model_argument(model: str) -> str:
+    """'default' (or the embedded model's name) -> the embedded model's local folder; anything else as given."""
+    from fastgrpo import models
+
+    if model in ("default", models.DEFAULT_MODEL_NAME):
+        try:
+            return models.default_model_path()
+        except RuntimeError as e:
+            raise parallel.PlanError(str(e)) from None
+    return model
+
+
+def resolve_num_server_gpus(args: argparse.Namespace, gpu: parallel.GPUSpec, on_cpu: bool | None) -> int:
+    """--num_server_gpus, or the devices at hand where that is what it means (CPU cores; GPUs with --measure)."""
+    if args.num_server_gpus is not None:
+        return args.num_server_gpus
+    if on_cpu or (on_cpu is None and parallel.is_cpu(gpu.name)):
+        return len(os.sched_getaffinity(0))
+    if on_cpu is False:
+        from fastgrpo.tp_dp_measure import detect_devices
+
+        count = detect_devices(on_cpu=False)
+        if count:
+            return count
+    raise parallel.PlanError("pass --num_server_gpus: how many GPUs the generation server gets (TP x DP)")
+
+
+def resolve_gpu_from_args(args: argparse.Namespace, on_cpu: bool | None = None) -> parallel.GPUSpec:
+    """The --gpu figures. With --measure on a CPU machine (on_cpu True): the CPU row."""
     figures = {name: getattr(args, name) for name in CUSTOM_GPU_FLAGS}
-    if args.gpu.lower() == "custom":
+    if on_cpu:
+        return parallel.cpu_device(1, args.kv_cache_space)
+    name = args.gpu or "H100-80GB"
+    if name.lower() == "custom":
         missing = [f"--{name}" for name, value in figures.items() if value is None]
         if missing:
             raise parallel.PlanError(f"--gpu custom needs {', '.join(missing)} (see --help)")
@@ -157,7 +206,9 @@ def resolve_gpu_from_args(args: argparse.Namespace) -> parallel.GPUSpec:
             interconnect_gbs=figures["interconnect_gbs"],
             allreduce_latency_us=args.allreduce_latency_us or 20.0,
         )
-    gpu = parallel.resolve_gpu(args.gpu)
+    gpu = parallel.resolve_gpu(name)
+    if parallel.is_cpu(gpu.name) and args.kv_cache_space is not None:
+        gpu = parallel.cpu_device(1, args.kv_cache_space)
     overrides = dict(
         memory_gib=figures["gpu_memory_gib"],
         bandwidth_gbs=figures["gpu_bandwidth_gbs"],
@@ -270,12 +321,19 @@ def plot_plan(plan: parallel.TPDPPlan, path: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.measure:
+        return run_measure(args)
+    if args.measure_timeout is not None or args.measure_log_dir is not None or args.measure_rounds != 1:
+        print("fastgrpo tp-dp: error: --measure_timeout, --measure_rounds and --measure_log_dir go with --measure",
+              file=sys.stderr)
+        return 2
     try:
         inputs = resolve_inputs(args)
         gpu = resolve_gpu_from_args(args)
+        num_server_gpus = resolve_num_server_gpus(args, gpu, on_cpu=None)
         plan = parallel.plan_tp_dp(
             inputs["model"],
-            args.num_server_gpus,
+            num_server_gpus,
             gpu,
             max_completion_length=inputs["max_completion_length"],
             prompt_length=inputs["prompt_length"],
@@ -301,4 +359,72 @@ def run(args: argparse.Namespace) -> int:
         print(format_plan(plan, inputs))
         if args.plot:
             print(f"Plot saved to {args.plot}")
+    return 0
+
+
+def run_measure(args: argparse.Namespace) -> int:
+    """--measure: predict, then start the real server in every candidate layout and time it."""
+    from fastgrpo import tp_dp_measure
+    from fastgrpo.engine import on_cpu as engine_on_cpu
+
+    def progress(message: str) -> None:
+        print(f"[tp-dp --measure] {message}", file=sys.stderr, flush=True)
+
+    try:
+        inputs = resolve_inputs(args)
+        cpu = engine_on_cpu()
+        if cpu and args.gpu and not parallel.is_cpu(args.gpu):
+            progress(f"vLLM here is the CPU build: predicting with the CPU figures, not --gpu {args.gpu}")
+        if not cpu and args.kv_cache_space is not None:
+            raise parallel.PlanError("--kv_cache_space is for vLLM's CPU build; on GPUs use --gpu_memory_utilization")
+        gpu = resolve_gpu_from_args(args, on_cpu=cpu)
+        num_devices = resolve_num_server_gpus(args, gpu, on_cpu=cpu)
+        plan = parallel.plan_tp_dp(
+            inputs["model"],
+            num_devices,
+            gpu,
+            max_completion_length=inputs["max_completion_length"],
+            prompt_length=inputs["prompt_length"],
+            per_device_train_batch_size=inputs["per_device_train_batch_size"],
+            num_processes=inputs["num_processes"],
+            gradient_accumulation_steps=inputs["gradient_accumulation_steps"],
+            num_generations=inputs["num_generations"],
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            max_num_seqs=args.max_num_seqs,
+        )
+        # On CPU the server's --gpu_memory_utilization is a fraction of host memory; pass it only if chosen.
+        utilization = args.gpu_memory_utilization
+        if cpu and utilization == parallel.DEFAULT_GPU_MEMORY_UTILIZATION:
+            utilization = None
+        result = tp_dp_measure.measure(
+            plan,
+            inputs["model"],
+            on_cpu=cpu,
+            timeout=args.measure_timeout or tp_dp_measure.DEFAULT_MEASURE_TIMEOUT,
+            rounds=args.measure_rounds,
+            kv_cache_space=args.kv_cache_space,
+            gpu_memory_utilization=utilization,
+            max_num_seqs=args.max_num_seqs,
+            log_dir=args.measure_log_dir,
+            progress=progress,
+        )
+    except parallel.PlanError as e:
+        print(f"fastgrpo tp-dp: error: {e}", file=sys.stderr)
+        return 2
+    if args.plot:
+        try:
+            tp_dp_measure.plot_measurement(result, args.plot)
+        except OSError as e:
+            print(f"fastgrpo tp-dp: error: cannot write --plot {args.plot}: {e.strerror}", file=sys.stderr)
+            return 2
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(tp_dp_measure.format_measurement(result, inputs))
+        if args.plot:
+            print(f"Plot saved to {args.plot}")
+    if result.failed:
+        print(f"fastgrpo tp-dp: error: {len(result.failed)} layout(s) failed to measure: "
+              f"{', '.join(c.label for c in result.failed)} (see above)", file=sys.stderr)
+        return 1
     return 0
