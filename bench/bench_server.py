@@ -74,10 +74,8 @@ def run_server(model: str, repeats: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    sys.path.insert(0, str(HERE.parent / "tests"))
-    from conftest import ServerProcess  # the same subprocess wrapper the tests use
-
     from fastgrpo.client import VLLMClient
+    from fastgrpo.serve.launcher import ServerProcess
 
     server = ServerProcess(["--model", model, "--dtype", "auto", "--max-model-len", str(MAX_MODEL_LEN),
                             "--kv-cache-space", str(KV_GIB), "--log-level", "warning"],
@@ -135,8 +133,8 @@ def main() -> None:
     push_ratio = med(served["push_s"]) / med(local["load_s"])
     print(f"\nmodel: {model}")
     print(f"batch: {NUM_PROMPTS} prompts x n={N} x {MAX_TOKENS} tokens, {args.repeats} repeats, medians\n")
-    print(f"| measure | in-process vLLM | fastgrpo server | server / in-process |")
-    print(f"| --- | --- | --- | --- |")
+    print("| measure | in-process vLLM | fastgrpo server | server / in-process |")
+    print("| --- | --- | --- | --- |")
     print(f"| generation tokens/s | {med(local['tokens_per_s']):.0f} | {med(served['tokens_per_s']):.0f} | "
           f"{gen_ratio:.1%} |")
     print(f"| full weight load, s | {med(local['load_s']):.3f} (from memory) | {med(served['push_s']):.3f} (push) | "

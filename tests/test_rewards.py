@@ -131,7 +131,8 @@ def test_compute_rewards_passes_columns_and_ids():
                     solution=solution, extra=extra, rest=kwargs)
         return [0.5, 0.25]
 
-    out = compute_rewards([spy], prompts, completions, ids, {**columns, "extra": ["a", "b"]}, trainer_state="STATE")
+    out = compute_rewards([spy], prompts, completions, ids, {**columns, "extra": ["a", "b"], "prompt": prompts},
+                          trainer_state="STATE")
     assert out[:, 0].tolist() == [0.5, 0.25]
     assert seen["prompts"] == prompts and seen["completions"] == completions and seen["ids"] == ids
     assert seen["state"] == "STATE" and seen["solution"] == ["1", "2"] and seen["extra"] == ["a", "b"]

@@ -73,7 +73,7 @@ def test_registry():
 
 def test_rewards_on_the_default_task():
     ds = arithmetic_dataset(4, seed=0).to_dict()  # column name -> list
-    assert DEFAULT_DIFFICULTY == "medium"
+    assert (DEFAULT_DIFFICULTY, DEFAULT_WORDING) == ("easy", "just_number")
     solutions = ds["solution"]
     right = [[{"role": "assistant", "content": s}] for s in solutions]
     worked = [[{"role": "assistant", "content": f"{a} + {b} = {s}"}] for a, b, s in zip(ds["a"], ds["b"], solutions)]
@@ -92,3 +92,20 @@ def test_rewards_on_the_default_task():
     total = (r * torch.tensor(weights)).sum(dim=1)
     assert total[:4].tolist() == pytest.approx([1.0 + weights[1]] * 4)
     assert total[4:].tolist() == pytest.approx([weights[1]] * 4)
+
+
+@pytest.mark.parametrize("text, solution, match, fmt", [
+    # Replies the untrained embedded model gave in bench/task_difficulty.py.
+    ("6 + 9 = 15", "15", 1.0, 0.0),
+    ("The answer is 11.", "11", 1.0, 0.0),
+    ("11", "11", 1.0, 1.0),
+    ("15.", "15", 1.0, 1.0),
+    ("10 This is a classic math problem that requires a simple method.", "11", 0.0, 0.0),
+    ("Aye, six is 17 with just the number.", "15", 0.0, 0.0),
+    ("6 + 5 = 11 Game controller: 6 + 5 = 11", "11", 1.0, 0.0),
+    ("14", "15", 0.0, 1.0),
+])
+def test_default_rewards_on_model_replies(text, solution, match, fmt):
+    completion = [[{"role": "assistant", "content": text}]]
+    assert number_match_reward(completion, solution=[solution]) == [match]
+    assert format_reward(completion) == [fmt]

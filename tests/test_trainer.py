@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from transformers import AutoTokenizer, TrainerCallback
 
 from fastgrpo import GRPOConfig, GRPOTrainer
 from fastgrpo.config import ConfigError
@@ -186,3 +186,28 @@ class StopAt(TrainerCallback):
         if state.global_step >= self.step:
             control.should_training_stop = True
             control.should_save = True
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_processes_with_server(server_factory, tiny_qwen2, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    server = server_factory(["--model", tiny_qwen2, "--dtype", "float32", "--max-model-len", "256"])
+    port = server.base_url.rsplit(":", 1)[1]
+    script = Path(__file__).parent / "scripts" / "train_two_processes.py"
+    # torchrun-style launch; the config's use_cpu=True makes accelerate use gloo between the processes.
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", str(script), tiny_qwen2, port, str(tmp_path)],
+        capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["global_step"] == 2
+    assert summary["generation_batch_size"] == 8  # 4 per process x 2 processes
+    assert len(summary["logs"]) == 2
+    from fastgrpo.client import VLLMClient
+
+    with VLLMClient(base_url=server.base_url) as c:
+        assert c.health()["weight_version"] == 2

@@ -16,6 +16,7 @@ from fastgrpo import __version__
 SUBCOMMANDS = {
     "demo": "fastgrpo.demo",
     "vllm-serve": "fastgrpo.serve.cli",
+    "grpo": "fastgrpo.train_cli",
     "tp-dp": "fastgrpo.tp_dp",
 }
 

@@ -14,6 +14,7 @@ from urllib.parse import urlparse
 
 import httpx
 
+from fastgrpo.serve.launcher import free_port
 from fastgrpo.serve.protocol import GenerateResponse
 
 
@@ -27,12 +28,6 @@ class ServerError(RuntimeError):
 
 class ServerUnavailable(ConnectionError):
     pass
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def _address_seen_by(host: str, port: int) -> str:
@@ -192,7 +187,7 @@ class VLLMClient:
                 "to a GPU server"
             )
         world_size = self.info["world_size"] + 1
-        address, port = _address_seen_by(self.host, self.port), _free_port()
+        address, port = _address_seen_by(self.host, self.port), free_port()
         sender = SENDERS[backend]()
         payload = {"master_address": address, "master_port": port, "world_size": world_size, "backend": backend,
                    "timeout_s": self.weight_transfer_timeout}

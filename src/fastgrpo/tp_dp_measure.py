@@ -22,21 +22,17 @@ import math
 import os
 import random
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
 from fastgrpo import parallel
+from fastgrpo.serve.launcher import ServerProcess
 
 DEFAULT_MEASURE_TIMEOUT = 300  # seconds for one layout's server to become healthy
 MAX_MODEL_LEN_SLACK = 16  # tokens of --max_model_len beyond prompt + completion
 ROUND_TIMEOUT = 1800.0  # seconds one generation request may take before we call the server stuck
 WARMUP_MAX_TOKENS = 4
-STOP_GRACE = 30.0  # seconds between SIGTERM and SIGKILL of the server's process group
 DEFAULT_CPU_KV_CACHE_GIB = 1  # fastgrpo vllm-serve's default on CPU
 
 
@@ -69,6 +65,7 @@ class Candidate:
     replicas_used: list[int] = field(default_factory=list)
     served_dtype: str | None = None
     log_path: str | None = None
+    load_average: float | None = None  # 1-minute load average of the machine after the last round
 
     @property
     def label(self) -> str:
@@ -149,114 +146,26 @@ def gpu_candidates(plan: parallel.TPDPPlan) -> list[Candidate]:
 # ---------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LayoutServer:
+def start_layout_server(model: str, tp: int, dp: int, log_path: str, *, max_model_len: int,
+                        kv_cache_space: int | None = None, gpu_memory_utilization: float | None = None,
+                        max_num_seqs: int | None = None, cpu_cores: list[int] | None = None) -> ServerProcess:
     """`fastgrpo vllm-serve` in one layout, as a subprocess in its own process group."""
+    args = ["--model", model, "--tensor-parallel-size", str(tp), "--data-parallel-size", str(dp),
+            "--max-model-len", str(max_model_len)]
+    for flag, value in (("--kv-cache-space", kv_cache_space), ("--gpu-memory-utilization", gpu_memory_utilization),
+                        ("--max-num-seqs", max_num_seqs)):
+        if value is not None:
+            args += [flag, str(value)]
+    return ServerProcess(args, log_path, cpu_cores=cpu_cores)
 
-    def __init__(self, model: str, tp: int, dp: int, log_path: str, *, max_model_len: int,
-                 kv_cache_space: int | None = None, gpu_memory_utilization: float | None = None,
-                 max_num_seqs: int | None = None, cpu_cores: list[int] | None = None):
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self.command = [
-            sys.executable, "-m", "fastgrpo.cli", "vllm-serve", "--model", model,
-            "--tensor-parallel-size", str(tp), "--data-parallel-size", str(dp),
-            "--max-model-len", str(max_model_len), "--host", "127.0.0.1", "--port", str(self.port),
-        ]
-        if kv_cache_space is not None:
-            self.command += ["--kv-cache-space", str(kv_cache_space)]
-        if gpu_memory_utilization is not None:
-            self.command += ["--gpu-memory-utilization", str(gpu_memory_utilization)]
-        if max_num_seqs is not None:
-            self.command += ["--max-num-seqs", str(max_num_seqs)]
-        self.cpu_cores = cpu_cores
-        self.proc: subprocess.Popen | None = None
-        self._log = None
 
-    def start(self) -> None:
-        env = dict(os.environ)
-        self._log = open(self.log_path, "w")
-        self._log.write("$ " + " ".join(self.command) + "\n")
-        self._log.flush()
-        saved_affinity = None
-        if self.cpu_cores is not None:
-            # The server splits the cores it may use among its replicas; give it exactly
-            # the cores being measured (the child inherits this thread's affinity), and
-            # name them, so that a single replica is pinned to all of them as well.
-            env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, self.cpu_cores))
-            saved_affinity = os.sched_getaffinity(0)
-            os.sched_setaffinity(0, self.cpu_cores)
-        try:
-            self.proc = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, env=env, start_new_session=True)
-        finally:
-            if saved_affinity is not None:
-                os.sched_setaffinity(0, saved_affinity)
-
-    def tail(self, lines: int = 25) -> str:
-        if self._log:
-            self._log.flush()
-        try:
-            with open(self.log_path, errors="replace") as f:
-                return "".join(f.readlines()[-lines:]).rstrip()
-        except OSError:
-            return "(no log)"
-
-    def wait_ready(self, timeout: float, label: str) -> dict:
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise MeasureError(
-                    f"{label}: the server exited with status {self.proc.returncode} while starting. "
-                    f"Last lines of its log ({self.log_path}):\n{self.tail()}"
-                )
-            try:
-                r = httpx.get(self.base_url + "/health", timeout=5)
-                body = r.json()
-                if r.status_code == 200:
-                    return body
-                if body.get("status") == "failed":
-                    raise MeasureError(
-                        f"{label}: the server's engines failed to start. Last lines of its log "
-                        f"({self.log_path}):\n{self.tail()}"
-                    )
-            except (httpx.HTTPError, ValueError):
-                pass
-            if time.monotonic() > deadline:
-                raise MeasureError(
-                    f"{label}: the server was not ready within {timeout:g} s (--measure_timeout). "
-                    f"Last lines of its log ({self.log_path}):\n{self.tail()}"
-                )
-            time.sleep(0.5)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                try:
-                    self.proc.wait(timeout=STOP_GRACE)
-                except subprocess.TimeoutExpired:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                    self.proc.wait(timeout=STOP_GRACE)
-            except ProcessLookupError:
-                pass
-        if self.proc is not None:
-            # The engines are children in the same group; make sure none outlives the server.
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        if self._log:
-            self._log.close()
-            self._log = None
+def wait_ready(server: ServerProcess, timeout: float, label: str) -> dict:
+    try:
+        return server.wait_ready(timeout)
+    except (RuntimeError, TimeoutError) as exc:
+        reason = str(exc).split(";")[0]  # "exited with status N" or "not ready within T s"
+        raise MeasureError(f"{label} failed: {reason} (--measure_timeout {timeout:g} s). Last lines of its log "
+                           f"({server.log_path}):\n{server.tail(2500)}") from None
 
 
 def make_prompts(count: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -267,7 +176,7 @@ def make_prompts(count: int, length: int, vocab: int, seed: int) -> list[list[in
     return [[rng.randrange(low, high) for _ in range(length)] for _ in range(count)]
 
 
-def post_generate(base_url: str, payload: dict, label: str, server: LayoutServer) -> tuple[dict, float]:
+def post_generate(base_url: str, payload: dict, label: str, server: ServerProcess) -> tuple[dict, float]:
     """POST /generate (JSON, so ignore_eos is sent whatever the client supports); body and wall seconds."""
     import httpx
 
@@ -293,15 +202,14 @@ def measure_candidate(cand: Candidate, model: str, workload: parallel.Workload, 
     """Start the server in this layout, warm it up, time `rounds` rounds; fills in `cand`. Raises MeasureError."""
     label = cand.label
     cand.log_path = os.path.join(log_dir, f"server-tp{cand.tensor_parallel_size}-dp{cand.data_parallel_size}.log")
-    server = LayoutServer(
+    started = time.perf_counter()
+    server = start_layout_server(
         model, cand.tensor_parallel_size, cand.data_parallel_size, cand.log_path,
         max_model_len=workload.context_length + MAX_MODEL_LEN_SLACK, kv_cache_space=kv_cache_space,
         gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs, cpu_cores=cpu_cores,
     )
     try:
-        started = time.perf_counter()
-        server.start()
-        health = server.wait_ready(timeout, label)
+        health = wait_ready(server, timeout, label)
         cand.engine_start_seconds = time.perf_counter() - started
         cand.served_dtype = health.get("dtype")
         if progress:
@@ -320,6 +228,7 @@ def measure_candidate(cand: Candidate, model: str, workload: parallel.Workload, 
             cand.replicas_used = sorted({result["replica"] for result in body["results"]})
             cand.round_seconds.append(seconds)
             cand.completion_tokens = tokens
+            cand.load_average = os.getloadavg()[0]
             if progress:
                 progress(f"{label}: round {i + 1}/{rounds}: {tokens} tokens in {seconds:.1f} s ({tokens / seconds:,.0f} tokens/s)")
         cand.status = "measured"
@@ -376,6 +285,7 @@ class Measurement:
                 engine_start_seconds=cand.engine_start_seconds,
                 warmup_seconds=cand.warmup_seconds,
                 served_dtype=cand.served_dtype,
+                load_average=cand.load_average,
             )
             layouts.append(entry)
         out["layouts"] = layouts
@@ -492,6 +402,14 @@ def measure(plan: parallel.TPDPPlan, model: str, *, on_cpu: bool, timeout: float
         if cand.status == "measured" and cand.completion_tokens != cand.expected_completion_tokens:
             notes.append(f"{cand.label}: the server returned {cand.completion_tokens} completion tokens per round, "
                          f"not {cand.expected_completion_tokens}: tokens/s counts what came back")
+    loads = [c.load_average for c in candidates if c.load_average is not None]
+    if on_cpu and loads and max(loads) > available + 0.5:
+        notes.append(
+            f"The machine was busy: 1-minute load average up to {max(loads):.1f} on {available} cores while "
+            f"measuring. Other processes took CPU time from the servers, so the measured figures are low and "
+            f"noisy; a replica whose OpenMP threads span several cores is likely hit hardest (its threads wait "
+            f"for one another at every matmul). Measure on an idle machine before trusting the ranking."
+        )
     if keep_logs:
         notes.append(f"Server logs kept in {log_dir}")
     else:
@@ -527,11 +445,12 @@ def format_measurement(result: Measurement, inputs: dict) -> str:
         f"Server: {server}",
         f"Measured: a fresh `fastgrpo vllm-serve` per layout, one warm-up request, then {result.rounds} "
         f"round{'s' if result.rounds != 1 else ''} of the real shape with ignore_eos (every completion full length); "
-        f"tokens/s = completion tokens / wall time of the round{' (median round)' if result.rounds > 1 else ''}",
+        f"tokens/s = completion tokens / wall time of the round{' (median round)' if result.rounds > 1 else ''}; "
+        f"load = the machine's 1-minute load average after it",
         "",
     ]
     header = ["layout", "per replica", "predicted s", "predicted tok/s", "measured s", "measured tok/s",
-              "measured/predicted", "start s", "note"]
+              "measured/predicted", "start s", "load", "note"]
     rows = [header]
     for c in result.candidates:
         est = c.estimate
@@ -545,7 +464,8 @@ def format_measurement(result: Measurement, inputs: dict) -> str:
         rows.append([
             c.label, c.per_replica, _fmt(predicted_s, ".1f"), _fmt(predicted_tps, ",.0f"),
             _fmt(c.measured_seconds_per_round, ".1f"), _fmt(c.measured_tokens_per_second, ",.0f"),
-            _fmt(c.measured_over_predicted, ".2f"), _fmt(c.engine_start_seconds, ".0f"), note,
+            _fmt(c.measured_over_predicted, ".2f"), _fmt(c.engine_start_seconds, ".0f"),
+            _fmt(c.load_average, ".1f"), note,
         ])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
     for row in rows:
@@ -561,9 +481,9 @@ def format_measurement(result: Measurement, inputs: dict) -> str:
     if plan.recommended:
         lines.append(f"Predicted best: TP={plan.recommended.tensor_parallel_size}, "
                      f"DP={plan.recommended.data_parallel_size}")
-    if result.notes or plan.warnings:
+    if result.notes:  # (the prediction's warnings are in the table's note column)
         lines.append("Notes:")
-        lines.extend(f"  - {note}" for note in [*plan.warnings, *result.notes])
+        lines.extend(f"  - {note}" for note in result.notes)
     for c in result.failed:
         lines.append("")
         lines.append(f"{c.label} failed: {c.reason}")
@@ -604,15 +524,15 @@ def plot_measurement(result: Measurement, path: str) -> None:
     ax.axvline(current, color="gray", linestyle=":", linewidth=1, label=f"your batch ({current})")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
     ax.set_xlabel("prompt batch size (prompts per round)")
     ax.set_ylabel("completion tokens/s")
     where = f"{result.num_devices} CPU cores" if result.on_cpu else f"{result.num_devices} x {plan.gpu.name}"
     ax.set_title(
         f"{os.path.basename(plan.model.name.rstrip('/')) or plan.model.name} on {where}, "
         f"{plan.workload.prompt_length}+{plan.workload.max_completion_length} tokens, "
-        f"{plan.workload.num_generations} per prompt: predicted (lines) and measured (stars)",
-        fontsize=8,
+        f"{plan.workload.num_generations} per prompt\npredicted (lines) and measured (stars)",
+        fontsize=9,
     )
     ax.grid(True, alpha=0.3, which="both")
     ax.legend(fontsize=7)

@@ -13,12 +13,15 @@ Columns:
   a, b      the operands
 
 Why the defaults (measured with bench/task_difficulty.py, table in
-docs/task.md): the embedded SmolLM2-135M-Instruct, asked "What is a + b?" for
-two two-digit numbers, ends on the right number in only a few percent of its
-completions, so most groups of 8 completions carry no signal for GRPO. The
-default difficulty and wording are those for which the untrained model is right
-often enough that most groups contain both right and wrong completions, while
-leaving room to learn.
+docs/task.md): the embedded SmolLM2-135M-Instruct, sampled at temperature 1.0
+with 64 new tokens, ends on the right number in under 5% of its completions for
+two-digit sums ("hard") and even for one-digit + two-digit ones ("medium"), so
+most groups of 8 completions carry no signal for GRPO. For one-digit + one-digit
+sums asked as "What is a + b? Answer with just the number." ("easy",
+"just_number") it is right about 25% of the time, 80-90% of the groups of 8 mix
+right and wrong answers, and it rarely answers with just the number (about 5%):
+signal in most groups and plenty of room to learn. The cost: only 81 distinct
+questions, so longer runs see each question several times.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ WORDINGS: dict[str, str] = {
     "answer_is": 'What is {a} + {b}? End your reply with "The answer is N." where N is the number.',
 }
 
-DEFAULT_DIFFICULTY = "medium"
+DEFAULT_DIFFICULTY = "easy"
 DEFAULT_WORDING = "just_number"
 # None: no system message of our own (SmolLM2's chat template then adds its default one).
 DEFAULT_SYSTEM_PROMPT: str | None = None

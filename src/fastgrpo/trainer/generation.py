@@ -115,10 +115,10 @@ class ColocateBackend(GenerationBackend):
         return Completions(token_ids, logprobs, self.version)
 
     def _open_group(self) -> None:
-        from fastgrpo.client import _free_port
+        from fastgrpo.serve.launcher import free_port
         from fastgrpo.serve.gloo_transfer import open_group
 
-        port = _free_port()
+        port = free_port()
         info = {"master_address": "127.0.0.1", "master_port": port, "rank_offset": 1, "world_size": self.world_size}
         joined = _in_thread(self.llm.collective_rpc, "init_weight_transfer_engine", kwargs={"init_info": info})
         self.group = open_group("127.0.0.1", port, 0, self.world_size, timeout_s=120)

@@ -452,8 +452,9 @@ def compute_rewards(
     """Run every reward function on a batch of B completions: a float32 tensor [B, F], NaN for None.
 
     Each function gets `prompts=`, `completions=`, `completion_ids=`,
-    `trainer_state=` and every column in `columns` (the data set's columns except
-    `prompt`, each a list of B values) as keyword arguments.
+    `trainer_state=` and every column in `columns` (the data set's columns, each a
+    list of B values; `prompt`, `completion` and `completion_ids` are left out, as
+    in TRL) as keyword arguments.
 
     Plain callables run one after another in the calling thread (math-verify's
     timeouts need the main thread). Async callables all run concurrently in one
@@ -469,8 +470,9 @@ def compute_rewards(
         raise ValueError(f"got {n} prompts but {len(completions)} completions; pass one prompt per completion")
     if completion_ids is not None and len(completion_ids) != n:
         raise ValueError(f"got {n} completions but {len(completion_ids)} completion_ids")
-    columns = dict(columns or {})
-    for key in ("prompts", "completions", "completion_ids", "trainer_state"):
+    # As in TRL, the data set's own prompt/completion columns are not passed again.
+    columns = {k: v for k, v in (columns or {}).items() if k not in ("prompt", "completion", "completion_ids")}
+    for key in ("prompts", "completions", "trainer_state"):
         if key in columns:
             raise ValueError(f"data set column {key!r} clashes with a reward-function argument; rename the column")
     for key, values in columns.items():

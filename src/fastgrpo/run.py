@@ -1,0 +1,211 @@
+"""Training runs from a spec (a YAML file or the demo's built-in one): data, rewards, config, server.
+
+A spec is a dict:
+
+    model: default                      # or a name / local path
+    task: {name: arithmetic, num_examples: 512}   # a built-in task, or:
+    dataset: {path: data.jsonl}         # a JSON/JSONL/Parquet/CSV file with a `prompt` column
+    rewards: [number_match_reward, format_reward]   # built-in names or "module:function"; default: the task's
+    start_server: {data_parallel_size: 1}           # start `fastgrpo vllm-serve` for this run (server mode)
+    ...every other key is a GRPOConfig field (output_dir, max_steps, learning_rate, use_vllm, ...)
+
+Everything is checked before any work starts: unknown keys, a bad GRPOConfig, a missing file.
+"""
+
+import dataclasses
+import importlib
+import signal
+import statistics
+import sys
+import time
+import typing
+from pathlib import Path
+
+SPEC_KEYS = {"model", "task", "dataset", "rewards", "reward_weights", "start_server"}
+
+DEMO_SPEC = {
+    "model": "default",
+    "task": {"name": "arithmetic", "num_examples": 1024, "seed": 0},
+    "start_server": {"max_model_len": 512, "kv_cache_space": 1},
+    "use_vllm": True,
+    "vllm_mode": "server",
+    "output_dir": "outputs/demo",
+    "max_steps": 30,
+    "per_device_train_batch_size": 32,  # 4 prompts x 8 completions per step
+    "gradient_accumulation_steps": 1,
+    "num_generations": 8,
+    "max_prompt_length": 128,
+    "max_completion_length": 64,
+    "temperature": 1.0,
+    "learning_rate": 2e-5,
+    "lr_scheduler_type": "constant",
+    "warmup_steps": 0,
+    "beta": 0.0,
+    "loss_type": "dapo",
+    "logging_steps": 1,
+    "save_strategy": "no",
+    "report_to": [],
+    "seed": 0,
+    "use_cpu": True,
+    "bf16": True,  # bf16 autocast: about 4x the fp32 matmul rate on this CPU; master weights stay fp32
+}
+
+
+class SpecError(ValueError):
+    pass
+
+
+def _config_fields() -> set[str]:
+    from fastgrpo.config import GRPOConfig
+
+    return {f.name for f in dataclasses.fields(GRPOConfig)}
+
+
+def build_config(spec: dict):
+    from fastgrpo.config import GRPOConfig
+
+    unknown = set(spec) - SPEC_KEYS - _config_fields()
+    if unknown:
+        raise SpecError(f"unknown keys {sorted(unknown)}: use {sorted(SPEC_KEYS)} or GRPOConfig fields "
+                        "(see `python -c 'import fastgrpo; help(fastgrpo.GRPOConfig)'`)")
+    types = {f.name: f.type for f in dataclasses.fields(GRPOConfig)}
+    fields = {k: _coerce(k, v, types[k]) for k, v in spec.items() if k not in SPEC_KEYS}
+    fields.setdefault("output_dir", "outputs/grpo")
+    return GRPOConfig(**fields)
+
+
+def _coerce(name: str, value, annotation):
+    """YAML reads `1e-5` as a string (it wants `1.0e-5`): turn numeric strings into the field's type."""
+    if not isinstance(value, str):
+        return value
+    allowed = typing.get_args(annotation) or (annotation,)
+    for kind in (int, float):
+        if kind in allowed:
+            try:
+                return kind(value)
+            except ValueError:
+                if kind is float:
+                    raise SpecError(f"{name}: {value!r} is not a number") from None
+    return value
+
+
+def build_dataset(spec: dict):
+    from datasets import load_dataset
+
+    from fastgrpo.tasks import load_task
+
+    if "task" in spec and "dataset" in spec:
+        raise SpecError("give either 'task' (a built-in task) or 'dataset' (a file), not both")
+    if "task" in spec:
+        task = dict(spec["task"])
+        name = task.pop("name", "arithmetic")
+        return load_task(name, task.pop("num_examples", 512), task.pop("seed", 0), **task)
+    if "dataset" in spec:
+        path = Path(spec["dataset"]["path"])
+        if not path.exists():
+            raise SpecError(f"dataset file {path} does not exist")
+        kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(path.suffix)
+        if kind is None:
+            raise SpecError(f"dataset file {path}: use .jsonl, .json, .parquet or .csv")
+        data = load_dataset(kind, data_files=str(path), split="train")
+        if "prompt" not in data.column_names:
+            raise SpecError(f"dataset {path} has no 'prompt' column (it has {data.column_names})")
+        return data
+    raise SpecError("give 'task' (e.g. {name: arithmetic}) or 'dataset' ({path: data.jsonl})")
+
+
+def resolve_rewards(spec: dict):
+    from fastgrpo.tasks import task_reward_funcs
+    from fastgrpo.trainer import rewards as builtin
+
+    names = spec.get("rewards")
+    if names is None:
+        if "task" not in spec:
+            raise SpecError("give 'rewards' (built-in names or 'module:function') for a dataset file")
+        return task_reward_funcs(spec["task"].get("name", "arithmetic"))
+    funcs = []
+    for name in names:
+        if isinstance(name, dict) and "model" in name:
+            funcs.append(name["model"])  # a reward model by name or path
+        elif ":" in str(name):
+            module, attr = name.split(":", 1)
+            funcs.append(getattr(importlib.import_module(module), attr))
+        elif hasattr(builtin, name):
+            funcs.append(getattr(builtin, name))
+        else:
+            raise SpecError(f"unknown reward {name!r}: a built-in (accuracy_reward, number_match_reward, "
+                            "format_reward, think_format_reward), 'module:function', or {model: path}")
+    return funcs, spec.get("reward_weights")
+
+
+def train(spec: dict, log=print) -> dict:
+    """Run a whole training job; returns a summary with the output paths and reward figures."""
+    from fastgrpo.models import resolve_model
+    from fastgrpo.trainer.grpo_trainer import GRPOTrainer
+    from fastgrpo.trainer.reporting import MetricsFileCallback, plot_metrics, read_metrics
+
+    spec = dict(spec)
+    funcs, weights = resolve_rewards(spec)
+    if weights is not None and "reward_weights" not in spec:
+        spec["reward_weights"] = weights
+    config = build_config(spec)
+    dataset = build_dataset(spec)
+    model = resolve_model(spec.get("model"))
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.jsonl"
+    metrics_path.unlink(missing_ok=True)
+
+    server = None
+    began = time.perf_counter()
+    # SIGTERM (a `kill`, a scheduler) must still run the finally below, or the server would outlive us.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        if spec.get("start_server") is not None and config.use_vllm and config.vllm_mode == "server":
+            from fastgrpo.serve.launcher import ServerProcess
+
+            flags = ["--model", model]
+            for key, value in (spec["start_server"] or {}).items():
+                flags += [f"--{key}", str(value)]
+            server = ServerProcess(flags, out / "server.log")
+            log(f"starting `fastgrpo vllm-serve` on port {server.port} (log: {out / 'server.log'}) ...")
+            server.wait_ready()
+            config.vllm_server_host, config.vllm_server_port, config.vllm_server_base_url = "127.0.0.1", server.port, None
+        trainer = GRPOTrainer(model, funcs, args=config, train_dataset=dataset,
+                              callbacks=[MetricsFileCallback(metrics_path)])
+        trainer.train()
+        trainer.save_model(str(out / "model"))
+        trainer.close()
+    finally:
+        if server is not None:
+            server.stop()
+    rows = [r for r in read_metrics(metrics_path) if "reward" in r]
+    plot = plot_metrics(metrics_path, out / "reward.png", title=f"GRPO on {Path(model).name}")
+    rewards = [r["reward"] for r in rows]
+    return {
+        "output_dir": str(out), "metrics": str(metrics_path), "plot": str(plot), "model": str(out / "model"),
+        "steps": len(rows), "seconds": round(time.perf_counter() - began, 1),
+        "reward_first5": statistics.mean(rewards[:5]) if rewards else None,
+        "reward_last5": statistics.mean(rewards[-5:]) if rewards else None,
+        "seconds_per_step": statistics.median([r["time/generate"] + r.get("time/reward", 0) + r.get("time/train", 0)
+                                               + r.get("time/weight_sync", 0) for r in rows]) if rows else None,
+    }
+
+
+def load_spec(path: str | Path) -> dict:
+    import yaml
+
+    path = Path(path)
+    if not path.exists():
+        raise SpecError(f"config file {path} does not exist")
+    spec = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(spec, dict):
+        raise SpecError(f"{path} must hold a mapping of keys to values")
+    return spec
+
+
+def print_summary(summary: dict, log=print) -> None:
+    log(f"\ntrained {summary['steps']} steps in {summary['seconds']} s "
+        f"(median {summary['seconds_per_step']:.1f} s per step)")
+    log(f"mean reward, first 5 steps: {summary['reward_first5']:.3f}   last 5 steps: {summary['reward_last5']:.3f}")
+    log(f"metrics: {summary['metrics']}\nplot:    {summary['plot']}\nmodel:   {summary['model']}")
