@@ -4,7 +4,7 @@
 
 (a) 16 prompts x n=8 x 128 tokens (ignore_eos, so every completion is full length)
     through `fastgrpo vllm-serve` + VLLMClient, against `vllm.LLM.generate` in
-    process on the same batch with the same engine settings (dtype auto, eager,
+    process on the same batch with the same engine settings (dtype auto, eager, whole prefills,
     same max_model_len and KV cache). Each side runs alone on the machine.
 (b) A full push of the model's weights (VLLMClient.update_weights: HTTP control
     + gloo broadcast + layerwise reload), against loading the same tensors from
@@ -54,7 +54,7 @@ def run_in_process(model: str, repeats: int) -> dict:
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # to send reload_from_memory to the worker
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=model, dtype="auto", enforce_eager=True, max_model_len=MAX_MODEL_LEN, seed=0,
+    llm = LLM(model=model, dtype="auto", enforce_eager=True, enable_chunked_prefill=False, max_model_len=MAX_MODEL_LEN, seed=0,
               disable_log_stats=True, logprobs_mode="processed_logprobs")
     params = SamplingParams(n=N, temperature=1.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=0, seed=0)
     llm.generate(prompts()[:2], params, use_tqdm=False)  # warm-up
@@ -118,14 +118,14 @@ def main() -> None:
 
     model = resolve_model(args.model)
     if args.child:
-        print(json.dumps(run_in_process(model, args.repeats)))
+        print("RESULT " + json.dumps(run_in_process(model, args.repeats)), flush=True)
         return
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
     child = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", "--model", model,
                             "--repeats", str(args.repeats)], capture_output=True, text=True, env=env, timeout=1800)
     if child.returncode != 0:
         sys.exit(f"in-process run failed:\n{child.stderr[-3000:]}")
-    local = json.loads(child.stdout.strip().splitlines()[-1])
+    local = json.loads(next(line for line in child.stdout.splitlines() if line.startswith("RESULT "))[7:])
     served = run_server(model, args.repeats)
 
     med = statistics.median

@@ -113,6 +113,14 @@ def test_stop_strings_and_sampling_fields_are_honoured(client):
     assert seeded[0] == seeded[1]
 
 
+def test_seeded_requests_with_chunked_size_prefills_do_not_kill_the_engine(client):
+    """vLLM 0.32's CPU worker dies on a seeded request whose prefill is chunked; the server avoids that."""
+    prompts = [[(7 * i + j) % 300 + 10 for j in range(200)] for i in range(48)]  # ~9600 prompt tokens
+    response = client.generate(prompt_token_ids=prompts, n=2, max_tokens=4, seed=1)
+    assert all(len(r.completions) == 2 for r in response.results)
+    assert client.health()["status"] == "ok"
+
+
 def test_work_is_split_across_replicas(client):
     response = client.generate([f"prompt number {i}" for i in range(8)], n=2, max_tokens=4)
     assert {r.replica for r in response.results} == {0, 1}

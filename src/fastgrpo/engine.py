@@ -29,6 +29,8 @@ def make_llm(model: str, **engine_kwargs):
         # On the CPU build, torch.compile costs 30-60 s of engine start and bought no
         # throughput here (135M model, 16x8x128 tokens: 418 tok/s eager and compiled).
         engine_kwargs.setdefault("enforce_eager", True)
+        # Seeded requests crash vLLM 0.32's CPU worker when a prefill is chunked (see serve/replicas.py).
+        engine_kwargs.setdefault("enable_chunked_prefill", False)
     from vllm import LLM
 
     engine_kwargs.setdefault("dtype", "auto")

@@ -178,6 +178,10 @@ class ReplicaPool:
                     max_model_len=s.max_model_len,
                     enable_prefix_caching=s.enable_prefix_caching,
                     enforce_eager=self.on_cpu if s.enforce_eager is None else s.enforce_eager,
+                    # vLLM 0.32's CPU build kills the worker ("CPU Generator does not use offset") when a
+                    # seeded request's prefill is chunked: it rewinds the sampler's generator, which CPU
+                    # generators cannot do. Whole prefills never rewind.
+                    enable_chunked_prefill=False if self.on_cpu else None,
                     seed=s.seed,
                     logprobs_mode="processed_logprobs",  # logprobs of what was sampled from
                     weight_transfer_config=WeightTransferConfig(backend=self.backend),

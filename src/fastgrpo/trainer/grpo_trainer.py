@@ -7,7 +7,6 @@ computes group advantages over the whole batch (all processes), and buffers the
 micro-batches. After every optimizer step the new weights go to the generator.
 """
 
-import logging
 import tempfile
 import time
 from collections import defaultdict
@@ -27,7 +26,6 @@ from fastgrpo.trainer.generation import (
 from fastgrpo.trainer.loss import entropy_from_logits, group_advantages, grpo_loss, selective_log_softmax, weighted_rewards
 from fastgrpo.trainer.rewards import compute_rewards, prepare_reward_funcs, reward_func_name
 
-log = logging.getLogger("fastgrpo.trainer")
 
 
 class StaleGenerationError(RuntimeError):
@@ -127,6 +125,9 @@ class GRPOTrainer(Trainer):
             raise ValueError(f"reward_weights has {len(weights)} entries for {len(self.reward_funcs)} reward "
                              "functions: give one weight per function")
         self.reward_weights = torch.tensor(weights, dtype=torch.float32)
+        if eval_dataset is not None:
+            raise NotImplementedError("evaluation inside GRPOTrainer is not built yet: evaluate the saved model, or "
+                                      "point an eval harness at the server's OpenAI routes while training runs")
         if train_dataset is not None and "prompt" not in train_dataset.column_names:
             raise ValueError(f"the training dataset needs a 'prompt' column (text or chat messages); it has "
                              f"{train_dataset.column_names}")
@@ -145,7 +146,8 @@ class GRPOTrainer(Trainer):
         if self.ref_model is not None:
             self.ref_model = self.accelerator.prepare_model(self.ref_model, evaluation_mode=True)
 
-        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._metrics = defaultdict(list)  # logged means since the last log
+        self._round_seconds = 0.0  # generation + reward time inside the current training_step
         self._buffered: list[dict] | None = None
         self._step = 0
         self._synced_version: int | None = None
@@ -222,10 +224,6 @@ class GRPOTrainer(Trainer):
                              a.unique_prompts_per_generation, a.steps_per_generation * a.num_iterations,
                              shuffle=True, seed=a.seed)
 
-    def _get_eval_sampler(self, eval_dataset=None):
-        dataset = eval_dataset or self.eval_dataset
-        return RepeatSampler(len(dataset), self.args.num_generations, 1, 1, shuffle=False)
-
     def get_train_dataloader(self):
         if self.train_dataset is None:
             raise ValueError("GRPOTrainer needs a train_dataset with a 'prompt' column")
@@ -234,12 +232,9 @@ class GRPOTrainer(Trainer):
                                     sampler_fn=self._get_train_sampler, is_training=True)
 
     def _prepare_inputs(self, generation_batch):
-        mode = "train" if self.model.training else "eval"
-        if mode == "eval":
-            return self._generate_and_score(generation_batch, mode)[0]
         every = self.args.steps_per_generation * self.args.num_iterations
         if self._step % every == 0 or self._buffered is None:
-            self._buffered = self._generate_and_score(generation_batch, mode)
+            self._buffered = self._generate_and_score(generation_batch)
         inputs = self._buffered[self._step % self.args.steps_per_generation]
         self._step += 1
         return inputs
@@ -272,7 +267,8 @@ class GRPOTrainer(Trainer):
         a, acc = self.args, self.accelerator
         seed = a.seed * 1_000_003 + self.state.global_step * 7919
         if not self._server_mode():
-            comps = self.backend.generate(prompt_ids, self._sampling(1), seed + 104_729 * acc.process_index)
+            with acc.autocast():  # transformers generation runs in the training precision (bf16 if set)
+                comps = self.backend.generate(prompt_ids, self._sampling(1), seed + 104_729 * acc.process_index)
             ids = [c[0] for c in comps.token_ids]
             lps = [c[0] for c in comps.logprobs] if comps.logprobs is not None else None
             return ids, lps, comps.weight_version
@@ -303,9 +299,9 @@ class GRPOTrainer(Trainer):
                 "vllm_max_weight_staleness.")
 
     @torch.no_grad()
-    def _generate_and_score(self, inputs: list[dict], mode: str) -> list[dict]:
+    def _generate_and_score(self, inputs: list[dict]) -> list[dict]:
         a, acc, device = self.args, self.accelerator, self.accelerator.device
-        metrics = self._metrics[mode]
+        metrics = self._metrics
         prompts = [x["prompt"] for x in inputs]
         conversational = isinstance(prompts[0], list)
         prompt_ids = self._prompt_ids(prompts)
@@ -353,7 +349,7 @@ class GRPOTrainer(Trainer):
         batch["num_items_in_batch"] = torch.tensor(
             global_tokens * self.args.gradient_accumulation_steps / self.args.steps_per_generation)
 
-        micro = self._split(batch, a.steps_per_generation if mode == "train" else 1)
+        micro = self._split(batch, a.steps_per_generation)
         if a.num_iterations > 1 or a.beta != 0.0:
             for m in micro:
                 ids, attn, width = self._model_inputs(m)
@@ -381,6 +377,7 @@ class GRPOTrainer(Trainer):
         metrics["completions/mean_terminated_length"].append(done.float().mean().item() if len(done) else 0.0)
         metrics["time/generate"].append(generate_s)
         metrics["time/reward"].append(reward_s)
+        self._round_seconds += generate_s + reward_s
         metrics["generate/tokens_per_second"].append(lengths.sum().item() / max(generate_s, 1e-9))
         for key, value in self._pending_time.items():
             metrics[key].append(value)
@@ -391,10 +388,12 @@ class GRPOTrainer(Trainer):
 
     def _print_completions(self, prompts, texts, rewards) -> None:
         shown = self.args.num_completions_to_print or len(texts)
+        from tqdm import tqdm
+
         for prompt, text, reward in list(zip(prompts, texts, rewards.tolist()))[:shown]:
             question = prompt[-1]["content"] if isinstance(prompt, list) else prompt
-            log.info("step %d | reward %.2f | %s -> %s", self.state.global_step, reward,
-                     " ".join(question.split())[:80], " ".join(text.split())[:160])
+            tqdm.write(f"step {self.state.global_step} | reward {reward:.2f} | "
+                       f"{' '.join(question.split())[:80]} -> {' '.join(text.split())[:160]}")
 
     def _split(self, batch: dict, parts: int) -> list[dict]:
         """Cut a generation batch into micro-batches, grouping similar lengths (less padding)."""
@@ -446,36 +445,26 @@ class GRPOTrainer(Trainer):
         )
         if a.loss_type != "dapo":  # dapo's global normaliser already spans the accumulated micro-steps
             loss = loss / self.current_gradient_accumulation_steps
-        mode = "train" if model.training else "eval"
         token_count = mask.sum().clamp(min=1)
         metrics["entropy"] = (entropy * mask).sum() / token_count
         for key, value in metrics.items():
             value = torch.as_tensor(value, device=device, dtype=torch.float32).reshape(1)
-            self._metrics[mode][key].append(acc.gather(value).nanmean().item())
+            self._metrics[key].append(acc.gather(value).nanmean().item())
         return loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        began = time.perf_counter()
-        before = sum(sum(v) for k, v in self._metrics["train"].items() if k in ("time/generate", "time/reward"))
+        began, self._round_seconds = time.perf_counter(), 0.0
         loss = super().training_step(model, inputs, num_items_in_batch)
-        after = sum(sum(v) for k, v in self._metrics["train"].items() if k in ("time/generate", "time/reward"))
-        self._metrics["train"]["time/train"].append(time.perf_counter() - began - (after - before))
+        self._metrics["time/train"].append(time.perf_counter() - began - self._round_seconds)
         return loss
 
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad():
-            loss = self.compute_loss(model, inputs).mean().detach()
-        return loss, None, None
-
     def log(self, logs: dict, start_time=None) -> None:
-        mode = "train" if self.model.training else "eval"
-        averaged = {k: sum(v) / len(v) for k, v in self._metrics[mode].items() if v}
-        if "time/train" in self._metrics[mode]:  # a sum per logging window, not a mean per micro-step
-            averaged["time/train"] = sum(self._metrics[mode]["time/train"])
-        if mode == "eval":
-            averaged = {f"eval_{k}": v for k, v in averaged.items()}
-        self._metrics[mode].clear()
+        averaged = {k: sum(v) / len(v) for k, v in self._metrics.items() if v}
+        if self._metrics.get("time/train"):  # per optimizer step: the sum over its micro-steps
+            micro_steps = self._metrics["time/train"]
+            steps = max(1, len(micro_steps) // self.args.gradient_accumulation_steps)
+            averaged["time/train"] = sum(micro_steps) / steps
+        self._metrics.clear()
         super().log({**logs, **averaged}, start_time)
 
     def close(self) -> None:
