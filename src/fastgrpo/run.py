@@ -31,8 +31,10 @@ DEMO_SPEC = {
     "vllm_mode": "server",
     "output_dir": "outputs/demo",
     "max_steps": 30,
-    "per_device_train_batch_size": 32,  # 4 prompts x 8 completions per step
-    "gradient_accumulation_steps": 1,
+    # 32 completions per step (4 prompts x 8) in 4 micro-batches of 8: a quarter of the activations of one
+    # batch of 32 (the trainer's peak memory), one generation round per step all the same.
+    "per_device_train_batch_size": 8,
+    "gradient_accumulation_steps": 4,
     "num_generations": 8,
     "max_prompt_length": 128,
     "max_completion_length": 64,

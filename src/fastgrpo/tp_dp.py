@@ -331,19 +331,7 @@ def run(args: argparse.Namespace) -> int:
         inputs = resolve_inputs(args)
         gpu = resolve_gpu_from_args(args)
         num_server_gpus = resolve_num_server_gpus(args, gpu, on_cpu=None)
-        plan = parallel.plan_tp_dp(
-            inputs["model"],
-            num_server_gpus,
-            gpu,
-            max_completion_length=inputs["max_completion_length"],
-            prompt_length=inputs["prompt_length"],
-            per_device_train_batch_size=inputs["per_device_train_batch_size"],
-            num_processes=inputs["num_processes"],
-            gradient_accumulation_steps=inputs["gradient_accumulation_steps"],
-            num_generations=inputs["num_generations"],
-            gpu_memory_utilization=args.gpu_memory_utilization,
-            max_num_seqs=args.max_num_seqs,
-        )
+        plan = plan_from(args, inputs, gpu, num_server_gpus)
     except parallel.PlanError as e:
         print(f"fastgrpo tp-dp: error: {e}", file=sys.stderr)
         return 2
@@ -360,6 +348,22 @@ def run(args: argparse.Namespace) -> int:
         if args.plot:
             print(f"Plot saved to {args.plot}")
     return 0
+
+
+def plan_from(args: argparse.Namespace, inputs: dict, gpu, num_devices: int):
+    return parallel.plan_tp_dp(
+        inputs["model"],
+        num_devices,
+        gpu,
+        max_completion_length=inputs["max_completion_length"],
+        prompt_length=inputs["prompt_length"],
+        per_device_train_batch_size=inputs["per_device_train_batch_size"],
+        num_processes=inputs["num_processes"],
+        gradient_accumulation_steps=inputs["gradient_accumulation_steps"],
+        num_generations=inputs["num_generations"],
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        max_num_seqs=args.max_num_seqs,
+    )
 
 
 def run_measure(args: argparse.Namespace) -> int:
@@ -379,19 +383,7 @@ def run_measure(args: argparse.Namespace) -> int:
             raise parallel.PlanError("--kv_cache_space is for vLLM's CPU build; on GPUs use --gpu_memory_utilization")
         gpu = resolve_gpu_from_args(args, on_cpu=cpu)
         num_devices = resolve_num_server_gpus(args, gpu, on_cpu=cpu)
-        plan = parallel.plan_tp_dp(
-            inputs["model"],
-            num_devices,
-            gpu,
-            max_completion_length=inputs["max_completion_length"],
-            prompt_length=inputs["prompt_length"],
-            per_device_train_batch_size=inputs["per_device_train_batch_size"],
-            num_processes=inputs["num_processes"],
-            gradient_accumulation_steps=inputs["gradient_accumulation_steps"],
-            num_generations=inputs["num_generations"],
-            gpu_memory_utilization=args.gpu_memory_utilization,
-            max_num_seqs=args.max_num_seqs,
-        )
+        plan = plan_from(args, inputs, gpu, num_devices)
         # On CPU the server's --gpu_memory_utilization is a fraction of host memory; pass it only if chosen.
         utilization = args.gpu_memory_utilization
         if cpu and utilization == parallel.DEFAULT_GPU_MEMORY_UTILIZATION:

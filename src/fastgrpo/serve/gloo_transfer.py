@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 BACKEND_NAME = "gloo"
-DEFAULT_BUCKET_BYTES = 128 * 2**20
+DEFAULT_BUCKET_BYTES = 32 * 2**20
 DEFAULT_TIMEOUT_S = 120.0
 # Raised by a worker whose trainer never sent; the server maps it to a 504 that says so.
 TRAINER_DID_NOT_SEND = "the trainer's weights did not arrive"
@@ -120,10 +120,11 @@ def open_group(master_address: str, master_port: int, rank: int, world_size: int
     return dist.ProcessGroupGloo(dist.PrefixStore("fastgrpo-weights", store), rank, world_size, timeout)
 
 
-def broadcast_from_trainer(group, buffer: torch.Tensor) -> None:
+def broadcast_from_trainer(group, buffer: torch.Tensor):
+    """Start a broadcast from rank 0 (the trainer); returns the work to `.wait()` on."""
     options = dist.BroadcastOptions()
     options.rootRank = 0
-    group.broadcast([buffer], options).wait()
+    return group.broadcast([buffer], options)
 
 
 # ---------------------------------------------------------------------------
@@ -227,14 +228,23 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, 
         if self.group is None:
             raise RuntimeError("gloo weight transfer is not initialized: call init_weight_transfer_engine first")
         metas = update_info.metas()
-        for bucket in plan_buckets(metas, self.bucket_bytes):
+        buckets = plan_buckets(metas, self.bucket_bytes)
+
+        def post(bucket):
             buffer = torch.empty(bucket_size(metas, bucket), dtype=torch.uint8)
+            return bucket, buffer, broadcast_from_trainer(self.group, buffer)
+
+        # Receive bucket i+1 while loading bucket i: the transfer and the load overlap.
+        incoming = post(buckets[0])
+        for i in range(len(buckets)):
+            bucket, buffer, work = incoming
             try:
-                broadcast_from_trainer(self.group, buffer)
+                work.wait()
             except RuntimeError as exc:
                 if "Timed out" in str(exc):
                     raise TimeoutError(f"{TRAINER_DID_NOT_SEND} (gloo: {exc})") from exc
                 raise
+            incoming = post(buckets[i + 1]) if i + 1 < len(buckets) else None
             self.model.load_weights(unpack_bucket(metas, bucket, buffer))
 
     def shutdown(self) -> None:
@@ -257,18 +267,28 @@ class GlooTrainerInitInfo(TrainerInitInfo):
 
 
 def send_buckets(group, metas: list[TensorMeta], tensors: Iterable[torch.Tensor], bucket_bytes: int) -> int:
-    """Broadcast `tensors` (in `metas` order) bucket by bucket. Returns bytes sent."""
+    """Broadcast `tensors` (in `metas` order) bucket by bucket. Returns bytes sent.
+
+    Two buffers alternate: the next bucket is packed while the previous one is on the wire.
+    """
     iterator: Iterator[torch.Tensor] = iter(tensors)
     sent = 0
-    buffer = None
-    for bucket in plan_buckets(metas, bucket_bytes):
+    buffers: list[torch.Tensor | None] = [None, None]
+    in_flight = [None, None]
+    for i, bucket in enumerate(plan_buckets(metas, bucket_bytes)):
+        slot = i % 2
+        if in_flight[slot] is not None:
+            in_flight[slot].wait()  # its buffer is about to be reused
         size = bucket_size(metas, bucket)
-        if buffer is None or buffer.numel() < size:
-            buffer = torch.empty(size, dtype=torch.uint8)
-        chunk = buffer[:size]
+        if buffers[slot] is None or buffers[slot].numel() < size:
+            buffers[slot] = torch.empty(size, dtype=torch.uint8)
+        chunk = buffers[slot][:size]
         pack_bucket(metas, bucket, {index: next(iterator) for index, _ in bucket}, chunk)
-        broadcast_from_trainer(group, chunk)
+        in_flight[slot] = broadcast_from_trainer(group, chunk)
         sent += size
+    for work in in_flight:
+        if work is not None:
+            work.wait()
     return sent
 
 
