@@ -104,3 +104,18 @@ def test_serve_flags_both_spellings_defaults_and_bad_values(capsys):
     bad = parser.parse_args(["vllm-serve", "--model", "m", "--gpu-memory-utilization", "1.5"])
     with pytest.raises(SystemExit, match="--gpu_memory_utilization must be in"):
         validate(bad)
+
+
+def test_packing_casts_floats_to_the_wire_dtype():
+    from fastgrpo.serve.gloo_transfer import wire_tensors
+
+    torch.manual_seed(1)
+    named = [("w", torch.randn(4, 3)), ("ids", torch.arange(5))]
+    tensors, metas, info = wire_tensors(named, torch.bfloat16)
+    assert info == {"names": ["w", "ids"], "dtype_names": ["bfloat16", "int64"], "shapes": [[4, 3], [5]]}
+    (bucket,) = plan_buckets(metas, bucket_bytes=1 << 20)
+    buffer = torch.empty(bucket_size(metas, bucket), dtype=torch.uint8)
+    pack_bucket(metas, bucket, dict(enumerate(tensors)), buffer)
+    (_, w), (_, ids) = unpack_bucket(metas, bucket, buffer)
+    assert w.dtype == torch.bfloat16 and torch.equal(w, named[0][1].to(torch.bfloat16))
+    assert torch.equal(ids, named[1][1])

@@ -48,11 +48,12 @@ class _GlooSender:
         from fastgrpo.serve.gloo_transfer import open_group
 
         self.group = open_group(address, port, 0, world_size, timeout_s)
+        self.buffers = [None, None]  # packing buffers, reused push after push
 
     def send(self, metas, tensors, bucket_bytes: int) -> None:
         from fastgrpo.serve.gloo_transfer import send_buckets
 
-        send_buckets(self.group, metas, tensors, bucket_bytes)
+        send_buckets(self.group, metas, tensors, bucket_bytes, self.buffers)
 
     def close(self) -> None:
         self.group = None
@@ -73,7 +74,8 @@ class _NcclSender:
     def send(self, metas, tensors, bucket_bytes: int) -> None:
         from vllm.distributed.weight_transfer.packed_tensor import packed_nccl_broadcast_producer
 
-        packed_nccl_broadcast_producer(iterator=((m.name, t) for m, t in zip(metas, tensors)),
+        # Cast lazily to the wire dtype the workers were told (one tensor at a time).
+        packed_nccl_broadcast_producer(iterator=((m.name, t.to(m.torch_dtype)) for m, t in zip(metas, tensors)),
                                        group=self.group, src=0, post_iter_func=lambda item: item[1])
 
     def close(self) -> None:
@@ -213,29 +215,25 @@ class VLLMClient:
         Floating tensors are cast to the server's dtype first (half the bytes of
         float32 for bfloat16). Returns the server's new weight version.
         """
-        from fastgrpo.serve.gloo_transfer import DEFAULT_BUCKET_BYTES, TensorMeta, dtype_name
+        import torch
+
+        from fastgrpo.serve.gloo_transfer import DEFAULT_BUCKET_BYTES, wire_tensors
 
         named = _named_tensors(weights)
         if not named:
             raise ValueError("update_weights got no tensors")
-        import torch
-
-        server_dtype = getattr(torch, self.info["dtype"])
-        named = [(n, t.detach().to(server_dtype) if t.is_floating_point() else t.detach()) for n, t in named]
-        backend = "nccl" if named[0][1].is_cuda else "gloo"
+        tensors, metas, info = wire_tensors(named, getattr(torch, self.info["dtype"]))
+        backend = "nccl" if tensors[0].is_cuda else "gloo"
         if self.sender is None:
             self.init_weight_transfer(backend)
-        metas = [TensorMeta(n, dtype_name(t.dtype), tuple(t.shape)) for n, t in named]
         start = self._request("POST", "/weights/start", retry_connect=False, json={
-            "names": [m.name for m in metas], "dtype_names": [m.dtype for m in metas],
-            "shapes": [list(m.shape) for m in metas], "weight_version": weight_version,
-            "timeout_s": self.weight_transfer_timeout})
+            **info, "weight_version": weight_version, "timeout_s": self.weight_transfer_timeout})
         pool = ThreadPoolExecutor(max_workers=1)
         try:
             done = pool.submit(self._request, "POST", "/weights/update", retry_connect=False,
                                json={"transfer_id": start["transfer_id"]})
             try:
-                self.sender.send(metas, [t for _, t in named], self.bucket_bytes or DEFAULT_BUCKET_BYTES)
+                self.sender.send(metas, tensors, self.bucket_bytes or DEFAULT_BUCKET_BYTES)
             except Exception as exc:
                 self.close_weight_transfer()
                 server_said = f" The server said: {done.exception()}" if done.done() else ""

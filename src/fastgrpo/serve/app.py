@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from fastgrpo.serve.checkpoint import check_push, checkpoint_specs
-from fastgrpo.serve.gloo_transfer import TRAINER_DID_NOT_SEND
+from fastgrpo.serve.gloo_transfer import TRAINER_DID_NOT_SEND, TensorMeta
 from fastgrpo.serve.protocol import (
     Completion,
     ErrorResponse,
@@ -320,7 +320,7 @@ def create_app(settings: ServerSettings, api_key: str | None = None) -> FastAPI:
                 await state.lock.release_write()
 
         state.pending.watchdog = asyncio.create_task(expire())
-        nbytes = sum(_numel(s) * _itemsize(d) for s, d in zip(req.shapes, req.dtype_names))
+        nbytes = sum(TensorMeta(n, d, tuple(s)).nbytes for n, d, s in zip(req.names, req.dtype_names, req.shapes))
         return StartUpdateResponse(transfer_id=transfer_id, num_tensors=len(req.names), bytes=nbytes)
 
     @app.post("/weights/update", response_model=WeightVersionResponse)
@@ -383,15 +383,3 @@ def _served_dtype(state: ServerState) -> str:
         return state.settings.dtype
     return str(live[0].engine.model_config.dtype).removeprefix("torch.")
 
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def _itemsize(dtype_name: str) -> int:
-    import torch
-
-    return getattr(torch, dtype_name).itemsize

@@ -59,6 +59,17 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def wire_tensors(named, dtype: torch.dtype) -> tuple[list[torch.Tensor], list[TensorMeta], dict]:
+    """The tensors, their metadata as they travel (floats in the engine's `dtype`: packing
+    casts them on the fly, with no intermediate copy), and the update info for the workers."""
+    tensors = [t.detach() for _, t in named]
+    metas = [TensorMeta(n, dtype_name(dtype if t.is_floating_point() else t.dtype), tuple(t.shape))
+             for (n, _), t in zip(named, tensors)]
+    info = {"names": [m.name for m in metas], "dtype_names": [m.dtype for m in metas],
+            "shapes": [list(m.shape) for m in metas]}
+    return tensors, metas, info
+
+
 def _aligned(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
@@ -89,10 +100,11 @@ def bucket_size(metas: list[TensorMeta], bucket: list[tuple[int, int]]) -> int:
 
 
 def pack_bucket(metas, bucket, tensors: dict[int, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
-    """Copy the bucket's tensors into the uint8 buffer `out` at their offsets."""
+    """Copy the bucket's tensors into the uint8 buffer `out` at their offsets, cast to their
+    wire dtype (and brought to the buffer's device) by the copy itself."""
     for index, offset in bucket:
-        tensor = tensors[index].detach().contiguous().reshape(-1).view(torch.uint8)
-        out[offset : offset + tensor.numel()].copy_(tensor)
+        meta = metas[index]
+        out[offset : offset + meta.nbytes].view(meta.torch_dtype).view(meta.shape).copy_(tensors[index].detach())
     return out
 
 
@@ -199,6 +211,7 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, 
         super().__init__(config, vllm_config, device, model)
         self.group = None
         self.bucket_bytes = DEFAULT_BUCKET_BYTES
+        self.buffers: list[torch.Tensor | None] = [None, None]
 
     def init_transfer_engine(self, init_info: GlooWeightTransferInitInfo) -> None:
         if self.group is not None:
@@ -230,12 +243,16 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, 
         metas = update_info.metas()
         buckets = plan_buckets(metas, self.bucket_bytes)
 
-        def post(bucket):
-            buffer = torch.empty(bucket_size(metas, bucket), dtype=torch.uint8)
+        def post(i):
+            bucket, size, slot = buckets[i], bucket_size(metas, buckets[i]), i % 2
+            if self.buffers[slot] is None or self.buffers[slot].numel() < size:
+                self.buffers[slot] = torch.empty(max(size, self.bucket_bytes), dtype=torch.uint8)
+            buffer = self.buffers[slot][:size]
             return bucket, buffer, broadcast_from_trainer(self.group, buffer)
 
-        # Receive bucket i+1 while loading bucket i: the transfer and the load overlap.
-        incoming = post(buckets[0])
+        # Receive bucket i+1 while loading bucket i: the transfer and the load overlap. Two
+        # buffers alternate, kept between pushes (load_weights copies out of them).
+        incoming = post(0)
         for i in range(len(buckets)):
             bucket, buffer, work = incoming
             try:
@@ -244,7 +261,7 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, 
                 if "Timed out" in str(exc):
                     raise TimeoutError(f"{TRAINER_DID_NOT_SEND} (gloo: {exc})") from exc
                 raise
-            incoming = post(buckets[i + 1]) if i + 1 < len(buckets) else None
+            incoming = post(i + 1) if i + 1 < len(buckets) else None
             self.model.load_weights(unpack_bucket(metas, bucket, buffer))
 
     def shutdown(self) -> None:
@@ -266,14 +283,16 @@ class GlooTrainerInitInfo(TrainerInitInfo):
     timeout_s: float = DEFAULT_TIMEOUT_S
 
 
-def send_buckets(group, metas: list[TensorMeta], tensors: Iterable[torch.Tensor], bucket_bytes: int) -> int:
+def send_buckets(group, metas: list[TensorMeta], tensors: Iterable[torch.Tensor], bucket_bytes: int,
+                 buffers: list | None = None) -> int:
     """Broadcast `tensors` (in `metas` order) bucket by bucket. Returns bytes sent.
 
     Two buffers alternate: the next bucket is packed while the previous one is on the wire.
+    Pass the same `buffers` list on every push to reuse them (fresh memory costs page faults).
     """
     iterator: Iterator[torch.Tensor] = iter(tensors)
     sent = 0
-    buffers: list[torch.Tensor | None] = [None, None]
+    buffers = buffers if buffers is not None else [None, None]
     in_flight = [None, None]
     for i, bucket in enumerate(plan_buckets(metas, bucket_bytes)):
         slot = i % 2

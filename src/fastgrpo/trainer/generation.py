@@ -98,6 +98,7 @@ class ColocateBackend(GenerationBackend):
                             weight_transfer_config=WeightTransferConfig(backend="gloo"))
         self.world_size = tensor_parallel_size + 1
         self.group = None
+        self.buffers = [None, None]  # packing buffers (CPU), reused push after push
         self.version = 0
 
     def generate(self, prompt_ids, sampling, seed) -> Completions:
@@ -125,19 +126,14 @@ class ColocateBackend(GenerationBackend):
         joined.join_result()
 
     def sync_weights(self, named_tensors, version) -> None:
-        from fastgrpo.serve.gloo_transfer import DEFAULT_BUCKET_BYTES, TensorMeta, dtype_name, send_buckets
+        from fastgrpo.serve.gloo_transfer import DEFAULT_BUCKET_BYTES, send_buckets, wire_tensors
 
         if self.group is None:
             self._open_group()
-        dtype = self.llm.llm_engine.model_config.dtype
-        named = [(n, t.detach().to("cpu", dtype) if t.is_floating_point() else t.detach().cpu())
-                 for n, t in named_tensors]
-        metas = [TensorMeta(n, dtype_name(t.dtype), tuple(t.shape)) for n, t in named]
-        info = {"names": [m.name for m in metas], "dtype_names": [m.dtype for m in metas],
-                "shapes": [list(m.shape) for m in metas]}
+        tensors, metas, info = wire_tensors(named_tensors, self.llm.llm_engine.model_config.dtype)
         self.llm.collective_rpc("start_weight_update")
         received = _in_thread(self.llm.collective_rpc, "update_weights", kwargs={"update_info": info})
-        send_buckets(self.group, metas, [t for _, t in named], DEFAULT_BUCKET_BYTES)
+        send_buckets(self.group, metas, tensors, DEFAULT_BUCKET_BYTES, self.buffers)
         received.join_result()
         self.llm.collective_rpc("finish_weight_update")
         self.llm.reset_prefix_cache()
