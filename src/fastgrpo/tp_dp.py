@@ -335,16 +335,21 @@ def run(args: argparse.Namespace) -> int:
     except parallel.PlanError as e:
         print(f"fastgrpo tp-dp: error: {e}", file=sys.stderr)
         return 2
+    return emit(args, plan, plot_plan, lambda: format_plan(plan, inputs))
+
+
+def emit(args: argparse.Namespace, result, plot, text) -> int:
+    """Write --plot, then print --json or the table; 2 when the plot cannot be written."""
     if args.plot:
         try:
-            plot_plan(plan, args.plot)
+            plot(result, args.plot)
         except OSError as e:
             print(f"fastgrpo tp-dp: error: cannot write --plot {args.plot}: {e.strerror}", file=sys.stderr)
             return 2
     if args.json:
-        print(json.dumps(plan.to_dict(), indent=2))
+        print(json.dumps(result.to_dict(), indent=2))
     else:
-        print(format_plan(plan, inputs))
+        print(text())
         if args.plot:
             print(f"Plot saved to {args.plot}")
     return 0
@@ -403,18 +408,10 @@ def run_measure(args: argparse.Namespace) -> int:
     except parallel.PlanError as e:
         print(f"fastgrpo tp-dp: error: {e}", file=sys.stderr)
         return 2
-    if args.plot:
-        try:
-            tp_dp_measure.plot_measurement(result, args.plot)
-        except OSError as e:
-            print(f"fastgrpo tp-dp: error: cannot write --plot {args.plot}: {e.strerror}", file=sys.stderr)
-            return 2
-    if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
-    else:
-        print(tp_dp_measure.format_measurement(result, inputs))
-        if args.plot:
-            print(f"Plot saved to {args.plot}")
+    code = emit(args, result, tp_dp_measure.plot_measurement,
+                lambda: tp_dp_measure.format_measurement(result, inputs))
+    if code:
+        return code
     if result.failed:
         print(f"fastgrpo tp-dp: error: {len(result.failed)} layout(s) failed to measure: "
               f"{', '.join(c.label for c in result.failed)} (see above)", file=sys.stderr)
