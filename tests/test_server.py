@@ -127,17 +127,24 @@ def test_work_is_split_across_replicas(client):
 
 
 def test_concurrent_requests_are_served_concurrently(client):
-    """A short request sent after a long one finishes first: requests are not queued one after another."""
+    """A short request sent while a long one is generating finishes first, on a replica the long one also
+    occupies: requests join the running batch instead of queueing behind each other."""
     finished = []
 
-    def run(name, max_tokens):
-        client.generate(["count with me"], n=8, max_tokens=max_tokens, temperature=1.0)
+    def run(name, prompts, max_tokens):
+        # ignore_eos: the long request really is long (16 x 8 x 200 tokens, seconds), whatever the model samples.
+        client.generate(prompts, n=8, max_tokens=max_tokens, temperature=1.0, ignore_eos=True)
         finished.append(name)
 
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        long = pool.submit(run, "long", 200)
-        time.sleep(0.3)
-        short = pool.submit(run, "short", 2)
+        long = pool.submit(run, "long", ["count with me"] * 16, 200)
+        deadline = time.monotonic() + 60
+        # Send the short one once the long one is in the server's hands (both replicas carry its load).
+        while not all(r["load_tokens"] for r in client.health()["replicas"]):
+            assert not long.done(), "the long request finished before it was seen in flight"
+            assert time.monotonic() < deadline, "the long request never showed up in the replicas' load"
+            time.sleep(0.01)
+        short = pool.submit(run, "short", ["count with me"], 2)
         long.result(), short.result()
     assert finished == ["short", "long"]
 

@@ -162,12 +162,12 @@ class VLLMClient:
     def generate(self, prompts: list[str] | None = None, *, prompt_token_ids: list[list[int]] | None = None,
                  n: int = 1, temperature: float = 1.0, top_p: float = 1.0, top_k: int = -1, min_p: float = 0.0,
                  repetition_penalty: float = 1.0, max_tokens: int = 16, seed: int | None = None,
-                 stop: list[str] | None = None, prompt_logprobs: bool = False,
+                 stop: list[str] | None = None, ignore_eos: bool = False, prompt_logprobs: bool = False,
                  messages: list[list[dict]] | None = None) -> GenerateResponse:
         payload = dict(prompts=prompts, prompt_token_ids=prompt_token_ids, messages=messages, n=n,
                        temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                        repetition_penalty=repetition_penalty, max_tokens=max_tokens, seed=seed, stop=stop,
-                       prompt_logprobs=prompt_logprobs)
+                       ignore_eos=ignore_eos, prompt_logprobs=prompt_logprobs)
         payload = {k: v for k, v in payload.items() if v is not None}
         return GenerateResponse.model_validate(self._request("POST", "/generate", json=payload))
 
