@@ -27,6 +27,16 @@ def test_demo_trains_in_server_mode_and_leaves_metrics_plot_and_model(tiny_qwen2
     assert (out / "server.log").exists()
 
 
+def test_reward_weights_reach_the_config_from_the_task_or_the_spec(tmp_path):
+    from fastgrpo.run import DEMO_SPEC, rewards_and_config
+
+    funcs, config = rewards_and_config(dict(DEMO_SPEC, output_dir=str(tmp_path)))
+    assert [f.__name__ for f in funcs] == ["number_match_reward", "format_reward"]
+    assert config.reward_weights == [1.0, 0.2]  # the arithmetic task's weights
+    _, config = rewards_and_config(dict(DEMO_SPEC, output_dir=str(tmp_path), reward_weights=[0.5, 2.0]))
+    assert config.reward_weights == [0.5, 2.0]  # a spec's own weights win
+
+
 def test_grpo_config_errors_fail_before_any_work(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: default\ntask: {name: arithmetic}\nnum_generations: 3\nper_device_train_batch_size: 4\n"

@@ -57,6 +57,10 @@ class GRPOConfig(TrainingArguments):
     scale_rewards: str = "group"
     mask_truncated_completions: bool = False
     reward_weights: list[float] | None = None
+    share_prompt_prefix: bool = field(
+        default=True, metadata={"help": "run each prompt of a micro-batch through the model once for all of its "
+                                "completions (same logprobs and gradients, fewer tokens); off with gradient "
+                                "checkpointing"})
 
     # --- logging ----------------------------------------------------------------------
     log_completions: bool = False

@@ -21,7 +21,7 @@ import time
 import typing
 from pathlib import Path
 
-SPEC_KEYS = {"model", "task", "dataset", "rewards", "reward_weights", "start_server"}
+SPEC_KEYS = {"model", "task", "dataset", "rewards", "start_server"}  # the rest are GRPOConfig fields
 
 DEMO_SPEC = {
     "model": "default",
@@ -140,6 +140,14 @@ def resolve_rewards(spec: dict):
     return funcs, spec.get("reward_weights")
 
 
+def rewards_and_config(spec: dict):
+    """The reward functions and the GRPOConfig of a spec; a task's own reward weights unless the spec sets them."""
+    funcs, weights = resolve_rewards(spec)
+    if weights is not None and "reward_weights" not in spec:
+        spec = dict(spec, reward_weights=weights)
+    return funcs, build_config(spec)
+
+
 def train(spec: dict, log=print) -> dict:
     """Run a whole training job; returns a summary with the output paths and reward figures."""
     from fastgrpo.models import resolve_model
@@ -147,10 +155,7 @@ def train(spec: dict, log=print) -> dict:
     from fastgrpo.trainer.reporting import MetricsFileCallback, plot_metrics, read_metrics
 
     spec = dict(spec)
-    funcs, weights = resolve_rewards(spec)
-    if weights is not None and "reward_weights" not in spec:
-        spec["reward_weights"] = weights
-    config = build_config(spec)
+    funcs, config = rewards_and_config(spec)
     dataset = build_dataset(spec)
     model = resolve_model(spec.get("model"))
     out = Path(config.output_dir)

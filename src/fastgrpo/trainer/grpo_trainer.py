@@ -7,6 +7,7 @@ computes group advantages over the whole batch (all processes), and buffers the
 micro-batches. After every optimizer step the new weights go to the generator.
 """
 
+import logging
 import tempfile
 import time
 from collections import defaultdict
@@ -16,6 +17,7 @@ from torch.utils.data import Sampler
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback
 
 from fastgrpo.config import GRPOConfig
+from fastgrpo.trainer.forward import PromptSharingUnsupported, completion_logits
 from fastgrpo.trainer.generation import (
     ColocateBackend,
     GenerationBackend,
@@ -26,6 +28,7 @@ from fastgrpo.trainer.generation import (
 from fastgrpo.trainer.loss import entropy_from_logits, group_advantages, grpo_loss, selective_log_softmax, weighted_rewards
 from fastgrpo.trainer.rewards import compute_rewards, prepare_reward_funcs, reward_func_name
 
+logger = logging.getLogger(__name__)
 
 
 class StaleGenerationError(RuntimeError):
@@ -153,6 +156,9 @@ class GRPOTrainer(Trainer):
         self._synced_version: int | None = None
         self._pending_time = defaultdict(float)
         self._total_tokens = 0
+        # Sharing needs the model's cache in training, which gradient checkpointing switches off.
+        self._share_prompts = args.share_prompt_prefix and not args.gradient_checkpointing
+        self._completion_token_cost = _completion_token_cost(self.model)
         self.backend = self._make_backend()
         self.add_callback(_SyncWeightsCallback(self))
 
@@ -352,11 +358,10 @@ class GRPOTrainer(Trainer):
         micro = self._split(batch, a.steps_per_generation)
         if a.num_iterations > 1 or a.beta != 0.0:
             for m in micro:
-                ids, attn, width = self._model_inputs(m)
                 if a.num_iterations > 1:
-                    m["old_logps"] = self._per_token_logps(self.model, ids, attn, width, m)
+                    m["old_logps"] = self._per_token_logps(self.model, m)
                 if a.beta != 0.0:
-                    m["ref_logps"] = self._per_token_logps(self.ref_model, ids, attn, width, m)
+                    m["ref_logps"] = self._per_token_logps(self.ref_model, m)
 
         # Metrics, TRL's names.
         self._total_tokens += int(acc.gather(torch.tensor(
@@ -396,11 +401,37 @@ class GRPOTrainer(Trainer):
                        f"{' '.join(question.split())[:80]} -> {' '.join(text.split())[:160]}")
 
     def _split(self, batch: dict, parts: int) -> list[dict]:
-        """Cut a generation batch into micro-batches, grouping similar lengths (less padding)."""
+        """Cut a generation batch into micro-batches that waste little compute on padding.
+
+        Rows sorted by total length pad least; with prompt sharing, rows kept by prompt run each prompt
+        once per micro-batch but pad their completions more. Take whichever order costs less, counting
+        a completion position as a token plus its share of the LM head.
+        """
         rows = batch["prompt_ids"].shape[0]
-        lengths = batch["prompt_mask"].sum(1) + batch["completion_attention"].sum(1)
-        order = torch.argsort(lengths, stable=True) if parts > 1 else torch.arange(rows)
+        if parts == 1:
+            return [_trim(batch)]
+        prompt_lengths = batch["prompt_mask"].sum(1)
+        completion_lengths = batch["completion_attention"].sum(1)
+        orders = [torch.argsort(prompt_lengths + completion_lengths, stable=True)]
+        _, prompt_index = torch.unique(torch.cat([batch["prompt_ids"], batch["prompt_mask"]], 1), dim=0,
+                                       return_inverse=True)
+        if self._share_prompts:
+            # By prompt length, then prompt, then completion length (stable sorts, last key first).
+            order = torch.argsort(completion_lengths, stable=True)
+            order = order[torch.argsort(prompt_index[order], stable=True)]
+            orders.append(order[torch.argsort(prompt_lengths[order], stable=True)])
         size = rows // parts
+
+        def tokens(order) -> int:
+            total = 0
+            for p in range(parts):
+                index = order[p * size : (p + 1) * size]
+                prompts = len(prompt_index[index].unique()) if self._share_prompts else len(index)
+                total += (prompts * int(prompt_lengths[index].max())
+                          + len(index) * int(completion_lengths[index].max()) * self._completion_token_cost)
+            return total
+
+        order = min(orders, key=tokens)
         micro = []
         for p in range(parts):
             index = order[p * size : (p + 1) * size]
@@ -411,18 +442,18 @@ class GRPOTrainer(Trainer):
 
     # --- the loss ------------------------------------------------------------------------
 
-    def _model_inputs(self, m: dict):
-        device = self.accelerator.device
-        ids = torch.cat([m["prompt_ids"], m["completion_ids"]], dim=1).to(device)
-        attn = torch.cat([m["prompt_mask"], m["completion_attention"]], dim=1).to(device)
-        return ids, attn, m["completion_ids"].shape[1]
-
-    def _per_token_logps(self, model, ids, attn, width, m, with_entropy: bool = False):
+    def _per_token_logps(self, model, m: dict, with_entropy: bool = False):
         """Log-probs of the completion tokens under `model`; logits only over the completion."""
-        logits = model(input_ids=ids, attention_mask=attn, logits_to_keep=width + 1, use_cache=False).logits
-        logits = logits[:, :-1, :] / self.args.temperature
-        targets = m["completion_ids"].to(ids.device)
-        logps = selective_log_softmax(logits, targets)
+        device = self.accelerator.device
+        tensors = [m[k].to(device) for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_attention")]
+        try:
+            logits = completion_logits(model, *tensors, share_prompts=self._share_prompts)
+        except PromptSharingUnsupported as exc:
+            logger.warning("prompt sharing is off for this run: %s", exc)
+            self._share_prompts = False
+            logits = completion_logits(model, *tensors, share_prompts=False)
+        logits = logits / self.args.temperature
+        logps = selective_log_softmax(logits, tensors[2])
         if with_entropy:
             with torch.no_grad():
                 return logps, entropy_from_logits(logits.detach())
@@ -432,8 +463,7 @@ class GRPOTrainer(Trainer):
         if return_outputs:
             raise ValueError("GRPOTrainer does not return outputs")
         a, acc, device = self.args, self.accelerator, self.accelerator.device
-        ids, attn, width = self._model_inputs(inputs)
-        logps, entropy = self._per_token_logps(model, ids, attn, width, inputs, with_entropy=True)
+        logps, entropy = self._per_token_logps(model, inputs, with_entropy=True)
         mask = inputs["completion_mask"].to(device)
         loss, metrics = grpo_loss(
             logps, inputs.get("old_logps"), inputs["advantages"].to(device), mask, loss_type=a.loss_type,
@@ -470,6 +500,18 @@ class GRPOTrainer(Trainer):
     def close(self) -> None:
         if self.backend is not None:
             self.backend.close()
+
+
+def _completion_token_cost(model) -> float:
+    """Cost of a completion position relative to a prompt token: the body, plus the LM head (vocab x hidden
+    multiply-adds) that only completion positions pay. About 1.27 for SmolLM2-135M, 1.08 for Qwen2.5-7B."""
+    config = getattr(model, "config", None)
+    try:
+        head = config.vocab_size * config.hidden_size
+        body = model.num_parameters(exclude_embeddings=True)
+        return 1.0 + head / max(body, 1)
+    except (AttributeError, TypeError):
+        return 1.0
 
 
 def _trim(m: dict) -> dict:

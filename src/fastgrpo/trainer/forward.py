@@ -1,0 +1,48 @@
+"""The policy's logits over completion tokens, with each group's prompt run through the model once.
+
+A GRPO micro-batch holds several completions of the same prompt. A plain forward
+runs every row's prompt again; here each unique prompt goes through the model once
+(with its keys and values cached, gradients attached), the cache is indexed out to
+every row, and only the completion tokens run per row. Same tokens at the same
+positions under the same causal mask, so the logits and gradients are those of
+the plain forward (to float rounding), over fewer tokens: on the demo's shapes
+(44 prompt tokens, 8 completions per prompt) a forward and backward is 1.2-1.5x
+faster on CPU (bench/bench_forward.py).
+"""
+
+import torch
+
+
+def completion_logits(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
+                      completion_attention: torch.Tensor, share_prompts: bool = True) -> torch.Tensor:
+    """Logits (rows, completion width, vocab) predicting each completion token.
+
+    Prompts are left-padded and completions right-padded (masks mark real tokens).
+    `share_prompts` runs each unique prompt once when some row repeats a prompt;
+    it needs a model whose cache can be indexed by row (transformers' Cache).
+    """
+    width = completion_ids.shape[1]
+    attention = torch.cat([prompt_mask, completion_attention], dim=1)
+    if share_prompts:
+        # A row's identity is its ids and its mask (a pad id may also be a real token).
+        unique, inverse = torch.unique(torch.cat([prompt_ids, prompt_mask], dim=1), dim=0, return_inverse=True)
+        if len(unique) < len(prompt_ids):
+            prompt_width = prompt_ids.shape[1]
+            out = model(input_ids=unique[:, :prompt_width], attention_mask=unique[:, prompt_width:],
+                        logits_to_keep=1, use_cache=True)
+            cache = out.past_key_values
+            if cache is None or not hasattr(cache, "batch_select_indices"):
+                raise PromptSharingUnsupported(
+                    f"{type(model).__name__} returned no indexable cache (got {type(cache).__name__}); set "
+                    "share_prompt_prefix=False")
+            cache.batch_select_indices(inverse)  # one cache row per completion, gradients flow back to `out`
+            rest = model(input_ids=completion_ids, attention_mask=attention, past_key_values=cache,
+                         logits_to_keep=width, use_cache=True).logits
+            # The last prompt position predicts the first completion token (prompts are left-padded).
+            return torch.cat([out.logits[inverse], rest[:, :-1]], dim=1)
+    ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    return model(input_ids=ids, attention_mask=attention, logits_to_keep=width + 1, use_cache=False).logits[:, :-1]
+
+
+class PromptSharingUnsupported(RuntimeError):
+    pass

@@ -1,0 +1,123 @@
+"""Completion logits with shared prompts against a row-by-row reference: same logprobs, same gradients.
+
+The reference runs each row alone, unpadded (prompt + completion, batch of one),
+and takes the log-softmax at the positions that predict completion tokens: no
+padding, masks, caches or logits_to_keep involved.
+"""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from fastgrpo.trainer.forward import PromptSharingUnsupported, completion_logits
+
+PAD = 0
+
+
+def batch(seed: int = 0):
+    """Rows of (prompt, completion): two prompts repeated, one alone, ragged lengths on both sides."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(5, 300, (n,), generator=g).tolist() for n in (7, 3, 5)]
+    rows = [(prompts[i], torch.randint(5, 300, (n,), generator=g).tolist())
+            for i, n in [(0, 4), (1, 9), (0, 1), (1, 6), (0, 7), (2, 5), (1, 2)]]
+    prompt_width = max(len(p) for p, _ in rows)
+    completion_width = max(len(c) for _, c in rows)
+    prompt_ids = torch.tensor([[PAD] * (prompt_width - len(p)) + p for p, _ in rows])
+    prompt_mask = torch.tensor([[0] * (prompt_width - len(p)) + [1] * len(p) for p, _ in rows])
+    completion_ids = torch.tensor([c + [PAD] * (completion_width - len(c)) for _, c in rows])
+    completion_mask = torch.tensor([[1] * len(c) + [0] * (completion_width - len(c)) for _, c in rows])
+    return rows, (prompt_ids, prompt_mask, completion_ids, completion_mask)
+
+
+def reference(model, rows, width):
+    """(rows, width) logprobs, each row computed alone; padding positions stay 0."""
+    out = torch.zeros(len(rows), width)
+    for i, (prompt, completion) in enumerate(rows):
+        ids = torch.tensor([prompt + completion])
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
+        positions = torch.arange(len(prompt) - 1, len(prompt) + len(completion) - 1)
+        out[i, : len(completion)] = logp[positions, torch.tensor(completion)]
+    return out
+
+
+def logps_and_grads(model, compute):
+    model.zero_grad()
+    logps = compute()
+    logps.sum().backward()
+    return logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("arch", ["tiny_qwen2", "tiny_llama"])
+@pytest.mark.parametrize("share", [True, False])
+def test_completion_logprobs_and_gradients_match_a_row_by_row_forward(arch, share, request):
+    model = AutoModelForCausalLM.from_pretrained(request.getfixturevalue(arch), dtype=torch.float32)
+    rows, (prompt_ids, prompt_mask, completion_ids, completion_mask) = batch()
+
+    def ours():
+        logits = completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask, share)
+        logp = torch.log_softmax(logits.float(), dim=-1).gather(2, completion_ids[..., None])[..., 0]
+        return logp * completion_mask
+
+    got, got_grads = logps_and_grads(model, ours)
+    want, want_grads = logps_and_grads(model, lambda: reference(model, rows, completion_ids.shape[1]))
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    assert got_grads.keys() == want_grads.keys()
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, atol=1e-5, rtol=1e-3, msg=name)
+
+
+def test_without_an_indexable_cache_it_says_to_turn_sharing_off(tiny_qwen2):
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.float32)
+    model.gradient_checkpointing_enable()  # in training mode this drops the cache
+    model.train()
+    _, tensors = batch()
+    with pytest.raises(PromptSharingUnsupported, match="share_prompt_prefix=False"):
+        completion_logits(model, *tensors, share_prompts=True)
+
+
+def split(share: bool, prompt_lengths: list[int], completion_lengths: list[int], parts: int):
+    from types import SimpleNamespace
+
+    from fastgrpo.trainer.grpo_trainer import GRPOTrainer, _pad
+
+    prompts = [[100 + len(prompt_lengths) * i + j for j in range(n)] for i, n in enumerate(prompt_lengths)]
+    rows = [p for p in prompts for _ in range(len(completion_lengths) // len(prompts))]
+    completions = [[1000 + i] * n for i, n in enumerate(completion_lengths)]  # first token names the row
+    batch = {"prompt_ids": _pad(rows, PAD, left=True), "prompt_mask": _pad([[1] * len(p) for p in rows], 0, left=True),
+             "completion_ids": _pad(completions, PAD), "completion_attention": _pad([[1] * len(c) for c in completions], 0)}
+    batch["completion_mask"] = batch["completion_attention"].clone()
+    batch["advantages"] = torch.arange(len(rows), dtype=torch.float32)
+    trainer = SimpleNamespace(_share_prompts=share, _completion_token_cost=1.27)
+    return GRPOTrainer._split(trainer, batch, parts)
+
+
+def unique_prompts(micro: dict) -> int:
+    return len(torch.unique(torch.cat([micro["prompt_ids"], micro["prompt_mask"]], 1), dim=0))
+
+
+def test_split_keeps_every_row_once_with_its_own_columns():
+    lengths = [5, 30, 2, 17, 9, 9, 40, 1]
+    for share in (True, False):
+        micro = split(share, [6, 11], lengths, parts=4)
+        seen = sorted(int(a) for m in micro for a in m["advantages"])
+        assert seen == list(range(8))
+        for m in micro:
+            for ids, attention, advantage in zip(m["completion_ids"], m["completion_attention"], m["advantages"]):
+                row = int(advantage)
+                assert int(ids[0]) == 1000 + row  # the completion and its advantage still belong together
+                assert int(attention.sum()) == lengths[row]
+
+
+def test_split_keeps_a_prompts_completions_together_when_that_computes_less():
+    # Equal completion lengths: keeping prompts together costs no extra padding, so each micro-batch
+    # holds one prompt; without sharing, the order does not matter for cost and prompts mix freely.
+    micro = split(True, [20, 20, 20, 20], [10] * 16, parts=4)
+    assert [unique_prompts(m) for m in micro] == [1, 1, 1, 1]
+
+
+def test_split_prefers_length_order_when_grouping_would_pad_completions():
+    # Each prompt has one very long completion: grouping would pad every micro-batch to 60 tokens.
+    lengths = [60, 2, 2, 2, 60, 2, 2, 2]
+    micro = split(True, [3, 3], lengths, parts=2)
+    assert sorted(m["completion_ids"].shape[1] for m in micro) == [2, 60]
