@@ -6,8 +6,8 @@ runs every row's prompt again; here each unique prompt goes through the model on
 every row, and only the completion tokens run per row. Same tokens at the same
 positions under the same causal mask, so the logits and gradients are those of
 the plain forward (to float rounding), over fewer tokens: on the demo's shapes
-(44 prompt tokens, 8 completions per prompt) a forward and backward is 1.2-1.5x
-faster on CPU (bench/bench_forward.py).
+(44 prompt tokens, 8 completions per prompt) a forward and backward is 1.2-1.6x
+faster on CPU, the shorter the completions the more (bench/bench_forward.py).
 """
 
 import torch
