@@ -82,7 +82,7 @@ def split(share: bool, prompt_lengths: list[int], completion_lengths: list[int],
     from fastgrpo.trainer.grpo_trainer import GRPOTrainer, _pad
 
     prompts = [[100 + len(prompt_lengths) * i + j for j in range(n)] for i, n in enumerate(prompt_lengths)]
-    rows = [p for p in prompts for _ in range(len(completion_lengths) // len(prompts))]
+    rows = [prompts[i % len(prompts)] for i in range(len(completion_lengths))]  # prompts interleaved
     completions = [[1000 + i] * n for i, n in enumerate(completion_lengths)]  # first token names the row
     batch = {"prompt_ids": _pad(rows, PAD, left=True), "prompt_mask": _pad([[1] * len(p) for p in rows], 0, left=True),
              "completion_ids": _pad(completions, PAD), "completion_attention": _pad([[1] * len(c) for c in completions], 0)}
@@ -111,13 +111,13 @@ def test_split_keeps_every_row_once_with_its_own_columns():
 
 def test_split_keeps_a_prompts_completions_together_when_that_computes_less():
     # Equal completion lengths: keeping prompts together costs no extra padding, so each micro-batch
-    # holds one prompt; without sharing, the order does not matter for cost and prompts mix freely.
-    micro = split(True, [20, 20, 20, 20], [10] * 16, parts=4)
-    assert [unique_prompts(m) for m in micro] == [1, 1, 1, 1]
+    # holds one prompt; without sharing, length order keeps the rows' interleaved prompts mixed.
+    assert [unique_prompts(m) for m in split(True, [20, 20, 20, 20], [10] * 16, parts=4)] == [1, 1, 1, 1]
+    assert [unique_prompts(m) for m in split(False, [20, 20, 20, 20], [10] * 16, parts=4)] == [4, 4, 4, 4]
 
 
 def test_split_prefers_length_order_when_grouping_would_pad_completions():
     # Each prompt has one very long completion: grouping would pad every micro-batch to 60 tokens.
-    lengths = [60, 2, 2, 2, 60, 2, 2, 2]
+    lengths = [60, 60, 2, 2, 2, 2, 2, 2]  # prompts alternate: each has one 60
     micro = split(True, [3, 3], lengths, parts=2)
     assert sorted(m["completion_ids"].shape[1] for m in micro) == [2, 60]

@@ -13,6 +13,12 @@ faster on CPU, the shorter the completions the more (bench/bench_forward.py).
 import torch
 
 
+def prompt_groups(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(unique rows of ids and mask side by side, each row's index into them): rows with the same prompt
+    share an index. The mask is part of a row's identity, since a pad id may also be a real token."""
+    return torch.unique(torch.cat([prompt_ids, prompt_mask], dim=1), dim=0, return_inverse=True)
+
+
 def completion_logits(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
                       completion_attention: torch.Tensor, share_prompts: bool = True) -> torch.Tensor:
     """Logits (rows, completion width, vocab) predicting each completion token.
@@ -24,8 +30,7 @@ def completion_logits(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     width = completion_ids.shape[1]
     attention = torch.cat([prompt_mask, completion_attention], dim=1)
     if share_prompts:
-        # A row's identity is its ids and its mask (a pad id may also be a real token).
-        unique, inverse = torch.unique(torch.cat([prompt_ids, prompt_mask], dim=1), dim=0, return_inverse=True)
+        unique, inverse = prompt_groups(prompt_ids, prompt_mask)
         if len(unique) < len(prompt_ids):
             prompt_width = prompt_ids.shape[1]
             out = model(input_ids=unique[:, :prompt_width], attention_mask=unique[:, prompt_width:],

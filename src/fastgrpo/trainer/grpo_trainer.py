@@ -17,7 +17,7 @@ from torch.utils.data import Sampler
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback
 
 from fastgrpo.config import GRPOConfig
-from fastgrpo.trainer.forward import PromptSharingUnsupported, completion_logits
+from fastgrpo.trainer.forward import PromptSharingUnsupported, completion_logits, prompt_groups
 from fastgrpo.trainer.generation import (
     ColocateBackend,
     GenerationBackend,
@@ -412,26 +412,24 @@ class GRPOTrainer(Trainer):
             return [_trim(batch)]
         prompt_lengths = batch["prompt_mask"].sum(1)
         completion_lengths = batch["completion_attention"].sum(1)
-        orders = [torch.argsort(prompt_lengths + completion_lengths, stable=True)]
-        _, prompt_index = torch.unique(torch.cat([batch["prompt_ids"], batch["prompt_mask"]], 1), dim=0,
-                                       return_inverse=True)
-        if self._share_prompts:
-            # By prompt length, then prompt, then completion length (stable sorts, last key first).
-            order = torch.argsort(completion_lengths, stable=True)
-            order = order[torch.argsort(prompt_index[order], stable=True)]
-            orders.append(order[torch.argsort(prompt_lengths[order], stable=True)])
+        order = torch.argsort(prompt_lengths + completion_lengths, stable=True)
         size = rows // parts
+        if self._share_prompts:
+            _, prompt_index = prompt_groups(batch["prompt_ids"], batch["prompt_mask"])
+            # By prompt length, then prompt, then completion length (stable sorts, last key first).
+            by_prompt = torch.argsort(completion_lengths, stable=True)
+            by_prompt = by_prompt[torch.argsort(prompt_index[by_prompt], stable=True)]
+            by_prompt = by_prompt[torch.argsort(prompt_lengths[by_prompt], stable=True)]
 
-        def tokens(order) -> int:
-            total = 0
-            for p in range(parts):
-                index = order[p * size : (p + 1) * size]
-                prompts = len(prompt_index[index].unique()) if self._share_prompts else len(index)
-                total += (prompts * int(prompt_lengths[index].max())
-                          + len(index) * int(completion_lengths[index].max()) * self._completion_token_cost)
-            return total
+            def cost(order) -> float:
+                total = 0.0
+                for p in range(parts):
+                    index = order[p * size : (p + 1) * size]
+                    total += (len(prompt_index[index].unique()) * int(prompt_lengths[index].max())
+                              + len(index) * int(completion_lengths[index].max()) * self._completion_token_cost)
+                return total
 
-        order = min(orders, key=tokens)
+            order = min(order, by_prompt, key=cost)
         micro = []
         for p in range(parts):
             index = order[p * size : (p + 1) * size]
