@@ -24,8 +24,8 @@ def tiny_llama(tmp_path_factory) -> str:
 def server_factory(tmp_path_factory):
     started = []
 
-    def start(args: list[str]) -> ServerProcess:
-        server = ServerProcess(args, tmp_path_factory.mktemp("server") / "server.log")
+    def start(args: list[str], env: dict[str, str] | None = None) -> ServerProcess:
+        server = ServerProcess(args, tmp_path_factory.mktemp("server") / "server.log", env=env)
         started.append(server)
         server.wait_ready()
         return server

@@ -1,12 +1,11 @@
-"""Pure pieces of the server, tested alone: load-based dispatch, bucket packing, push validation, flags."""
+"""Pure pieces of the server, tested alone: load-based dispatch, push validation, flags."""
 
 import random
 
 import pytest
 import torch
 
-from fastgrpo.serve.checkpoint import check_push
-from fastgrpo.serve.gloo_transfer import TensorMeta, bucket_size, pack_bucket, plan_buckets, unpack_bucket
+from fastgrpo.serve.specs import ModelSpecs, check_push
 from fastgrpo.serve.replicas import ServerSettings, assign_by_load, device_slices
 
 
@@ -30,23 +29,8 @@ def test_assign_by_load_respects_existing_load_and_is_near_optimal():
         assert max(loads) <= (sum(costs) + sum(start)) / 3 + max(costs)
 
 
-def test_buckets_pack_and_unpack_exactly():
-    torch.manual_seed(0)
-    tensors = [torch.randn(3, 5), torch.randn(7).to(torch.bfloat16), torch.randint(0, 9, (4, 2)),
-               torch.randn(100, 10), torch.randn(1).to(torch.float16)]
-    metas = [TensorMeta(f"t{i}", str(t.dtype).removeprefix("torch."), tuple(t.shape)) for i, t in enumerate(tensors)]
-    buckets = plan_buckets(metas, bucket_bytes=512)
-    assert [i for b in buckets for i, _ in b] == list(range(len(tensors)))  # every tensor once, in order
-    assert any(len(b) == 1 and metas[b[0][0]].nbytes > 512 for b in buckets)  # oversized gets its own bucket
-    for bucket in buckets:
-        buffer = torch.empty(bucket_size(metas, bucket), dtype=torch.uint8)
-        pack_bucket(metas, bucket, {i: tensors[i] for i, _ in bucket}, buffer)
-        for (name, view), (i, _) in zip(unpack_bucket(metas, bucket, buffer), bucket):
-            assert name == f"t{i}" and view.dtype == tensors[i].dtype and torch.equal(view, tensors[i])
-
-
 def test_check_push_names_the_tensor_and_the_problem():
-    specs = {"a.weight": ("bfloat16", (4, 4)), "b.bias": ("bfloat16", (4,))}
+    specs = ModelSpecs({"a.weight": ("bfloat16", (4, 4)), "b.bias": ("bfloat16", (4,))})
     assert check_push(specs, ["a.weight", "b.bias"], ["float32", "bfloat16"], [[4, 4], [4]]) == []
     problems = check_push(specs, ["a.weight", "c.weight", "b.bias", "b.bias"],
                           ["int32", "float32", "float32", "float32"], [[4, 4], [1], [5], [4]])
@@ -104,18 +88,3 @@ def test_serve_flags_both_spellings_defaults_and_bad_values(capsys):
     bad = parser.parse_args(["vllm-serve", "--model", "m", "--gpu-memory-utilization", "1.5"])
     with pytest.raises(SystemExit, match="--gpu_memory_utilization must be in"):
         validate(bad)
-
-
-def test_packing_casts_floats_to_the_wire_dtype():
-    from fastgrpo.serve.gloo_transfer import wire_tensors
-
-    torch.manual_seed(1)
-    named = [("w", torch.randn(4, 3)), ("ids", torch.arange(5))]
-    tensors, metas, info = wire_tensors(named, torch.bfloat16)
-    assert info == {"names": ["w", "ids"], "dtype_names": ["bfloat16", "int64"], "shapes": [[4, 3], [5]]}
-    (bucket,) = plan_buckets(metas, bucket_bytes=1 << 20)
-    buffer = torch.empty(bucket_size(metas, bucket), dtype=torch.uint8)
-    pack_bucket(metas, bucket, dict(enumerate(tensors)), buffer)
-    (_, w), (_, ids) = unpack_bucket(metas, bucket, buffer)
-    assert w.dtype == torch.bfloat16 and torch.equal(w, named[0][1].to(torch.bfloat16))
-    assert torch.equal(ids, named[1][1])

@@ -16,6 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from fastgrpo.client import ServerError, VLLMClient
+from fastgrpo.transfer import WeightTransferError
 
 pytestmark = pytest.mark.slow
 
@@ -67,7 +68,7 @@ def test_health_reports_replicas_pinned_apart_and_world_size(client):
     health = client.health()
     assert health["status"] == "ok"
     assert health["data_parallel_size"] == 2 and health["tensor_parallel_size"] == 1
-    assert health["world_size"] == 2
+    assert health["world_size"] == 2 and health["weight_transfer_ranks"] == 2
     assert [r["state"] for r in health["replicas"]] == ["ready", "ready"]
     devices = [r["devices"] for r in health["replicas"]]
     assert devices[0] != devices[1]  # disjoint cores
@@ -281,12 +282,13 @@ def test_a_push_the_trainer_never_sends_times_out_naming_the_trainer(server, tin
 def test_workers_that_never_join_fail_the_trainer_with_a_message(server):
     """The trainer opens a group the server refuses to join: the error names the server side."""
     c = VLLMClient(base_url=server.base_url, timeout=30, weight_transfer_timeout=3)
-    c.info = dict(c.info, world_size=c.info["world_size"] + 1)  # a wrong world size: the server says no
+    real_health = c.health
+    c.health = lambda: dict(real_health(), weight_transfer_ranks=3)  # a wrong world size: the server says no
     try:
-        with pytest.raises(TimeoutError) as error:
+        with pytest.raises(WeightTransferError) as error:
             c.update_weights({"model.norm.weight": torch.ones(128)})
         message = str(error.value)
-        assert "workers did not join" in message and "world_size" in message
+        assert "did not join the weight-transfer group" in message and "world_size" in message
     finally:
         c.close()
 

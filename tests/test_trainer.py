@@ -77,6 +77,9 @@ def test_config_rejects_bad_combinations_with_a_fix(tmp_path):
         base_config(tmp_path, scale_rewards="median")
     with pytest.raises(ConfigError, match="vllm_mode"):
         base_config(tmp_path, vllm_mode="remote")
+    with pytest.raises(ConfigError, match="vllm_weight_sync_bucket_mb"):
+        base_config(tmp_path, vllm_weight_sync_bucket_mb=0.001)
+    assert base_config(tmp_path, vllm_weight_sync_bucket_mb=0.046875).weight_sync_bucket_bytes == 48 << 10
     config = base_config(tmp_path, gradient_accumulation_steps=2)
     assert (config.steps_per_generation, config.generation_batch_size) == (2, 8)
 
@@ -87,8 +90,9 @@ def test_server_mode_trains_and_keeps_server_weights_equal(server_factory, tiny_
 
     server = server_factory(["--model", tiny_qwen2, "--dtype", "float32", "--max-model-len", "256"])
     port = int(server.base_url.rsplit(":", 1)[1])
+    # 48 KiB buckets: every decoder layer of the tiny model spans about a dozen of them.
     config = base_config(tmp_path, use_vllm=True, vllm_mode="server", vllm_server_port=port,
-                         vllm_server_host="127.0.0.1")
+                         vllm_server_host="127.0.0.1", vllm_weight_sync_bucket_mb=0.046875)
     trainer = GRPOTrainer(tiny_qwen2, [reward_digits, reward_length], args=config, train_dataset=tiny_dataset())
     probe = AutoTokenizer.from_pretrained(tiny_qwen2)("What is 12 + 35? The answer is 47.")["input_ids"]
     observer = VLLMClient(base_url=server.base_url)
@@ -119,7 +123,7 @@ def test_server_mode_trains_and_keeps_server_weights_equal(server_factory, tiny_
 @pytest.mark.slow
 def test_colocate_mode_trains_and_keeps_engine_weights_equal(tiny_qwen2, tmp_path):
     config = base_config(tmp_path, use_vllm=True, vllm_mode="colocate", vllm_max_model_len=256,
-                         model_init_kwargs={"dtype": torch.float32})
+                         model_init_kwargs={"dtype": torch.float32}, vllm_weight_sync_bucket_mb=0.046875)
     trainer = GRPOTrainer(tiny_qwen2, [reward_digits, reward_length], args=config, train_dataset=tiny_dataset())
     probe = AutoTokenizer.from_pretrained(tiny_qwen2)("What is 12 + 35? The answer is 47.")["input_ids"]
 

@@ -8,14 +8,22 @@ are retried (connection refused, health polling).
 
 import socket
 import time
-from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlparse
 
 import httpx
 
 from fastgrpo.serve.launcher import free_port
 from fastgrpo.serve.protocol import GenerateResponse
+from fastgrpo.transfer import (
+    DEFAULT_BUCKET_BYTES,
+    WeightControl,
+    WeightTransferError,
+    as_weights,
+    open_sender,
+    push_weights,
+    sender_class,
+)
+from fastgrpo.transfer.packing import check_bucket_bytes
 
 
 class ServerError(RuntimeError):
@@ -39,58 +47,27 @@ def _address_seen_by(host: str, port: int) -> str:
         return s.getsockname()[0]
 
 
-class _GlooSender:
-    """CPU tensors: fastgrpo's gloo backend (the same packing the workers unpack)."""
+class _ServerControl(WeightControl):
+    """The server's weight routes: /weights/start announces (validated, in-flight generations drained),
+    /weights/update receives, loads and answers with the new weight version."""
 
-    backend = "gloo"
+    def __init__(self, client: "VLLMClient", weight_version: int | None):
+        self.client, self.weight_version, self.transfer_id = client, weight_version, None
 
-    def open(self, address: str, port: int, world_size: int, timeout_s: float) -> None:
-        from fastgrpo.serve.gloo_transfer import open_group
+    def start(self, info: dict) -> None:
+        started = self.client._request("POST", "/weights/start", retry_connect=False, json={
+            **info, "weight_version": self.weight_version, "timeout_s": self.client.weight_transfer_timeout})
+        self.transfer_id = started["transfer_id"]
 
-        self.group = open_group(address, port, 0, world_size, timeout_s)
-        self.buffers = [None, None]  # packing buffers, reused push after push
-
-    def send(self, metas, tensors, bucket_bytes: int) -> None:
-        from fastgrpo.serve.gloo_transfer import send_buckets
-
-        send_buckets(self.group, metas, tensors, bucket_bytes, self.buffers)
-
-    def close(self) -> None:
-        self.group = None
-
-
-class _NcclSender:
-    """CUDA tensors: vLLM's NCCL endpoint and packed broadcast (needs vLLM on the trainer)."""
-
-    backend = "nccl"
-
-    def open(self, address: str, port: int, world_size: int, timeout_s: float) -> None:
-        from vllm.distributed.weight_transfer.nccl_common import trainer_init
-        from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
-
-        self.group = trainer_init(NCCLTrainerInitInfo(master_address=address, master_port=port,
-                                                      world_size=world_size, rank=0))
-
-    def send(self, metas, tensors, bucket_bytes: int) -> None:
-        from vllm.distributed.weight_transfer.packed_tensor import packed_nccl_broadcast_producer
-
-        # Cast lazily to the wire dtype the workers were told (one tensor at a time).
-        packed_nccl_broadcast_producer(iterator=((m.name, t.to(m.torch_dtype)) for m, t in zip(metas, tensors)),
-                                       group=self.group, src=0, post_iter_func=lambda item: item[1])
-
-    def close(self) -> None:
-        if self.group is not None:
-            self.group.destroy()
-        self.group = None
-
-
-SENDERS = {"gloo": _GlooSender, "nccl": _NcclSender}
+    def receive(self, info: dict) -> dict:
+        return self.client._request("POST", "/weights/update", retry_connect=False,
+                                    json={"transfer_id": self.transfer_id})
 
 
 class VLLMClient:
     def __init__(self, base_url: str | None = None, host: str = "127.0.0.1", port: int = 8000,
                  timeout: float = 240.0, request_timeout: float = 600.0, api_key: str | None = None,
-                 weight_transfer_timeout: float = 120.0, bucket_bytes: int | None = None):
+                 weight_transfer_timeout: float = 120.0, bucket_bytes: int = DEFAULT_BUCKET_BYTES):
         self.base_url = (base_url or f"http://{host}:{port}").rstrip("/")
         parsed = urlparse(self.base_url)
         self.host, self.port = parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)
@@ -98,7 +75,7 @@ class VLLMClient:
         self.http = httpx.Client(base_url=self.base_url, headers=headers,
                                  timeout=httpx.Timeout(request_timeout, connect=10.0))
         self.weight_transfer_timeout = weight_transfer_timeout
-        self.bucket_bytes = bucket_bytes
+        self.bucket_bytes = check_bucket_bytes(bucket_bytes)
         self.sender = None
         self.info = self.wait_for_server(timeout)
 
@@ -181,72 +158,54 @@ class VLLMClient:
     # --- weight sync ----------------------------------------------------------
 
     def init_weight_transfer(self, backend: str) -> None:
-        """Open the group: this process is rank 0, the server's TP x DP workers the rest."""
+        """Open the group: this process is rank 0, the server's live workers (TP x live replicas) the rest."""
+        self.info = self.health()
         if backend != self.info["weight_transfer_backend"]:
             raise ValueError(
                 f"the tensors call for {backend!r} but the server's engines use "
                 f"{self.info['weight_transfer_backend']!r}: send CPU tensors to a CPU server and CUDA tensors "
                 "to a GPU server"
             )
-        world_size = self.info["world_size"] + 1
+        world_size = self.info["weight_transfer_ranks"] + 1
         address, port = _address_seen_by(self.host, self.port), free_port()
-        sender = SENDERS[backend]()
+        sender = sender_class(backend)(self.bucket_bytes)
         payload = {"master_address": address, "master_port": port, "world_size": world_size, "backend": backend,
-                   "timeout_s": self.weight_transfer_timeout}
-        if self.bucket_bytes:
-            payload["bucket_bytes"] = self.bucket_bytes
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            joined = pool.submit(self._request, "POST", "/weights/init", retry_connect=False, json=payload)
-            try:
-                sender.open(address, port, world_size, self.weight_transfer_timeout)
-            except Exception as exc:
-                server_said = f" The server said: {joined.exception()}" if joined.done() else ""
-                raise TimeoutError(
-                    f"the server's {world_size - 1} workers did not join the weight-transfer group at "
-                    f"{address}:{port} ({exc}).{server_said} Check that the server can reach this machine at "
-                    f"{address} (firewall) and that both sides run the same torch version."
-                ) from exc
-            joined.result()
+                   "timeout_s": self.weight_transfer_timeout, "bucket_bytes": self.bucket_bytes}
+        open_sender(sender, lambda: self._request("POST", "/weights/init", retry_connect=False, json=payload),
+                    address, port, world_size, self.weight_transfer_timeout, peer=f"the server at {self.base_url}")
         self.sender = sender
 
     def update_weights(self, weights, weight_version: int | None = None) -> int:
-        """Push a model's parameters, or (name, tensor) pairs / a dict, to every replica.
+        """Push a model's parameters (gathered one at a time from ZeRO-3/FSDP shards), a dict, or
+        (name, tensor) pairs to every replica. Returns the server's new weight version.
 
-        Floating tensors are cast to the server's dtype first (half the bytes of
-        float32 for bfloat16). Returns the server's new weight version.
+        Floating tensors travel in the server's dtype (half the bytes of float32 for bfloat16).
         """
         import torch
 
-        from fastgrpo.serve.gloo_transfer import DEFAULT_BUCKET_BYTES, wire_tensors
-
-        named = _named_tensors(weights)
-        if not named:
+        weights = as_weights(weights)
+        if not len(weights):
             raise ValueError("update_weights got no tensors")
-        tensors, metas, info = wire_tensors(named, getattr(torch, self.info["dtype"]))
-        backend = "nccl" if tensors[0].is_cuda else "gloo"
-        if self.sender is None:
-            self.init_weight_transfer(backend)
-        start = self._request("POST", "/weights/start", retry_connect=False, json={
-            **info, "weight_version": weight_version, "timeout_s": self.weight_transfer_timeout})
-        pool = ThreadPoolExecutor(max_workers=1)
-        try:
-            done = pool.submit(self._request, "POST", "/weights/update", retry_connect=False,
-                               json={"transfer_id": start["transfer_id"]})
-            try:
-                self.sender.send(metas, tensors, self.bucket_bytes or DEFAULT_BUCKET_BYTES)
-            except Exception as exc:
+        backend = "nccl" if weights.device.type == "cuda" else "gloo"
+        for attempt in range(2):
+            if self.sender is None or self.sender.backend != backend:
                 self.close_weight_transfer()
-                server_said = f" The server said: {done.exception()}" if done.done() else ""
-                raise TimeoutError(f"sending weights failed: the server's workers did not receive ({exc})."
-                                   f"{server_said} The group is closed; the next update_weights reopens it.") from exc
+                self.init_weight_transfer(backend)
+            metas = weights.metas(getattr(torch, self.info["dtype"]))
             try:
-                result = done.result()
-            except ServerError:
+                result = push_weights(_ServerControl(self, weight_version), self.sender, metas, iter(weights),
+                                      self.weight_transfer_timeout)
+                return result["weight_version"]
+            except ServerError as exc:
+                self.close_weight_transfer()
+                # A replica died since the group opened: reopen with the live ones and push again.
+                if exc.type == "group_stale" and attempt == 0:
+                    continue
+                raise
+            except WeightTransferError:
                 self.close_weight_transfer()
                 raise
-        finally:
-            pool.shutdown(wait=False)  # never join a request stuck behind a failed collective
-        return result["weight_version"]
+        raise AssertionError("unreachable")
 
     def close_weight_transfer(self) -> None:
         if self.sender is not None:
@@ -266,13 +225,3 @@ class VLLMClient:
 
     def __exit__(self, *exc):
         self.close()
-
-
-def _named_tensors(weights) -> list:
-    if hasattr(weights, "named_parameters"):
-        return list(weights.named_parameters())  # deduplicates tied weights
-    if isinstance(weights, dict):
-        return list(weights.items())
-    if isinstance(weights, Iterable):
-        return list(weights)
-    raise TypeError(f"update_weights takes a torch module, a dict or (name, tensor) pairs, not {type(weights)}")

@@ -4,6 +4,8 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from fastgrpo.transfer.packing import ALIGN, MIN_BUCKET_BYTES
+
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")
 VLLM_MODES = ("server", "colocate")
@@ -45,6 +47,9 @@ class GRPOConfig(TrainingArguments):
     vllm_max_model_len: int | None = None
     vllm_importance_sampling_correction: bool = True
     vllm_importance_sampling_cap: float = 2.0
+    vllm_weight_sync_bucket_mb: float = field(
+        default=32.0, metadata={"help": "MiB per broadcast when pushing weights; two such buffers are held on each "
+                                "side (see the README: choosing the bucket size)"})
     vllm_max_weight_staleness: int = field(
         default=0, metadata={"help": "accept generations from weights this many optimizer steps old (off-policy)"})
 
@@ -106,6 +111,9 @@ class GRPOConfig(TrainingArguments):
             fail("epsilon and epsilon_high must be > 0 (0.2 and 0.28 are common)")
         if self.temperature <= 0:
             fail(f"temperature={self.temperature}: GRPO samples, so it must be > 0 (1.0 is common)")
+        if self.weight_sync_bucket_bytes < MIN_BUCKET_BYTES:
+            fail(f"vllm_weight_sync_bucket_mb={self.vllm_weight_sync_bucket_mb}: use at least "
+                 f"{MIN_BUCKET_BYTES / 2**20:.4f} MiB (32 is the default)")
         if self.vllm_max_weight_staleness < 0:
             fail("vllm_max_weight_staleness must be >= 0")
 
@@ -131,6 +139,11 @@ class GRPOConfig(TrainingArguments):
                  f"(e.g. per_device_train_batch_size={self.num_generations}) or change num_generations.")
         if self.reward_weights is not None and any(not isinstance(w, (int, float)) for w in self.reward_weights):
             fail("reward_weights must be numbers, one per reward function")
+
+    @property
+    def weight_sync_bucket_bytes(self) -> int:
+        """The bucket size in bytes, rounded down to the wire's alignment."""
+        return int(self.vllm_weight_sync_bucket_mb * 2**20) // ALIGN * ALIGN
 
     @property
     def unique_prompts_per_generation(self) -> int:

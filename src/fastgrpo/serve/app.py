@@ -1,78 +1,28 @@
 """The server's HTTP routes: health, generate, prefix cache, weight sync. OpenAI routes: openai_routes.py."""
 
-import asyncio
 import contextlib
 import logging
 import os
 import threading
-import time
-import uuid
-from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from fastgrpo.serve.checkpoint import check_push, checkpoint_specs
-from fastgrpo.serve.gloo_transfer import TRAINER_DID_NOT_SEND, TensorMeta
 from fastgrpo.serve.protocol import (
     Completion,
     ErrorResponse,
-    FinishUpdateRequest,
     GenerateRequest,
     GenerateResponse,
     HealthResponse,
-    InitTransferRequest,
     PromptResult,
     SamplingFields,
-    StartUpdateRequest,
-    StartUpdateResponse,
-    WeightVersionResponse,
 )
-from fastgrpo.serve.replicas import ReplicaDead, ReplicaPool, RWLock, ServerSettings
+from fastgrpo.serve.replicas import ReplicaDead, ReplicaPool, ServerSettings
+from fastgrpo.serve.specs import model_specs
+from fastgrpo.serve.state import ApiError, ServerState, error_response
 
 log = logging.getLogger("fastgrpo.serve")
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, type: str, message: str, field: str | None = None):
-        super().__init__(message)
-        self.status, self.type, self.message, self.field = status, type, message, field
-
-
-@dataclass
-class PendingPush:
-    transfer_id: str
-    request: StartUpdateRequest
-    watchdog: asyncio.Task | None = None
-
-
-@dataclass
-class ServerState:
-    settings: ServerSettings
-    pool: ReplicaPool
-    tokenizer: object = None
-    specs: dict = field(default_factory=dict)
-    startup_error: str | None = None
-    weight_version: int = 0
-    weights_consistent: bool = True
-    transfer_open: bool = False
-    lock: RWLock = field(default_factory=RWLock)
-    pending: PendingPush | None = None
-
-    @property
-    def ready(self) -> bool:
-        return bool(self.pool.replicas) and all(r.engine is not None for r in self.pool.replicas) \
-            and self.tokenizer is not None
-
-    @property
-    def max_model_len(self) -> int | None:
-        live = self.pool.live
-        return live[0].engine.model_config.max_model_len if live else self.settings.max_model_len
-
-
-def error_response(status: int, type: str, message: str, field: str | None = None) -> JSONResponse:
-    return JSONResponse(ErrorResponse(error=message, type=type, field=field).model_dump(), status_code=status)
 
 
 # ---------------------------------------------------------------------------
@@ -124,12 +74,13 @@ def check_lengths(state: ServerState, prompts: list[list[int]], max_tokens: int,
 
 async def run_generation(state: ServerState, prompts: list[list[int]], fields: SamplingFields,
                          prompt_logprobs: bool = False) -> tuple[list[PromptResult], int]:
-    if not state.weights_consistent:
-        raise ApiError(503, "weights_inconsistent", "the last weight push failed half-way, so the engines hold a "
-                       "mix of old and new weights; push the weights again (VLLMClient.update_weights).")
     params = sampling_params(fields, prompt_logprobs)
     costs = [len(p) + fields.n * fields.max_tokens for p in prompts]
     async with state.lock.read():
+        # Read under the lock: a request that queued behind a push sees how that push ended.
+        if not state.weights_consistent:
+            raise ApiError(503, "weights_inconsistent", "the last weight push failed half-way, so the engines hold "
+                           "a mix of old and new weights; push the whole model again (VLLMClient.update_weights).")
         version = state.weight_version
         try:
             outputs = await state.pool.generate([{"prompt_token_ids": p} for p in prompts], params, costs)
@@ -166,8 +117,9 @@ def create_app(settings: ServerSettings, api_key: str | None = None) -> FastAPI:
         try:
             from transformers import AutoTokenizer
 
-            state.specs = checkpoint_specs(settings.model, settings.revision)
             state.pool.start()
+            # After the engines: vLLM has found or fetched the model by now, whatever its format.
+            state.specs = model_specs(settings.model, settings.revision)
             state.tokenizer = AutoTokenizer.from_pretrained(settings.model, revision=settings.revision)
         except Exception as exc:
             # A server that cannot serve should not linger looking alive: say why and exit non-zero.
@@ -231,7 +183,8 @@ def create_app(settings: ServerSettings, api_key: str | None = None) -> FastAPI:
         body = HealthResponse(
             status=status, model=settings.model, replicas=[r.describe() for r in state.pool.replicas],
             tensor_parallel_size=settings.tensor_parallel_size, data_parallel_size=settings.data_parallel_size,
-            world_size=settings.world_size, weight_version=state.weight_version,
+            world_size=settings.world_size, weight_transfer_ranks=state.weight_transfer_ranks,
+            weight_version=state.weight_version,
             weights_consistent=state.weights_consistent, weight_transfer_backend=state.pool.backend,
             dtype=_served_dtype(state), max_model_len=state.max_model_len,
         )
@@ -251,125 +204,9 @@ def create_app(settings: ServerSettings, api_key: str | None = None) -> FastAPI:
         await state.pool.each("reset_prefix_cache")
         return {"ok": True}
 
-    # --- weight sync ------------------------------------------------------
+    from fastgrpo.serve.weights import router as weights_router
 
-    @app.post("/weights/init")
-    async def weights_init(req: InitTransferRequest):
-        from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
-
-        expected = settings.world_size + 1
-        if req.world_size != expected:
-            raise ApiError(400, "invalid_request", f"world_size={req.world_size}, but this server has "
-                           f"TP x DP = {settings.world_size} inference ranks, so the group is {expected} "
-                           "(they + the trainer)", "world_size")
-        if req.backend is not None and req.backend != state.pool.backend:
-            raise ApiError(400, "invalid_request", f"backend {req.backend!r} requested, but the engines were "
-                           f"built with {state.pool.backend!r} (gloo on the CPU build, nccl on GPUs); send "
-                           "tensors from the matching device", "backend")
-        tp = settings.tensor_parallel_size
-        infos = []
-        for r in range(settings.data_parallel_size):
-            info = {"master_address": req.master_address, "master_port": req.master_port,
-                    "rank_offset": 1 + r * tp, "world_size": req.world_size}
-            if state.pool.backend == "gloo":
-                info["timeout_s"] = req.timeout_s
-                if req.bucket_bytes:
-                    info["bucket_bytes"] = req.bucket_bytes
-            else:
-                info["packed"] = True
-            infos.append(WeightTransferInitRequest(init_info=info))
-        try:
-            await state.pool.each_with("init_weight_transfer_engine", infos, timeout=req.timeout_s + 10)
-        except TimeoutError:
-            raise ApiError(504, "weight_transfer", f"the trainer did not join the weight-transfer group at "
-                           f"{req.master_address}:{req.master_port} within {req.timeout_s:.0f} s: check that it "
-                           "opened its endpoint, and that this server can reach that address (firewall)") from None
-        except Exception as exc:
-            raise ApiError(502, "weight_transfer", f"joining the weight-transfer group failed on the server: "
-                           f"{exc}. Check master_address/master_port and that both sides run the same "
-                           "torch and vLLM versions.") from exc
-        state.transfer_open = True
-        return {"ok": True, "world_size": req.world_size, "backend": state.pool.backend}
-
-    @app.post("/weights/start", response_model=StartUpdateResponse)
-    async def weights_start(req: StartUpdateRequest):
-        if not state.transfer_open:
-            raise ApiError(409, "weight_transfer", "no weight-transfer group is open: POST /weights/init first "
-                           "(VLLMClient.update_weights does this on first use)")
-        problems = check_push(state.specs, req.names, req.dtype_names, req.shapes)
-        if problems:
-            more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-            raise ApiError(400, "invalid_request", "; ".join(problems[:5]) + more, "names")
-        if state.pending is not None:
-            raise ApiError(409, "weight_transfer", "another weight push is in progress: one push at a time")
-        transfer_id = uuid.uuid4().hex
-        state.pending = PendingPush(transfer_id, req)  # claim first: concurrent starts get 409
-        try:
-            # Drain in-flight generations: a batch never mixes weights.
-            await asyncio.wait_for(state.lock.acquire_write(), req.timeout_s)
-        except TimeoutError:
-            state.pending = None
-            raise ApiError(503, "busy", f"in-flight generations did not finish within {req.timeout_s:.0f} s; "
-                           "retry the push") from None
-
-        async def expire():
-            await asyncio.sleep(req.timeout_s)
-            if state.pending is not None and state.pending.transfer_id == transfer_id:
-                log.warning("weight push %s expired: the trainer never sent its data", transfer_id)
-                state.pending = None
-                await state.lock.release_write()
-
-        state.pending.watchdog = asyncio.create_task(expire())
-        nbytes = sum(TensorMeta(n, d, tuple(s)).nbytes for n, d, s in zip(req.names, req.dtype_names, req.shapes))
-        return StartUpdateResponse(transfer_id=transfer_id, num_tensors=len(req.names), bytes=nbytes)
-
-    @app.post("/weights/update", response_model=WeightVersionResponse)
-    async def weights_update(req: FinishUpdateRequest):
-        from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
-
-        pending = state.pending
-        if pending is None or pending.transfer_id != req.transfer_id:
-            raise ApiError(409, "weight_transfer", f"transfer {req.transfer_id!r} is unknown or expired: call "
-                           "/weights/start again", "transfer_id")
-        pending.watchdog.cancel()
-        push = pending.request
-        began = time.perf_counter()
-        info = {"names": push.names, "dtype_names": push.dtype_names, "shapes": push.shapes}
-        try:
-            await state.pool.each("start_weight_update")
-            state.weights_consistent = False  # until every replica finished
-            await state.pool.each_with("update_weights", [WeightTransferUpdateRequest(update_info=info)] *
-                                       settings.data_parallel_size, timeout=push.timeout_s + 10)
-            await state.pool.each("finish_weight_update")
-            await state.pool.each("reset_prefix_cache")
-            state.weights_consistent = True
-            state.weight_version = push.weight_version if push.weight_version is not None \
-                else state.weight_version + 1
-        except TimeoutError:
-            state.transfer_open = False
-            raise ApiError(504, "weight_transfer", f"{TRAINER_DID_NOT_SEND} within {push.timeout_s:.0f} s "
-                           "(the trainer side did not send): the group is closed; open it again and push "
-                           "again") from None
-        except Exception as exc:
-            state.transfer_open = False
-            if TRAINER_DID_NOT_SEND in str(exc):
-                raise ApiError(504, "weight_transfer", f"{TRAINER_DID_NOT_SEND} within {push.timeout_s:.0f} s "
-                               "(the trainer side did not send): the group is closed; open it again and push "
-                               "again") from None
-            raise ApiError(500, "weight_transfer", f"the weight push failed on the server: {exc}. The group "
-                           "is closed: open it again and push again.") from exc
-        finally:
-            state.pending = None
-            await state.lock.release_write()
-        return WeightVersionResponse(weight_version=state.weight_version,
-                                     seconds=round(time.perf_counter() - began, 4))
-
-    @app.post("/weights/close")
-    async def weights_close():
-        if state.transfer_open:
-            await state.pool.each("shutdown_weight_transfer_engine")
-        state.transfer_open = False
-        return {"ok": True}
+    app.include_router(weights_router)
 
     from fastgrpo.serve.openai_routes import add_openai_routes
 

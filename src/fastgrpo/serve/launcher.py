@@ -20,7 +20,7 @@ class ServerProcess:
     """The real server in its own process group (so its engines go down with it)."""
 
     def __init__(self, args: list[str], log_path: str | Path, port: int | None = None,
-                 cpu_cores: list[int] | None = None):
+                 cpu_cores: list[int] | None = None, env: dict[str, str] | None = None):
         self.port = port or free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path)
@@ -30,7 +30,7 @@ class ServerProcess:
                    "--host", "127.0.0.1", *args]
         self.log.write("$ " + " ".join(command) + "\n")
         self.log.flush()
-        env, saved_affinity = dict(os.environ), None
+        env, saved_affinity = {**os.environ, **(env or {})}, None
         if cpu_cores is not None:
             # Give the server exactly these cores (the child inherits our affinity) and name
             # them, so that a single replica is pinned to all of them too.

@@ -4,6 +4,9 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
+from fastgrpo.transfer.base import DEFAULT_BUCKET_BYTES
+from fastgrpo.transfer.packing import ALIGN, MIN_BUCKET_BYTES
+
 
 class ErrorResponse(BaseModel):
     error: str  # what went wrong and what to do about it
@@ -80,7 +83,8 @@ class HealthResponse(BaseModel):
     replicas: list[dict]
     tensor_parallel_size: int
     data_parallel_size: int
-    world_size: int  # TP x DP: inference ranks in the weight-transfer group (the trainer adds one)
+    world_size: int  # TP x DP, as configured
+    weight_transfer_ranks: int  # TP x live replicas: the inference ranks of a new weight-transfer group
     weight_version: int
     weights_consistent: bool
     weight_transfer_backend: str
@@ -93,7 +97,8 @@ class InitTransferRequest(BaseModel):
     master_port: int = Field(ge=1, le=65535)
     world_size: int = Field(ge=2)
     backend: Literal["gloo", "nccl"] | None = None  # default: the server's (gloo on CPU, nccl on GPU)
-    bucket_bytes: int | None = Field(None, ge=1 << 16)
+    bucket_bytes: int = Field(DEFAULT_BUCKET_BYTES, ge=MIN_BUCKET_BYTES, multiple_of=ALIGN,
+                              description="bytes per broadcast; the trainer packs and the workers unpack by it")
     timeout_s: float = Field(120.0, gt=0, le=3600)
 
 

@@ -250,11 +250,14 @@ class ReplicaPool:
         outputs = await asyncio.gather(*tasks)
         return [(out, live[o].index) for out, o in zip(outputs, owners)]
 
-    async def each(self, method: str, *args, timeout: float | None = None, **kwargs) -> list:
-        """Call an engine method on every replica concurrently."""
-        calls = [getattr(r.engine, method)(*args, **kwargs) for r in self.replicas]
+    async def each(self, method: str, *args, replicas: list[Replica] | None = None, timeout: float | None = None,
+                   **kwargs) -> list:
+        """Call an engine method on each of `replicas` (default: the live ones) concurrently."""
+        replicas = self.live if replicas is None else replicas
+        calls = [getattr(r.engine, method)(*args, **kwargs) for r in replicas]
         return await asyncio.wait_for(asyncio.gather(*calls), timeout)
 
-    async def each_with(self, method: str, per_replica_args: list, timeout: float | None = None) -> list:
-        calls = [getattr(r.engine, method)(a) for r, a in zip(self.replicas, per_replica_args)]
+    async def each_with(self, method: str, per_replica_args: list, replicas: list[Replica],
+                        timeout: float | None = None) -> list:
+        calls = [getattr(r.engine, method)(a) for r, a in zip(replicas, per_replica_args, strict=True)]
         return await asyncio.wait_for(asyncio.gather(*calls), timeout)

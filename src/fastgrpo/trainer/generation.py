@@ -1,16 +1,20 @@
 """Generation backends behind one interface: vLLM server, vLLM colocated, transformers generate.
 
 Each backend turns prompts (token ids) into `n` completions per prompt and
-receives the trainer's new weights after each optimizer step. The trainer does
-the gathering and scattering across processes; a backend sees only its share
-(the server backend: all unique prompts, on the main process only).
+receives the trainer's new weights after each optimizer step (as a
+`fastgrpo.transfer.Weights`: names and shapes first, tensors gathered one at a
+time). The trainer does the gathering and scattering across processes; a backend
+sees only its share (the server backend: all unique prompts, on the main process
+only).
 """
 
-import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
+
+from fastgrpo.transfer import DEFAULT_BUCKET_BYTES, DEFAULT_TIMEOUT_S, WeightControl, Weights
+from fastgrpo.transfer.push import RELOAD_CLEANUP_STEPS
 
 
 @dataclass(frozen=True)
@@ -40,7 +44,7 @@ class GenerationBackend(ABC):
     def generate(self, prompt_ids: list[list[int]], sampling: Sampling, seed: int) -> Completions: ...
 
     @abstractmethod
-    def sync_weights(self, named_tensors: list[tuple[str, torch.Tensor]], version: int) -> None: ...
+    def sync_weights(self, weights: Weights, version: int) -> None: ...
 
     def close(self) -> None:
         pass
@@ -51,12 +55,13 @@ class ServerBackend(GenerationBackend):
 
     has_sampling_logprobs = True
 
-    def __init__(self, base_url: str | None, host: str, port: int, timeout: float):
+    def __init__(self, base_url: str | None, host: str, port: int, timeout: float,
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES):
         from fastgrpo.client import VLLMClient
 
         if base_url is None and host == "0.0.0.0":
             host = "127.0.0.1"  # the server binds 0.0.0.0; the trainer connects locally
-        self.client = VLLMClient(base_url=base_url, host=host, port=port, timeout=timeout)
+        self.client = VLLMClient(base_url=base_url, host=host, port=port, timeout=timeout, bucket_bytes=bucket_bytes)
 
     def generate(self, prompt_ids, sampling, seed) -> Completions:
         response = self.client.generate(
@@ -69,41 +74,72 @@ class ServerBackend(GenerationBackend):
             weight_version=response.weight_version,
         )
 
-    def sync_weights(self, named_tensors, version) -> None:
-        self.client.update_weights(named_tensors, weight_version=version)
+    def sync_weights(self, weights, version) -> None:
+        self.client.update_weights(weights, weight_version=version)
 
     def close(self) -> None:
         self.client.close()
+
+
+class _EngineControl(WeightControl):
+    """The control plane of an in-process engine: vLLM's worker methods through `collective_rpc`."""
+
+    def __init__(self, llm):
+        self.llm = llm
+
+    def start(self, info):
+        self.llm.collective_rpc("start_weight_update")
+
+    def receive(self, info):
+        self.llm.collective_rpc("update_weights", kwargs={"update_info": info})
+
+    def finish(self):
+        self.llm.collective_rpc("finish_weight_update")
+        self.llm.reset_prefix_cache()
+
+    def abort(self):
+        for method in RELOAD_CLEANUP_STEPS:  # leave no layer half-loaded
+            try:
+                self.llm.collective_rpc(method)
+            except Exception:
+                pass  # start fails where a session is still open; finish then ends it
 
 
 class ColocateBackend(GenerationBackend):
     """An in-process vLLM engine sharing the trainer's devices.
 
     Weights reach it through vLLM's weight-transfer API (init / start / update /
-    finish on its workers) with fastgrpo's gloo backend over loopback, so the
-    layerwise reload re-processes them exactly as in server mode.
+    finish on its workers) with fastgrpo's gloo backend over loopback: the same
+    sender, push and receiver as server mode, so the layerwise reload
+    re-processes them exactly as there.
     """
 
     has_sampling_logprobs = True
 
     def __init__(self, model: str, gpu_memory_utilization: float, tensor_parallel_size: int,
-                 max_model_len: int | None, seed: int):
+                 max_model_len: int | None, seed: int, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                 timeout_s: float = DEFAULT_TIMEOUT_S, dtype: str = "auto"):
         from vllm.config import WeightTransferConfig
 
         from fastgrpo.engine import make_llm
+        from fastgrpo.transfer.gloo import GlooSender
 
         self.llm = make_llm(model, gpu_memory_utilization=gpu_memory_utilization,
                             tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len, seed=seed,
-                            logprobs_mode="processed_logprobs",
+                            dtype=dtype, logprobs_mode="processed_logprobs",
                             weight_transfer_config=WeightTransferConfig(backend="gloo"))
         self.world_size = tensor_parallel_size + 1
-        self.group = None
-        self.buffers = [None, None]  # packing buffers (CPU), reused push after push
+        self.sender = GlooSender(bucket_bytes)
+        self.timeout_s = timeout_s
         self.version = 0
+        self.consistent = True  # False after a push that failed half-way, until a whole one lands
 
     def generate(self, prompt_ids, sampling, seed) -> Completions:
         from vllm import SamplingParams
 
+        if not self.consistent:
+            raise RuntimeError("the last weight push to the colocated engine failed half-way, so it holds a mix of "
+                               "old and new weights; push the weights again before generating")
         # One seed per row: rows repeat the same prompt, and equal seeds would sample equal completions.
         params = [SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
                                  top_k=sampling.top_k, min_p=sampling.min_p,
@@ -117,30 +153,28 @@ class ColocateBackend(GenerationBackend):
 
     def _open_group(self) -> None:
         from fastgrpo.serve.launcher import free_port
-        from fastgrpo.serve.gloo_transfer import open_group
+        from fastgrpo.transfer import open_sender
 
         port = free_port()
-        info = {"master_address": "127.0.0.1", "master_port": port, "rank_offset": 1, "world_size": self.world_size}
-        joined = _in_thread(self.llm.collective_rpc, "init_weight_transfer_engine", kwargs={"init_info": info})
-        self.group = open_group("127.0.0.1", port, 0, self.world_size, timeout_s=120)
-        joined.join_result()
+        info = self.sender.worker_init_info("127.0.0.1", port, 1, self.world_size, self.sender.bucket_bytes,
+                                            self.timeout_s)
+        open_sender(self.sender, lambda: self.llm.collective_rpc("init_weight_transfer_engine",
+                                                                 kwargs={"init_info": info}),
+                    "127.0.0.1", port, self.world_size, self.timeout_s, peer="the colocated vLLM engine")
 
-    def sync_weights(self, named_tensors, version) -> None:
-        from fastgrpo.serve.gloo_transfer import DEFAULT_BUCKET_BYTES, send_buckets, wire_tensors
+    def sync_weights(self, weights, version) -> None:
+        from fastgrpo.transfer import push_weights
 
-        if self.group is None:
+        if self.sender.group is None:
             self._open_group()
-        tensors, metas, info = wire_tensors(named_tensors, self.llm.llm_engine.model_config.dtype)
-        self.llm.collective_rpc("start_weight_update")
-        received = _in_thread(self.llm.collective_rpc, "update_weights", kwargs={"update_info": info})
-        send_buckets(self.group, metas, tensors, DEFAULT_BUCKET_BYTES, self.buffers)
-        received.join_result()
-        self.llm.collective_rpc("finish_weight_update")
-        self.llm.reset_prefix_cache()
+        self.consistent = False
+        push_weights(_EngineControl(self.llm), self.sender, weights.metas(self.llm.llm_engine.model_config.dtype),
+                     iter(weights), self.timeout_s)
+        self.consistent = True  # the trainer always pushes its whole model
         self.version = version
 
     def close(self) -> None:
-        self.group = None
+        self.sender.close()
         self.llm.llm_engine.engine_core.shutdown()
 
 
@@ -182,29 +216,5 @@ class TransformersBackend(GenerationBackend):
         grouped = [completions[i * sampling.n : (i + 1) * sampling.n] for i in range(len(prompt_ids))]
         return Completions(grouped, None, None)
 
-    def sync_weights(self, named_tensors, version) -> None:
+    def sync_weights(self, weights, version) -> None:
         pass  # it generates with the training weights themselves
-
-
-class _in_thread:
-    """Run a blocking call beside a collective; `join_result` re-raises its error."""
-
-    def __init__(self, fn, *args, **kwargs):
-        self.result, self.error = None, None
-
-        def target():
-            try:
-                self.result = fn(*args, **kwargs)
-            except BaseException as exc:  # surfaced in join_result
-                self.error = exc
-
-        self.thread = threading.Thread(target=target, daemon=True)
-        self.thread.start()
-
-    def join_result(self, timeout: float = 300):
-        self.thread.join(timeout)
-        if self.thread.is_alive():
-            raise TimeoutError("the vLLM engine did not finish its side of the weight transfer in time")
-        if self.error is not None:
-            raise self.error
-        return self.result

@@ -172,7 +172,7 @@ class GRPOTrainer(Trainer):
             if not self.accelerator.is_main_process:
                 return None  # only the main process talks to the server
             return ServerBackend(a.vllm_server_base_url, a.vllm_server_host, a.vllm_server_port,
-                                 a.vllm_server_timeout)
+                                 a.vllm_server_timeout, bucket_bytes=a.weight_sync_bucket_bytes)
         path = self.model_path
         if path is None or not isinstance(path, str):
             path = tempfile.mkdtemp(prefix="fastgrpo-colocate-")
@@ -180,45 +180,43 @@ class GRPOTrainer(Trainer):
             self.tokenizer.save_pretrained(path)
         max_len = a.vllm_max_model_len or ((a.max_prompt_length or 1024) + a.max_completion_length)
         return ColocateBackend(path, a.vllm_gpu_memory_utilization, a.vllm_tensor_parallel_size, max_len,
-                               seed=a.seed + self.accelerator.process_index)
+                               seed=a.seed + self.accelerator.process_index, bucket_bytes=a.weight_sync_bucket_bytes)
 
     def _server_mode(self) -> bool:
         return self.args.use_vllm and self.args.vllm_mode == "server"
 
     # --- weight sync ----------------------------------------------------------------
 
-    def _gathered_named_parameters(self) -> list[tuple[str, torch.Tensor]]:
-        """Full tensors of every parameter, gathered on every rank in lockstep (ZeRO-3, FSDP)."""
-        model = self.accelerator.unwrap_model(self.model)
-        zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
-        named = []
-        for name, param in model.named_parameters():
-            if zero3:
-                import deepspeed
-
-                with deepspeed.zero.GatheredParameters([param]):
-                    tensor = param.data.detach().clone()
-            elif hasattr(param, "full_tensor"):  # FSDP2 DTensor
-                tensor = param.full_tensor().detach()
-            else:
-                tensor = param.data.detach()
-            for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "module."):
-                name = name.replace(wrapper, "")
-            named.append((name, tensor))
-        return named
-
     def sync_weights(self) -> None:
-        """Push the current weights if they changed since the last push (every rank calls this)."""
+        """Push the current weights if they changed since the last push (every rank calls this).
+
+        Parameters are gathered one at a time from ZeRO-3 / FSDP shards as the sender packs them, so no
+        rank holds a full copy of the model. Gathering is a collective: every rank iterates all of them,
+        also when the push fails, and a failure on any rank is raised on every rank.
+        """
+        from accelerate.utils import gather_object
+
+        from fastgrpo.transfer import ModelWeights
+
         if isinstance(self.backend, TransformersBackend):
             return
         version = self.state.global_step
         if self._synced_version == version:
             return
         began = time.perf_counter()
-        named = self._gathered_named_parameters()
-        if self.backend is not None:
-            self.backend.sync_weights(named, version)
-        self.accelerator.wait_for_everyone()
+        weights = ModelWeights(self.accelerator.unwrap_model(self.model))
+        error = None
+        try:
+            if self.backend is not None:
+                self.backend.sync_weights(weights, version)
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            logger.error("weight sync failed on process %d: %s", self.accelerator.process_index, error)
+        finally:
+            weights.drain()
+        errors = [e for e in gather_object([error]) if e is not None]
+        if errors:
+            raise RuntimeError(f"pushing the weights of step {version} to the generator failed: {errors[0]}")
         self._synced_version = version
         self._pending_time["time/weight_sync"] += time.perf_counter() - began
 

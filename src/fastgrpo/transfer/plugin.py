@@ -5,7 +5,7 @@ vLLM calls every `vllm.general_plugins` entry point in each of its processes
 `WeightTransferEngineFactory.create_engine` runs. Safe to call repeatedly.
 """
 
-MODULE = "fastgrpo.serve.gloo_transfer"
+MODULE = "fastgrpo.transfer.gloo"
 
 
 def register() -> None:

@@ -1,0 +1,64 @@
+"""What every router of the server shares: its state, and errors as data."""
+
+import asyncio
+from dataclasses import dataclass, field
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from fastgrpo.serve.protocol import ErrorResponse, StartUpdateRequest
+from fastgrpo.serve.replicas import Replica, ReplicaPool, RWLock, ServerSettings
+from fastgrpo.serve.specs import ModelSpecs
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, type: str, message: str, field: str | None = None):
+        super().__init__(message)
+        self.status, self.type, self.message, self.field = status, type, message, field
+
+
+def error_response(status: int, type: str, message: str, field: str | None = None) -> JSONResponse:
+    return JSONResponse(ErrorResponse(error=message, type=type, field=field).model_dump(), status_code=status)
+
+
+@dataclass
+class PendingPush:
+    transfer_id: str
+    request: StartUpdateRequest
+    watchdog: asyncio.Task | None = None
+
+
+@dataclass
+class ServerState:
+    settings: ServerSettings
+    pool: ReplicaPool
+    tokenizer: object = None
+    specs: ModelSpecs = field(default_factory=ModelSpecs)
+    startup_error: str | None = None
+    weight_version: int = 0
+    # False from the moment a push starts touching the engines until one finishes whole; generation
+    # refuses to run meanwhile rather than serve a mix of old and new weights.
+    weights_consistent: bool = True
+    transfer_open: bool = False
+    group: list[Replica] = field(default_factory=list)  # the replicas whose workers joined the open group
+    lock: RWLock = field(default_factory=RWLock)
+    pending: PendingPush | None = None
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.pool.replicas) and all(r.engine is not None for r in self.pool.replicas) \
+            and self.tokenizer is not None
+
+    @property
+    def max_model_len(self) -> int | None:
+        live = self.pool.live
+        return live[0].engine.model_config.max_model_len if live else self.settings.max_model_len
+
+    @property
+    def weight_transfer_ranks(self) -> int:
+        """Inference ranks a new weight-transfer group has: TP x live replicas."""
+        return self.settings.tensor_parallel_size * len(self.pool.live)
+
+
+def server_state(request: Request) -> ServerState:
+    return request.app.state.server

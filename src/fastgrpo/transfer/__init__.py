@@ -1,0 +1,19 @@
+"""Weight transfer from the trainer to vLLM workers: one send path, one receive path, a backend per file.
+
+    packing.py   the bucket plan both sides derive from the same metadata (pure)
+    bucketed.py  the pipelined send loop and receive loop over any broadcast
+    base.py      the sender interface and the backend registry
+    gloo.py      CPU tensors: sender, vLLM worker engine, vLLM trainer engine
+    nccl.py      CUDA tensors: sender for vLLM's NCCL worker engine
+    weights.py   what is sent: a model's parameters, gathered one at a time from shards
+    push.py      open a group; push = announce, send while the workers receive, confirm
+    plugin.py    registers the gloo engines with vLLM in every process
+"""
+
+from fastgrpo.transfer.base import DEFAULT_BUCKET_BYTES, DEFAULT_TIMEOUT_S, sender_class
+from fastgrpo.transfer.push import WeightControl, WeightTransferError, open_sender, push_weights
+from fastgrpo.transfer.weights import ModelWeights, NamedWeights, Weights, as_weights
+
+__all__ = ["DEFAULT_BUCKET_BYTES", "DEFAULT_TIMEOUT_S", "ModelWeights", "NamedWeights", "WeightControl",
+           "WeightTransferError", "Weights", "as_weights", "open_sender", "push_weights",
+           "sender_class"]

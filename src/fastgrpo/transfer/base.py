@@ -1,0 +1,57 @@
+"""The sender's interface, and the registry of backends (one file each: gloo.py, nccl.py).
+
+A sender is rank 0 of a group that every inference worker joins at
+`rank_offset + its rank`; it broadcasts the packed weights. The worker side of each
+backend is a vLLM `WeightTransferEngine` (ours for gloo, vLLM's own for NCCL),
+whose init info the sender describes with `worker_init_info`, so the server, the
+colocate backend and the client all build it in one place.
+"""
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+
+import torch
+
+from fastgrpo.transfer.packing import TensorMeta, check_bucket_bytes
+
+DEFAULT_BUCKET_BYTES = 32 << 20
+DEFAULT_TIMEOUT_S = 120.0
+
+
+class WeightSender(ABC):
+    backend: str
+
+    def __init__(self, bucket_bytes: int = DEFAULT_BUCKET_BYTES):
+        self.bucket_bytes = check_bucket_bytes(bucket_bytes)
+
+    @staticmethod
+    @abstractmethod
+    def worker_init_info(master_address: str, master_port: int, rank_offset: int, world_size: int,
+                         bucket_bytes: int, timeout_s: float) -> dict:
+        """The init info of this backend's worker engine (vLLM's `init_weight_transfer_engine`)."""
+
+    @abstractmethod
+    def open(self, master_address: str, master_port: int, world_size: int, timeout_s: float) -> None:
+        """Host the group as rank 0; returns once every worker has joined (or raises on timeout)."""
+
+    @abstractmethod
+    def send(self, metas: list[TensorMeta], tensors: Iterator[torch.Tensor]) -> int:
+        """Broadcast one tensor per meta, in order, pulled lazily. Returns bytes sent."""
+
+    def close(self) -> None:
+        pass
+
+
+# name -> "module:Class"; imported on use, so neither backend is loaded unless asked for.
+SENDERS = {
+    "gloo": "fastgrpo.transfer.gloo:GlooSender",
+    "nccl": "fastgrpo.transfer.nccl:NcclSender",
+}
+
+
+def sender_class(backend: str) -> type[WeightSender]:
+    if backend not in SENDERS:
+        raise ValueError(f"unknown weight-transfer backend {backend!r}: use one of {sorted(SENDERS)}")
+    module, name = SENDERS[backend].split(":")
+    return getattr(importlib.import_module(module), name)

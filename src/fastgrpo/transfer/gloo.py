@@ -1,0 +1,260 @@
+"""gloo: the weight-transfer backend for CPU tensors (vLLM's CPU build), both sides.
+
+NCCL needs GPUs, so on vLLM's CPU build weights travel over a gloo process group
+(a `TCPStore` rendezvous, TCP between processes). The trainer is rank 0 and the
+only sender; each vLLM worker of each replica joins at `rank_offset + its rank`.
+The stream is bucketed (packing.py) and pipelined (bucketed.py). Workers load
+what arrives through `model.load_weights` inside vLLM's layerwise reload
+(`start_weight_update` / `finish_weight_update`), which re-processes weights
+after loading (the CPU backend repacks linear weights for oneDNN).
+
+The worker engine is registered with vLLM's `WeightTransferEngineFactory`, and the
+trainer engine with `WeightTransferTrainerFactory`, under "gloo" by
+`fastgrpo.transfer.plugin`, a vLLM general plugin, so it exists in every worker.
+"""
+
+import datetime
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.distributed as dist
+from vllm.distributed.weight_transfer.base import (
+    TrainerInitInfo,
+    TrainerWeightTransferEngine,
+    WeightTransferEngine,
+    WeightTransferInitInfo,
+    WeightTransferUpdateInfo,
+)
+
+from fastgrpo.transfer.base import DEFAULT_BUCKET_BYTES, DEFAULT_TIMEOUT_S, WeightSender
+from fastgrpo.transfer.bucketed import ReceiveBuffers, receive_buckets, send_buckets
+from fastgrpo.transfer.packing import TensorMeta, dtype_name, metas_from_info
+
+# Raised by a worker whose trainer never sent; the server maps it to a 504 that says so.
+TRAINER_DID_NOT_SEND = "the trainer's weights did not arrive"
+
+
+def open_group(master_address: str, master_port: int, rank: int, world_size: int, timeout_s: float):
+    """Join (or, as rank 0, host) a gloo group. Blocks until all ranks arrived or timeout."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = dist.TCPStore(master_address, master_port, world_size, is_master=(rank == 0), timeout=timeout,
+                          wait_for_workers=False)
+    return dist.ProcessGroupGloo(dist.PrefixStore("fastgrpo-weights", store), rank, world_size, timeout)
+
+
+def broadcaster(group):
+    """Start a broadcast from rank 0 (the trainer) of a buffer; returns the work to `.wait()` on."""
+    def broadcast(buffer: torch.Tensor):
+        options = dist.BroadcastOptions()
+        options.rootRank = 0
+        return group.broadcast([buffer], options)
+
+    return broadcast
+
+
+# ---------------------------------------------------------------------------
+# Trainer side.
+
+
+class GlooSender(WeightSender):
+    backend = "gloo"
+
+    def __init__(self, bucket_bytes: int = DEFAULT_BUCKET_BYTES):
+        super().__init__(bucket_bytes)
+        self.group = None
+        self.buffers = [None, None]  # packing buffers, reused push after push (fresh memory costs page faults)
+
+    @staticmethod
+    def worker_init_info(master_address, master_port, rank_offset, world_size, bucket_bytes, timeout_s) -> dict:
+        return {"master_address": master_address, "master_port": master_port, "rank_offset": rank_offset,
+                "world_size": world_size, "bucket_bytes": bucket_bytes, "timeout_s": timeout_s}
+
+    def open(self, master_address, master_port, world_size, timeout_s) -> None:
+        self.group = open_group(master_address, master_port, 0, world_size, timeout_s)
+
+    def send(self, metas, tensors) -> int:
+        if self.group is None:
+            raise RuntimeError("the gloo group is not open: call open() first")
+        return send_buckets(metas, tensors, self.bucket_bytes, broadcaster(self.group), self.buffers)
+
+    def close(self) -> None:
+        self.group = None  # gloo tears its sockets down when the group is released
+
+
+# ---------------------------------------------------------------------------
+# Worker side (runs inside vLLM's worker processes).
+
+
+def tied_cpu_heads(model: torch.nn.Module) -> list[list[torch.nn.Module]]:
+    """Groups of modules that share one weight and each keep their own packed CPU GEMM (`cpu_linear`)."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return []
+    sharers: dict[int, list[torch.nn.Module]] = {}
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and hasattr(module, "cpu_linear"):
+            sharers.setdefault(id(weight), []).append(module)
+    return [modules for modules in sharers.values() if len(modules) > 1]
+
+
+def refresh_tied_cpu_heads(model: torch.nn.Module, packed_before: dict | None = None) -> None:
+    """Re-pack the CPU GEMM of modules that share a tied weight (lm_head = embed_tokens).
+
+    vLLM's CPU build packs each linear/LM-head weight for its GEMM kernels after
+    loading (`cpu_linear`). With tied embeddings the checkpoint only carries
+    `embed_tokens`, so a reload re-processes that module alone and the LM head
+    keeps computing logits from its stale packed copy (measured here: a pushed
+    embedding changed the server's logprobs by ~2 nats against transformers).
+    With `packed_before` (each module's `cpu_linear` before the reload), only the
+    sharers the reload left stale are re-packed, and only if another sharer was
+    re-packed; without it, every sharer is (the embedding's repack is a sizeable
+    part of a push of a small model, so it is worth not doing twice).
+    """
+    for modules in tied_cpu_heads(model):
+        if packed_before is None:
+            stale = modules
+        else:
+            stale = [m for m in modules if m.cpu_linear is packed_before.get(m)]
+            if len(stale) == len(modules):
+                continue  # the shared weight was not reloaded
+        for module in stale:
+            module.quant_method.process_weights_after_loading(module)
+
+
+@dataclass(kw_only=True)
+class GlooWeightTransferInitInfo(WeightTransferInitInfo):
+    master_address: str
+    master_port: int
+    rank_offset: int
+    world_size: int
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES
+    timeout_s: float = DEFAULT_TIMEOUT_S
+
+
+@dataclass
+class GlooWeightTransferUpdateInfo(WeightTransferUpdateInfo):
+    names: list[str]
+    dtype_names: list[str]
+    shapes: list[list[int]]
+
+    def __post_init__(self):
+        if not (len(self.names) == len(self.dtype_names) == len(self.shapes)):
+            raise ValueError(f"names, dtype_names and shapes must have one entry per tensor; got "
+                             f"{len(self.names)}, {len(self.dtype_names)} and {len(self.shapes)}")
+
+
+def _wait_for_trainer(work) -> None:
+    try:
+        work.wait()
+    except RuntimeError as exc:
+        if "Timed out" in str(exc) or "timed out" in str(exc):
+            raise TimeoutError(f"{TRAINER_DID_NOT_SEND} (gloo: {exc})") from exc
+        raise
+
+
+class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, GlooWeightTransferUpdateInfo]):
+    init_info_cls = GlooWeightTransferInitInfo
+    update_info_cls = GlooWeightTransferUpdateInfo
+
+    def __init__(self, config, vllm_config, device, model) -> None:
+        super().__init__(config, vllm_config, device, model)
+        self.group = None
+        self.bucket_bytes = DEFAULT_BUCKET_BYTES
+        self.buffers = ReceiveBuffers(self.bucket_bytes)
+        self.packed_before: dict = {}
+
+    def init_transfer_engine(self, init_info: GlooWeightTransferInitInfo) -> None:
+        if self.group is not None:
+            self.shutdown()
+        if init_info.bucket_bytes != self.bucket_bytes:
+            self.bucket_bytes, self.buffers = init_info.bucket_bytes, ReceiveBuffers(init_info.bucket_bytes)
+        rank = init_info.rank_offset + self.parallel_config.rank
+        self.group = open_group(init_info.master_address, init_info.master_port, rank, init_info.world_size,
+                                init_info.timeout_s)
+
+    def start_weight_update(self) -> None:
+        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+
+        self.packed_before = {m: m.cpu_linear for group in tied_cpu_heads(self.model) for m in group}
+        initialize_layerwise_reload(self.model)
+
+    def finish_weight_update(self) -> None:
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+        finalize_layerwise_reload(self.model, self.model_config)
+        refresh_tied_cpu_heads(self.model, self.packed_before)
+
+    def update_weights(self, update_info) -> None:
+        # The base class synchronizes an accelerator afterwards; gloo is synchronous on CPU.
+        self.receive_weights(self.parse_update_info(update_info))
+
+    def receive_weights(self, update_info: GlooWeightTransferUpdateInfo) -> None:
+        if self.group is None:
+            raise RuntimeError("gloo weight transfer is not initialized: call init_weight_transfer_engine first")
+        metas = metas_from_info(update_info.names, update_info.dtype_names, update_info.shapes)
+        receive_buckets(metas, self.bucket_bytes, broadcaster(self.group), self.model.load_weights, self.buffers,
+                        wait=_wait_for_trainer)
+
+    def shutdown(self) -> None:
+        self.group = None
+
+
+# ---------------------------------------------------------------------------
+# The trainer engine for vLLM's own clients (`WeightTransferTrainerFactory`): lets a plain
+# `vllm serve` with this plugin be fed from a `WeightSource`. fastgrpo's own client uses the
+# same sender and the same push (push.py).
+
+
+@dataclass
+class GlooTrainerInitInfo(TrainerInitInfo):
+    backend: ClassVar[str] = "gloo"
+
+    master_address: str
+    master_port: int
+    world_size: int
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES
+    timeout_s: float = DEFAULT_TIMEOUT_S
+
+
+class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerInitInfo]):
+    init_info_cls = GlooTrainerInitInfo
+
+    def __init__(self, *, client, source=None, is_sender=True, bucket_bytes=DEFAULT_BUCKET_BYTES,
+                 timeout_s=DEFAULT_TIMEOUT_S):
+        super().__init__(client=client, source=source, is_sender=is_sender)
+        self.sender = GlooSender(bucket_bytes)
+        self.timeout_s = timeout_s
+
+    @classmethod
+    def trainer_init(cls, init_info: GlooTrainerInitInfo, *, client, source=None):
+        if source is None:
+            raise ValueError("gloo trainer weight transfer needs a WeightSource")
+        engine = cls(client=client, source=source, is_sender=init_info.is_sender,
+                     bucket_bytes=init_info.bucket_bytes, timeout_s=init_info.timeout_s)
+        if engine.is_sender:
+            from fastgrpo.transfer.push import open_sender
+
+            worker_info = GlooSender.worker_init_info(init_info.master_address, init_info.master_port, 1,
+                                                      init_info.world_size, init_info.bucket_bytes,
+                                                      init_info.timeout_s)
+            open_sender(engine.sender, lambda: client.init_weight_transfer_engine(worker_info),
+                        init_info.master_address, init_info.master_port, init_info.world_size, init_info.timeout_s)
+        return engine
+
+    def send_weights(self) -> None:
+        from fastgrpo.transfer.push import VllmClientControl, push_weights
+
+        metas = [TensorMeta(m.name, dtype_name(m.dtype), tuple(m.shape)) for m in self.source.metadata()]
+        tensors = (tensor for _, tensor in self.source)
+        if not self.is_sender:
+            for _ in tensors:  # gathering is a collective: every rank iterates
+                pass
+            return
+        push_weights(VllmClientControl(self.client), self.sender, metas, tensors, self.timeout_s)
+
+    def shutdown(self) -> None:
+        self.sender.close()
+

@@ -1,0 +1,42 @@
+"""NCCL: the weight-transfer backend for CUDA tensors, on vLLM's own NCCL engine and packed broadcast.
+
+The worker side is vLLM's `NCCLWeightTransferEngine` (packed mode). It receives
+each chunk into a freshly allocated buffer, so the tensors that vLLM's layerwise
+reload keeps until a layer is complete are never overwritten. Both sides cut
+chunks by the same rule from the same metadata and `packed_buffer_size_bytes`,
+which is our bucket size.
+"""
+
+from vllm.distributed.weight_transfer.nccl_common import trainer_init
+from vllm.distributed.weight_transfer.packed_tensor import packed_nccl_broadcast_producer
+
+from fastgrpo.transfer.base import WeightSender
+
+NUM_BUFFERS = 2
+
+
+class NcclSender(WeightSender):
+    backend = "nccl"
+
+    @staticmethod
+    def worker_init_info(master_address, master_port, rank_offset, world_size, bucket_bytes, timeout_s) -> dict:
+        return {"master_address": master_address, "master_port": master_port, "rank_offset": rank_offset,
+                "world_size": world_size, "packed": True, "packed_buffer_size_bytes": bucket_bytes,
+                "packed_num_buffers": NUM_BUFFERS}
+
+    def open(self, master_address, master_port, world_size, timeout_s) -> None:
+        self.group = trainer_init({"master_address": master_address, "master_port": master_port,
+                                   "world_size": world_size})
+
+    def send(self, metas, tensors) -> int:
+        # vLLM's packer holds a chunk's tensors until it concatenates them, so each one is copied (and cast
+        # to its wire dtype) here: a gathering iterator may release its tensor as soon as we pull the next.
+        pairs = ((m.name, t.detach().to(m.torch_dtype, copy=True)) for m, t in zip(metas, tensors, strict=True))
+        packed_nccl_broadcast_producer(iterator=pairs, group=self.group, src=0, post_iter_func=lambda item: item[1],
+                                       buffer_size_bytes=self.bucket_bytes, num_buffers=NUM_BUFFERS)
+        return sum(m.nbytes for m in metas)
+
+    def close(self) -> None:
+        group, self.group = getattr(self, "group", None), None
+        if group is not None:
+            group.destroy()

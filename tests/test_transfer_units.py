@@ -1,0 +1,203 @@
+"""The weight-transfer data plane alone: the bucket plan, and the send and receive loops joined by an
+in-memory wire (bytes the sender broadcasts are the bytes the receiver gets, in order).
+
+The receiver's `load` here keeps every tensor it is handed until the end, as vLLM's layerwise reload
+does until a layer is complete: a receive buffer reused too early shows up as a wrong tensor.
+"""
+
+import random
+
+import pytest
+import torch
+
+from fastgrpo.transfer.bucketed import ReceiveBuffers, receive_buckets, send_buckets
+from fastgrpo.transfer.packing import (
+    ALIGN,
+    TensorMeta,
+    bucket_length,
+    dtype_name,
+    plan_buckets,
+    stream_offsets,
+    update_info,
+    wire_meta,
+)
+from fastgrpo.transfer.weights import ModelWeights, NamedWeights
+
+
+class _Done:
+    def wait(self):
+        pass
+
+
+class _Fill:
+    def __init__(self, source: torch.Tensor, target: torch.Tensor):
+        self.source, self.target = source, target
+
+    def wait(self):
+        assert self.source.numel() == self.target.numel(), "sender and receiver cut the stream differently"
+        self.target.copy_(self.source)
+        self.source = self.target = None
+
+
+class _Wire:
+    """Sender broadcasts append a copy of their bytes; receiver broadcasts fill the next one in on wait()."""
+
+    def __init__(self):
+        self.sent: list[torch.Tensor] = []
+        self.received = 0
+
+    def send(self, buffer):
+        self.sent.append(buffer.clone())
+        return _Done()
+
+    def receive(self, buffer):
+        self.received += 1
+        return _Fill(self.sent[self.received - 1], buffer)
+
+
+def _random_tensors(rng: random.Random, count: int) -> list[tuple[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(rng.randint(0, 2**31))
+    out = []
+    for i in range(count):
+        shape = tuple(rng.randint(1, 40) for _ in range(rng.randint(1, 3)))
+        kind = rng.random()
+        if kind < 0.15:
+            t = torch.randint(0, 1000, shape, generator=gen)
+        elif kind < 0.3:
+            t = torch.randn(shape, generator=gen).to(torch.bfloat16)
+        else:
+            t = torch.randn(shape, generator=gen)
+        out.append((f"layer.{i}.w", t))
+    return out
+
+
+def _roundtrip(named, bucket_bytes: int, wire_dtype=torch.float32, buffers: ReceiveBuffers | None = None):
+    weights = NamedWeights(named)
+    metas = weights.metas(wire_dtype)
+    wire = _Wire()
+    sent = send_buckets(metas, iter(weights), bucket_bytes, wire.send, [None, None])
+    held = []
+    receive_buckets(metas, bucket_bytes, wire.receive, held.extend, buffers or ReceiveBuffers(bucket_bytes))
+    return metas, sent, wire, dict(held)
+
+
+def test_plan_covers_every_byte_once_in_order_and_no_bucket_exceeds_its_size():
+    rng = random.Random(0)
+    for _ in range(200):
+        metas = [TensorMeta(f"t{i}", rng.choice(["float32", "bfloat16", "int64", "float16"]),
+                            tuple(rng.randint(0, 30) for _ in range(rng.randint(1, 3)))) for i in range(rng.randint(1, 30))]
+        bucket_bytes = rng.choice([4096, 4096 + ALIGN, 8192, 1 << 20])
+        buckets = plan_buckets(metas, bucket_bytes)
+        offsets, end = stream_offsets(metas)
+        covered = {i: 0 for i in range(len(metas))}
+        last = (-1, -1)
+        for k, bucket in enumerate(buckets):
+            assert 0 < bucket_length(bucket) <= bucket_bytes
+            for piece in bucket:
+                assert piece.start == covered[piece.index], "pieces of a tensor arrive in order, without gaps"
+                covered[piece.index] += piece.nbytes
+                assert k * bucket_bytes + piece.offset == offsets[piece.index] + piece.start
+                assert (piece.index, piece.start) > last
+                last = (piece.index, piece.start)
+        assert covered == {i: m.nbytes for i, m in enumerate(metas)}
+        assert len(buckets) == -(-end // bucket_bytes)
+        # Tensors that fit in one bucket start aligned, so views of the buffer are legal for their dtype.
+        for bucket in buckets:
+            for piece in bucket:
+                if piece.whole(metas):
+                    assert piece.offset % ALIGN == 0
+
+
+def test_a_tensor_larger_than_a_bucket_is_split_not_given_an_oversized_bucket():
+    metas = [TensorMeta("small", "float32", (10,)), TensorMeta("big", "float32", (5000,))]  # 20 kB vs 4 kB buckets
+    buckets = plan_buckets(metas, 4096)
+    assert max(bucket_length(b) for b in buckets) == 4096
+    assert sum(p.nbytes for b in buckets for p in b if p.index == 1) == 20000
+
+
+@pytest.mark.parametrize("bucket_bytes", [4096, 4096 + 3 * ALIGN, 16384, 1 << 20])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_roundtrip_is_exact_while_the_receiver_keeps_what_it_loaded(bucket_bytes, seed):
+    rng = random.Random(seed)
+    named = _random_tensors(rng, 40)
+    named.insert(rng.randint(0, 40), ("empty", torch.empty(0, 3)))
+    metas, sent, wire, held = _roundtrip(named, bucket_bytes)
+    assert sent == sum(t.numel() for t in wire.sent)
+    assert sorted(held) == sorted(n for n, _ in named)
+    for name, tensor in named:
+        expected = tensor.float() if tensor.is_floating_point() else tensor  # floats travel as float32 here
+        assert held[name].dtype == expected.dtype and held[name].shape == expected.shape
+        assert torch.equal(held[name], expected), name
+
+
+def test_floats_travel_in_the_wire_dtype_and_integers_unchanged():
+    named = [("w", torch.randn(300, 7)), ("ids", torch.arange(1000)), ("h", torch.randn(5).to(torch.float16))]
+    metas, _, _, held = _roundtrip(named, 4096, wire_dtype=torch.bfloat16)
+    assert [m.dtype for m in metas] == ["bfloat16", "int64", "bfloat16"]
+    assert torch.equal(held["w"], named[0][1].to(torch.bfloat16))  # one rounding, as a cast would give
+    assert torch.equal(held["ids"], named[1][1])
+    assert torch.equal(held["h"], named[2][1].to(torch.bfloat16))
+    assert update_info(metas)["dtype_names"] == ["bfloat16", "int64", "bfloat16"]
+
+
+def test_a_pulled_tensor_is_used_only_until_the_next_pull():
+    """A gathering iterator (ZeRO-3) frees each tensor when the next is pulled; here it scribbles over it."""
+    rng = random.Random(3)
+    named = _random_tensors(rng, 25)
+    originals = [t.clone() for _, t in named]
+
+    def scribbling():
+        previous = None
+        for _, tensor in named:
+            if previous is not None:
+                previous.fill_(7)
+            previous = tensor.clone()
+            yield previous
+
+    metas = NamedWeights(named).metas(torch.float32)
+    wire, held = _Wire(), []
+    send_buckets(metas, scribbling(), 4096, wire.send, [None, None])
+    receive_buckets(metas, 4096, wire.receive, held.extend, ReceiveBuffers(4096))
+    for (name, tensor), original in zip(held, originals):
+        assert torch.equal(tensor, original.float() if original.is_floating_point() else original), name
+
+
+def test_receive_buffers_are_reused_only_when_nobody_holds_them():
+    pool = ReceiveBuffers(4096)
+    first = pool.take(100)
+    view = first[10:20]
+    del first
+    second = pool.take(100)
+    assert second.untyped_storage().data_ptr() != view.untyped_storage().data_ptr()  # held by `view`
+    del view, second
+    third = pool.take(4096)
+    assert pool.fresh == 2 and third.untyped_storage().data_ptr() in {b.untyped_storage().data_ptr() for b in pool.pool}
+
+
+def test_receive_buffers_are_reused_across_pushes_when_loads_copy_out():
+    named = _random_tensors(random.Random(4), 30)
+    buffers = ReceiveBuffers(4096)
+    weights = NamedWeights(named)
+    metas = weights.metas(torch.float32)
+    for _ in range(3):
+        wire = _Wire()
+        send_buckets(metas, iter(weights), 4096, wire.send, [None, None])
+        copied = {}
+        receive_buckets(metas, 4096, wire.receive, lambda pairs: copied.update((n, t.clone()) for n, t in pairs), buffers)
+        assert all(torch.equal(copied[n], t.float() if t.is_floating_point() else t) for n, t in named)
+    assert buffers.fresh <= 3  # two in flight at a time, never one per bucket
+
+
+def test_model_weights_know_names_and_shapes_before_any_tensor_and_skip_tied_copies(tiny_qwen2):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.float32)
+    weights = ModelWeights(model)
+    assert "lm_head.weight" not in weights.names  # tied to the embedding: sent once
+    assert weights.names == [n for n, _ in model.named_parameters()]
+    metas = weights.metas(torch.bfloat16)
+    assert metas[0] == wire_meta(weights.names[0], weights.shapes[0], torch.float32, torch.bfloat16)
+    assert all(m.dtype == dtype_name(torch.bfloat16) for m in metas)
+    pulled = list(weights)
+    assert all(torch.equal(a, b) for a, b in zip(pulled, (p for _, p in model.named_parameters())))
+    weights.drain()  # nothing left to gather

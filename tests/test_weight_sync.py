@@ -1,0 +1,318 @@
+"""Weight sync is exact at every bucket size, in every order, on every replica, and after every failure.
+
+The tiny model's decoder layer is 590 kB in float32 and its largest tensor (the embedding) 196 kB, so
+the 48 KiB buckets used here cut every layer into about a dozen buckets and split tensors across them.
+The server runs float32 with DP=2, so after a push its prompt logprobs must equal a transformers float32
+forward of the same weights up to kernel rounding: measured here at about 1e-6 nats; LOGPROB_TOL
+leaves room for other CPUs' kernels. A single wrong tensor moves them by 0.1 to several nats.
+"""
+
+import random
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from fastgrpo.client import ServerError, VLLMClient
+from fastgrpo.transfer import ModelWeights, NamedWeights, WeightTransferError
+
+pytestmark = pytest.mark.slow
+
+LOGPROB_TOL = 1e-4
+SMALL_BUCKET = 48 << 10
+PROBE = "What is 12 + 35? The answer is 47."
+
+
+@pytest.fixture(scope="module")
+def server(server_factory, tiny_qwen2):
+    return server_factory(["--model", tiny_qwen2, "--data-parallel-size", "2", "--dtype", "float32",
+                           "--max-model-len", "256", "--kv-cache-space", "1"])
+
+
+@pytest.fixture(scope="module")
+def probe_ids(tiny_qwen2):
+    return AutoTokenizer.from_pretrained(tiny_qwen2)(PROBE)["input_ids"]
+
+
+def perturbed(path: str, seed: int) -> torch.nn.Module:
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    return model
+
+
+def hf_logprobs(model, ids) -> list[float]:
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    return [logp[i, ids[i + 1]].item() for i in range(len(ids) - 1)]
+
+
+def server_logprobs_by_replica(client, ids) -> dict[int, list[float]]:
+    """The probe's prompt logprobs from every replica (a batch of copies spreads over both)."""
+    response = client.generate(prompt_token_ids=[ids] * 4, max_tokens=1, prompt_logprobs=True)
+    by_replica = {r.replica: r.prompt_logprobs[1:] for r in response.results}
+    assert set(by_replica) == {0, 1}
+    return by_replica
+
+
+def gap(a, b) -> float:
+    return max(abs(x - y) for x, y in zip(a, b, strict=True))
+
+
+def shuffled(model, seed: int) -> list:
+    named = [(n, p.detach()) for n, p in model.named_parameters()]
+    random.Random(seed).shuffle(named)
+    return named
+
+
+def test_the_test_model_has_layers_and_tensors_larger_than_a_bucket(tiny_qwen2):
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.float32)
+    layer = sum(p.numel() * 4 for n, p in model.named_parameters() if n.startswith("model.layers.0."))
+    largest = max(p.numel() * 4 for p in model.parameters())
+    assert layer > 8 * SMALL_BUCKET and largest > 3 * SMALL_BUCKET
+
+
+def test_push_is_exact_at_every_bucket_size_and_in_any_order(server, tiny_qwen2, probe_ids):
+    model = perturbed(tiny_qwen2, seed=1)
+    expected = hf_logprobs(model, probe_ids)
+    original = hf_logprobs(AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.float32), probe_ids)
+    assert gap(expected, original) > 0.1  # the perturbation is visible in the probe
+    seen = {}
+    for bucket_bytes, order in [(SMALL_BUCKET, "shuffled"), (SMALL_BUCKET + 320, "model"), (1 << 30, "model"),
+                                (4096, "shuffled")]:
+        with VLLMClient(base_url=server.base_url, bucket_bytes=bucket_bytes, weight_transfer_timeout=30) as client:
+            client.update_weights(shuffled(model, seed=bucket_bytes) if order == "shuffled" else model)
+            for replica, logprobs in server_logprobs_by_replica(client, probe_ids).items():
+                assert gap(logprobs, expected) < LOGPROB_TOL, (bucket_bytes, order, replica)
+                seen.setdefault(replica, []).append(logprobs)
+    # The same weights through any bucket size give the same engine: the same numbers to the last bit.
+    for replica, runs in seen.items():
+        assert all(run == runs[0] for run in runs), replica
+
+
+class FailingWeights(NamedWeights):
+    """Yields the first `fail_after` tensors, then breaks, as a trainer that dies mid-push would."""
+
+    def __init__(self, pairs, fail_after: int):
+        super().__init__(pairs)
+        self.fail_after = fail_after
+
+    def __iter__(self):
+        for i, tensor in enumerate(super().__iter__()):
+            if i == self.fail_after:
+                raise RuntimeError("the trainer broke half-way through the push")
+            yield tensor
+
+
+def generate_in_background(server) -> tuple[threading.Thread, dict]:
+    out = {}
+
+    def run():
+        out["response"] = httpx.post(server.base_url + "/generate", json={"prompts": ["x"], "max_tokens": 2},
+                                     timeout=60)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, out
+
+
+def test_a_push_that_fails_half_way_blocks_generation_until_a_full_push_restores_exactness(
+        server, tiny_qwen2, probe_ids):
+    from fastgrpo.client import _ServerControl
+    from fastgrpo.transfer import push_weights
+
+    good, broken = perturbed(tiny_qwen2, seed=2), perturbed(tiny_qwen2, seed=3)
+    named = shuffled(broken, seed=0)
+    expected = hf_logprobs(good, probe_ids)
+    queued = {}
+
+    class GenerateQueuedBehindThePush(_ServerControl):
+        def start(self, info):
+            super().start(info)  # the push now holds the engines; the weights are still consistent
+            queued["thread"], queued["out"] = generate_in_background(server)
+            time.sleep(0.5)  # the request is queued behind the push before any byte moves
+
+    with VLLMClient(base_url=server.base_url, bucket_bytes=SMALL_BUCKET, weight_transfer_timeout=4) as client:
+        client.update_weights(good)
+        weights = FailingWeights(named, len(named) * 2 // 3)
+        with pytest.raises(WeightTransferError, match="broke half-way"):
+            push_weights(GenerateQueuedBehindThePush(client, None), client.sender, weights.metas(torch.float32),
+                         iter(weights), timeout_s=4)
+        client.close_weight_transfer()
+        queued["thread"].join(60)
+        assert queued["out"]["response"].status_code == 503, queued["out"]["response"].text
+        assert queued["out"]["response"].json()["type"] == "weights_inconsistent"
+        health = client.health()
+        assert health["weights_consistent"] is False and health["status"] == "degraded"
+
+        # The next full push, straight after: exact on every replica, though layers were left half-loaded.
+        client.update_weights(shuffled(good, seed=5))
+        for replica, logprobs in server_logprobs_by_replica(client, probe_ids).items():
+            assert gap(logprobs, expected) < LOGPROB_TOL, replica
+        assert client.health()["status"] == "ok"
+
+        # Fail again; a partial push does not make the engines whole, the next full one does.
+        with pytest.raises(WeightTransferError, match="broke half-way"):
+            client.update_weights(FailingWeights(named, len(named) // 3))
+        client.update_weights({"model.norm.weight": good.model.norm.weight.detach()})
+        refused = httpx.post(server.base_url + "/generate", json={"prompts": ["x"], "max_tokens": 2}, timeout=60)
+        assert refused.status_code == 503 and "push the whole model" in refused.json()["error"]
+        client.update_weights(good)
+        for replica, logprobs in server_logprobs_by_replica(client, probe_ids).items():
+            assert gap(logprobs, expected) < LOGPROB_TOL, replica
+
+
+def test_a_push_that_fails_before_its_first_byte_is_recovered_by_the_next(server, tiny_qwen2, probe_ids):
+    """Announced, then nothing sent: every layer waits for weights that never come; the next push is exact."""
+    good = perturbed(tiny_qwen2, seed=4)
+    with VLLMClient(base_url=server.base_url, bucket_bytes=SMALL_BUCKET, weight_transfer_timeout=4) as client:
+        with pytest.raises(WeightTransferError, match="broke half-way"):
+            client.update_weights(FailingWeights(list(good.named_parameters()), 0))
+        client.update_weights(good)
+        expected = hf_logprobs(good, probe_ids)
+        for replica, logprobs in server_logprobs_by_replica(client, probe_ids).items():
+            assert gap(logprobs, expected) < LOGPROB_TOL, replica
+
+
+# --- colocate mode: the same sender, push and receiver, into an in-process engine ----------------
+
+
+def test_colocate_push_is_exact_and_recovers_from_a_failed_push(tiny_qwen2, probe_ids):
+    from vllm import SamplingParams
+
+    from fastgrpo.trainer.generation import ColocateBackend, Sampling
+
+    backend = ColocateBackend(tiny_qwen2, 0.3, 1, 256, seed=0, bucket_bytes=SMALL_BUCKET, timeout_s=4,
+                              dtype="float32")
+
+    def engine_logprobs():
+        out = backend.llm.generate([{"prompt_token_ids": probe_ids}], SamplingParams(max_tokens=1, prompt_logprobs=0),
+                                   use_tqdm=False)[0]
+        return [d[t].logprob for d, t in zip(out.prompt_logprobs[1:], probe_ids[1:])]
+
+    try:
+        first, second = perturbed(tiny_qwen2, seed=9), perturbed(tiny_qwen2, seed=10)
+        backend.sync_weights(NamedWeights(shuffled(first, seed=2)), version=1)
+        assert gap(engine_logprobs(), hf_logprobs(first, probe_ids)) < LOGPROB_TOL
+        named = shuffled(second, seed=3)
+        with pytest.raises(WeightTransferError, match="broke half-way"):
+            backend.sync_weights(FailingWeights(named, len(named) // 2), version=2)
+        with pytest.raises(RuntimeError, match="failed half-way"):
+            backend.generate([probe_ids], Sampling(1, 1.0, 1.0, 0, 0.0, 1.0, 2), seed=0)
+        backend.sync_weights(ModelWeights(second), version=2)
+        assert gap(engine_logprobs(), hf_logprobs(second, probe_ids)) < LOGPROB_TOL
+        assert backend.generate([probe_ids], Sampling(1, 1.0, 1.0, 0, 0.0, 1.0, 2), seed=0).weight_version == 2
+    finally:
+        backend.close()
+
+
+# --- checkpoints that are not a local safetensors folder ---------------------------------------------
+
+
+def _hub_cache(tmp_path, folder: str) -> tuple[str, dict]:
+    """`folder` laid out as the hub cache does it, and the environment that makes the hub offline."""
+    import shutil
+
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--fastgrpo--tiny-qwen2"
+    shutil.copytree(folder, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    return "fastgrpo/tiny-qwen2", {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+
+
+def _bin_only(tmp_path, folder: str) -> tuple[str, dict]:
+    """The same model with its weights in `pytorch_model.bin` and no safetensors file."""
+    import shutil
+
+    target = tmp_path / "bin-only"
+    shutil.copytree(folder, target, ignore=shutil.ignore_patterns("*.safetensors*"))
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    torch.save(model.state_dict(), target / "pytorch_model.bin")
+    return str(target), {}
+
+
+@pytest.mark.parametrize("layout", [_hub_cache, _bin_only], ids=["hub-cache-by-id", "pytorch-model-bin"])
+def test_server_starts_validates_and_syncs_without_a_local_safetensors_file(
+        server_factory, tiny_qwen2, probe_ids, tmp_path, layout):
+    model, env = layout(tmp_path, tiny_qwen2)
+    server = server_factory(["--model", model, "--dtype", "float32", "--max-model-len", "256",
+                             "--kv-cache-space", "1"], env=env)
+    with VLLMClient(base_url=server.base_url, bucket_bytes=SMALL_BUCKET, weight_transfer_timeout=30) as client:
+        with pytest.raises(ServerError) as refused:  # names and shapes are known: a bad push is refused
+            client.update_weights({"model.norm.weight": torch.ones(7)})
+        assert refused.value.status == 400 and "expects [128]" in refused.value.message
+        good = perturbed(tiny_qwen2, seed=11)
+        client.update_weights(shuffled(good, seed=4))
+        response = client.generate(prompt_token_ids=[probe_ids], max_tokens=1, prompt_logprobs=True)
+        assert gap(response.results[0].prompt_logprobs[1:], hf_logprobs(good, probe_ids)) < LOGPROB_TOL
+
+
+# --- a sharded trainer: parameters gathered one at a time, straight into the push ----------------------
+
+
+def test_an_fsdp2_sharded_model_streams_into_an_exact_push(server, tiny_qwen2, probe_ids, tmp_path):
+    import subprocess
+    import sys
+
+    from fastgrpo.serve.launcher import free_port
+
+    script = Path(__file__).parent / "scripts" / "push_from_fsdp2.py"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+                             "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script),
+                             tiny_qwen2, server.base_url, str(tmp_path)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    pushed = torch.load(tmp_path / "fsdp2_weights.pt")
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.float32)
+    model.load_state_dict(pushed, strict=False)  # the tied head follows the embedding
+    expected = hf_logprobs(model, probe_ids)
+    with VLLMClient(base_url=server.base_url) as client:
+        for replica, logprobs in server_logprobs_by_replica(client, probe_ids).items():
+            assert gap(logprobs, expected) < LOGPROB_TOL, replica
+
+
+# --- last: this kills one of the module server's replicas ------------------------------------------
+
+
+def test_a_dead_replica_leaves_the_group_and_pushes_reach_the_live_one(server, tiny_qwen2, probe_ids):
+    """Last in this module: it kills replica 1."""
+    import os
+    import signal
+
+    import psutil
+
+    client = VLLMClient(base_url=server.base_url, bucket_bytes=SMALL_BUCKET, weight_transfer_timeout=10)
+    client.update_weights(perturbed(tiny_qwen2, seed=6))  # the group now holds both replicas
+    engines = sorted((p for p in psutil.Process(server.proc.pid).children(recursive=True)
+                      if "EngineCore" in " ".join(p.cmdline()) or "EngineCore" in p.name()),
+                     key=lambda p: p.create_time())
+    assert len(engines) == 2
+    for proc in [engines[1], *engines[1].children(recursive=True)]:
+        os.kill(proc.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while client.health()["replicas"][1]["state"] != "failed":
+        assert time.monotonic() < deadline, "the dead replica never showed in /health"
+        time.sleep(0.5)
+    health = client.health()
+    assert health["weight_transfer_ranks"] == 1 and health["world_size"] == 2
+
+    good = perturbed(tiny_qwen2, seed=7)
+    version = client.update_weights(good)  # the stale group is refused, reopened with the live replica, pushed
+    assert version == health["weight_version"] + 1
+    response = client.generate(prompt_token_ids=[probe_ids] * 2, max_tokens=1, prompt_logprobs=True)
+    assert {r.replica for r in response.results} == {0}
+    expected = hf_logprobs(good, probe_ids)
+    assert all(gap(r.prompt_logprobs[1:], expected) < LOGPROB_TOL for r in response.results)
+    # And again, through the group that now holds only the live replica.
+    again = perturbed(tiny_qwen2, seed=8)
+    client.update_weights(shuffled(again, seed=1))
+    response = client.generate(prompt_token_ids=[probe_ids], max_tokens=1, prompt_logprobs=True)
+    assert gap(response.results[0].prompt_logprobs[1:], hf_logprobs(again, probe_ids)) < LOGPROB_TOL
+    client.close()
