@@ -271,7 +271,7 @@ def test_a_push_the_trainer_never_sends_times_out_naming_the_trainer(server, tin
         assert "trainer" in response.json()["error"] and "did not arrive" in response.json()["error"]
         # Half-loaded weights are never served: generation says why until a full push lands.
         refused = post(server, "/generate", {"prompts": ["x"], "max_tokens": 2})
-        assert refused.status_code == 503 and "push the weights again" in refused.json()["error"]
+        assert refused.status_code == 503 and "push the whole model again" in refused.json()["error"]
         c.sender = None  # the server closed the group; the next push reopens it
         c.update_weights(hf_model)
         assert c.generate(["back"], max_tokens=2).results[0].completions

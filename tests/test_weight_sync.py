@@ -150,6 +150,8 @@ def test_a_push_that_fails_half_way_blocks_generation_until_a_full_push_restores
         assert queued["out"]["response"].json()["type"] == "weights_inconsistent"
         health = client.health()
         assert health["weights_consistent"] is False and health["status"] == "degraded"
+        with VLLMClient(base_url=server.base_url, timeout=10) as late:  # a trainer (re)starting now connects
+            assert late.info["status"] == "degraded"
 
         # The next full push, straight after: exact on every replica, though layers were left half-loaded.
         client.update_weights(shuffled(good, seed=5))
@@ -210,6 +212,21 @@ def test_colocate_push_is_exact_and_recovers_from_a_failed_push(tiny_qwen2, prob
         assert backend.generate([probe_ids], Sampling(1, 1.0, 1.0, 0, 0.0, 1.0, 2), seed=0).weight_version == 2
     finally:
         backend.close()
+
+
+# --- tensor parallelism: each rank receives the whole stream and loads its shard ---------------------
+
+
+def test_push_to_two_tensor_parallel_ranks_is_exact(server_factory, tiny_qwen2, probe_ids):
+    tp = server_factory(["--model", tiny_qwen2, "--tensor-parallel-size", "2", "--dtype", "float32",
+                         "--max-model-len", "256", "--kv-cache-space", "1"])
+    with VLLMClient(base_url=tp.base_url, bucket_bytes=SMALL_BUCKET, weight_transfer_timeout=30) as client:
+        assert client.info["weight_transfer_ranks"] == 2
+        good = perturbed(tiny_qwen2, seed=13)
+        client.update_weights(shuffled(good, seed=6))
+        response = client.generate(prompt_token_ids=[probe_ids], max_tokens=1, prompt_logprobs=True)
+        assert gap(response.results[0].prompt_logprobs[1:], hf_logprobs(good, probe_ids)) < LOGPROB_TOL
+    tp.stop()
 
 
 # --- checkpoints that are not a local safetensors folder ---------------------------------------------
@@ -302,6 +319,8 @@ def test_a_dead_replica_leaves_the_group_and_pushes_reach_the_live_one(server, t
         time.sleep(0.5)
     health = client.health()
     assert health["weight_transfer_ranks"] == 1 and health["world_size"] == 2
+    with VLLMClient(base_url=server.base_url, timeout=10) as late:  # a trainer (re)starting now connects
+        assert late.info["status"] == "degraded"
 
     good = perturbed(tiny_qwen2, seed=7)
     version = client.update_weights(good)  # the stale group is refused, reopened with the live replica, pushed

@@ -6,6 +6,7 @@ tensor and never pickled. Only requests that cannot have changed server state
 are retried (connection refused, health polling).
 """
 
+import logging
 import socket
 import time
 from urllib.parse import urlparse
@@ -24,6 +25,8 @@ from fastgrpo.transfer import (
     sender_class,
 )
 from fastgrpo.transfer.packing import check_bucket_bytes
+
+log = logging.getLogger("fastgrpo.client")
 
 
 class ServerError(RuntimeError):
@@ -108,7 +111,12 @@ class VLLMClient:
         return body
 
     def wait_for_server(self, timeout: float) -> dict:
-        """Poll /health until every replica is ready; errors say what to check."""
+        """Poll /health until the server serves; errors say what to check.
+
+        A `degraded` server (a dead replica, or weights left mixed by a failed push) is usable: the
+        live replicas serve, and a push is what makes mixed weights whole again, so it is returned
+        with a warning rather than waited out.
+        """
         deadline = time.monotonic() + timeout
         last = "no answer"
         while True:
@@ -118,6 +126,12 @@ class VLLMClient:
                 if response.status_code == 200:
                     return body
                 last = f"status {body.get('status')!r}"
+                if body.get("status") == "degraded":
+                    log.warning("the server at %s is degraded: %s", self.base_url,
+                                "weights left mixed by a failed push (push the whole model)"
+                                if not body.get("weights_consistent", True) else
+                                f"replicas {[r['index'] for r in body['replicas'] if r['state'] != 'ready']} are down")
+                    return body
                 if body.get("status") == "failed":
                     raise ServerError(503, "failed", f"the server at {self.base_url} failed: {body}")
             except (httpx.ConnectError, httpx.TimeoutException, ValueError) as exc:

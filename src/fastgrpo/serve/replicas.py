@@ -41,7 +41,9 @@ def device_slices(settings: ServerSettings, on_cpu: bool) -> list[str | None]:
     VLLM_CPU_OMP_THREADS_BIND value (CPU, ranks separated by '|'). None: vLLM's default."""
     tp, dp = settings.tensor_parallel_size, settings.data_parallel_size
     if on_cpu:
-        if dp == 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        # vLLM binds one worker per NUMA node by itself, and refuses TP > 1 on a single-node machine
+        # ("Not enough allowed NUMA nodes"), so TP ranks always get their cores named here.
+        if dp == 1 and tp == 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
             return [None]
         cores = sorted(os.sched_getaffinity(0))
         if len(cores) < tp * dp:
