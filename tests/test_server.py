@@ -182,16 +182,65 @@ def test_openai_client_completions_and_chat(server):
     ({"max_tokens": 4}, None, "exactly one of"),
     ({"prompts": [], "max_tokens": 4}, None, "is empty"),
     ({"prompts": ["x"], "temperature": -1}, "temperature", "greater than or equal to 0"),
+    # These answered 500 before (vLLM refused them inside the engine):
+    ({"prompts": ["x"], "stop": [""]}, "stop.0", "at least 1 character"),
+    ({"prompts": [""]}, "prompts.0", "at least 1 character"),
+    ({"prompts": ["x"], "seed": 2**64}, "seed", "less than or equal to"),
+    ({"messages": [[]]}, "messages.0", "at least 1 item"),
+    ({"prompt_token_ids": [[5, -1]]}, "prompt_token_ids.0.1", "greater than or equal to 0"),
 ])
-def test_bad_generate_requests_get_400_and_server_keeps_serving(server, client, body, field, words):
-    response = post(server, "/generate", body)
-    assert response.status_code == 400, response.text
-    error = response.json()
-    assert error["type"] == "invalid_request"
-    assert words in error["error"]
-    if field is not None:
-        assert error["field"] == field
-    assert client.generate(["still serving"], max_tokens=2).results[0].completions
+def test_bad_generate_requests_get_400_and_server_keeps_serving(server, body, field, words):
+    with httpx.Client(base_url=server.base_url, timeout=60) as http:  # one keep-alive connection throughout
+        response = http.post("/generate", json=body)
+        assert response.status_code == 400, response.text
+        error = response.json()
+        assert error["type"] == "invalid_request"
+        assert words in error["error"]
+        if field is not None:
+            assert error["field"] == field
+        good = http.post("/generate", json={"prompts": ["still serving"], "max_tokens": 2})
+        assert good.status_code == 200 and good.json()["results"][0]["completions"]
+
+
+@pytest.mark.parametrize("path,body,field,words", [
+    ("/v1/completions", {"prompt": "", "max_tokens": 2}, "prompt", "at least 1 character"),
+    ("/v1/completions", {"prompt": [""], "max_tokens": 2}, "prompt", "at least 1 character"),
+    ("/v1/completions", {"prompt": [5, 512], "max_tokens": 2}, "prompt", "outside the vocabulary"),
+    ("/v1/completions", {"prompt": "x", "seed": 2**64}, "seed", "less than or equal to"),
+    ("/v1/completions", {"prompt": "x", "stop": [""]}, "stop", "at least 1 character"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "stop": ""}, "stop",
+     "at least 1 character"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "seed": -1}, "seed",
+     "greater than or equal to 0"),
+])
+def test_openai_routes_validate_to_the_same_limits(server, path, body, field, words):
+    with httpx.Client(base_url=server.base_url, timeout=60) as http:
+        response = http.post(path, json=body)
+        assert response.status_code == 400, response.text
+        error = response.json()
+        assert error["type"] == "invalid_request" and words in error["error"], error
+        assert error["field"].split(".")[0] == field
+        good = http.post("/v1/completions", json={"prompt": "still serving", "max_tokens": 2})
+        assert good.status_code == 200
+
+
+def test_malformed_requests_get_the_documented_json(server):
+    with httpx.Client(base_url=server.base_url, timeout=60) as http:
+        cases = [
+            (http.post("/generate", content=b'{"prompts": ["\xff"', headers={"content-type": "application/json"}),
+             400, "body"),
+            (http.post("/generate", content=b"\xff\xfe{}", headers={"content-type": "application/json"}), 400, "body"),
+            (http.post("/generate", content=b'{"prompts": ["x"], "max_tokens": }',
+                       headers={"content-type": "application/json"}), 400, "body"),
+            (http.get("/generate"), 405, None),
+            (http.get("/no/such/route"), 404, None),
+        ]
+        for response, status, field in cases:
+            assert response.status_code == status, response.text
+            error = response.json()
+            assert set(error) == {"error", "type", "field"} and error["error"], error
+            assert error["field"] == field
+        assert http.post("/generate", json={"prompts": ["x"], "max_tokens": 2}).status_code == 200
 
 
 def test_openai_streaming_is_refused_clearly(server):
@@ -343,3 +392,4 @@ def test_dead_replica_is_reported_and_others_keep_serving(server, client):
     assert "died" in health.json()["replicas"][1]["error"]
     response = client.generate([f"p{i}" for i in range(4)], max_tokens=2)
     assert {r.replica for r in response.results} == {0}
+    client.reset_prefix_cache()  # the live replica's; this answered 500 (EngineDeadError) before

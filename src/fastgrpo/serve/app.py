@@ -3,11 +3,13 @@
 import contextlib
 import logging
 import os
+import re
 import threading
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from fastgrpo.serve.protocol import (
     Completion,
@@ -18,7 +20,7 @@ from fastgrpo.serve.protocol import (
     PromptResult,
     SamplingFields,
 )
-from fastgrpo.serve.replicas import ReplicaDead, ReplicaPool, ServerSettings
+from fastgrpo.serve.replicas import EngineRejected, ReplicaDead, ReplicaPool, ServerSettings
 from fastgrpo.serve.specs import model_specs
 from fastgrpo.serve.state import ApiError, ServerState, error_response
 
@@ -46,17 +48,27 @@ def sampling_params(fields: SamplingFields, prompt_logprobs: bool = False):
 def tokenize_prompts(state: ServerState, req: GenerateRequest) -> list[list[int]]:
     tok = state.tokenizer
     if req.prompt_token_ids is not None:
-        vocab = len(tok)
-        for i, ids in enumerate(req.prompt_token_ids):
-            bad = [t for t in ids if not 0 <= t < vocab]
-            if bad:
-                raise ApiError(400, "invalid_request", f"prompt {i} has token ids outside the vocabulary "
-                               f"[0, {vocab}): {bad[:5]}", "prompt_token_ids")
+        check_vocabulary(state, req.prompt_token_ids, "prompt_token_ids")
         return req.prompt_token_ids
     if req.messages is not None:
         return [tok.apply_chat_template([m.model_dump() for m in conv], add_generation_prompt=True,
                                         tokenize=True, return_dict=True)["input_ids"] for conv in req.messages]
     return [tok(p, add_special_tokens=False)["input_ids"] for p in req.prompts]
+
+
+def field_named_in(message: str, fields) -> str | None:
+    """The request field an engine's error message is about, when it names one."""
+    words = set(re.findall(r"[a-z_]+", message.lower()))
+    return next((f for f in fields if f in words), None)
+
+
+def check_vocabulary(state: ServerState, prompts: list[list[int]], field_name: str) -> None:
+    vocab = len(state.tokenizer)
+    for i, ids in enumerate(prompts):
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ApiError(400, "invalid_request", f"prompt {i} has token ids outside the vocabulary [0, {vocab}): "
+                           f"{bad[:5]}", field_name)
 
 
 def check_lengths(state: ServerState, prompts: list[list[int]], max_tokens: int, field_name: str) -> None:
@@ -86,6 +98,9 @@ async def run_generation(state: ServerState, prompts: list[list[int]], fields: S
             outputs = await state.pool.generate([{"prompt_token_ids": p} for p in prompts], params, costs)
         except ReplicaDead as exc:
             raise ApiError(503, "replica_dead", str(exc)) from exc
+        except EngineRejected as exc:
+            raise ApiError(400, "invalid_request", f"the engine refused the request: {exc}",
+                           field_named_in(str(exc), SamplingFields.model_fields)) from exc
     results = []
     for (out, replica), ids in zip(outputs, prompts):
         completions = [
@@ -145,15 +160,44 @@ def create_app(settings: ServerSettings, api_key: str | None = None) -> FastAPI:
     async def _api_error(request: Request, exc: ApiError):
         return error_response(exc.status, exc.type, exc.message, exc.field)
 
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException):
+        # Unknown routes, wrong methods, bodies that cannot be read: the same JSON as every other error.
+        kinds = {404: "not_found", 405: "method_not_allowed"}
+        message = str(exc.detail)
+        if exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}; see GET /docs for the routes"
+        elif exc.status_code == 404:
+            message = f"no route {request.url.path}; see GET /docs for the routes"
+        elif exc.status_code == 400:
+            message = f"the body could not be read ({exc.detail}): send a UTF-8 JSON object"
+        response = error_response(exc.status_code, kinds.get(exc.status_code, "invalid_request"), message,
+                                  "body" if exc.status_code == 400 else None)
+        response.headers.update(exc.headers or {})
+        return response
+
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
         first = exc.errors()[0]
+        if first["type"] in ("json_invalid", "json_type"):
+            return error_response(400, "invalid_request", f"the body is not valid JSON: {first.get('msg')} "
+                                  f"(near character {first['loc'][-1]}); send a JSON object", "body")
         where = ".".join(str(p) for p in first["loc"] if p != "body")
         message = "; ".join(
             f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}"
             + (f" (got {e['input']!r})" if not isinstance(e.get("input"), (dict, list)) else "")
             for e in exc.errors()[:5])
         return error_response(400, "invalid_request", message, where or None)
+
+    @app.middleware("http")
+    async def _never_a_bare_500(request: Request, call_next):
+        # What no handler expected still answers the documented JSON, and the connection stays usable.
+        try:
+            return await call_next(request)
+        except Exception as exc:
+            log.exception("unexpected error on %s %s", request.method, request.url.path)
+            return error_response(500, "internal", f"{type(exc).__name__}: {exc}. This is a bug in the server; "
+                                  "the server keeps serving. Please report it with the server's log.")
 
     @app.middleware("http")
     async def _auth_and_readiness(request: Request, call_next):
@@ -201,7 +245,10 @@ def create_app(settings: ServerSettings, api_key: str | None = None) -> FastAPI:
 
     @app.post("/reset_prefix_cache")
     async def reset_prefix_cache():
-        await state.pool.each("reset_prefix_cache")
+        state.pool.check_dead()
+        if not state.pool.live:
+            raise ApiError(503, "replica_dead", "no replica is alive: restart the server")
+        await state.pool.each("reset_prefix_cache")  # the live replicas
         return {"ok": True}
 
     from fastgrpo.serve.weights import router as weights_router

@@ -10,19 +10,33 @@ import uuid
 from fastapi import FastAPI
 from pydantic import BaseModel, Field
 
-from fastgrpo.serve.protocol import ChatMessage, SamplingFields
+from fastgrpo.serve.protocol import (
+    ChatMessage,
+    Completions,
+    MaxTokens,
+    MinP,
+    NonEmptyStr,
+    RepetitionPenalty,
+    SamplingFields,
+    Seed,
+    StopStrings,
+    Temperature,
+    TokenId,
+    TopK,
+    TopP,
+)
 
 
 class _OpenAIBase(BaseModel):
     model: str | None = None
-    n: int = Field(1, ge=1, le=1024)
-    temperature: float = Field(1.0, ge=0.0, le=100.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(-1, ge=-1)
-    min_p: float = Field(0.0, ge=0.0, le=1.0)
-    repetition_penalty: float = Field(1.0, gt=0.0)
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    n: Completions = 1
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    top_k: TopK = -1
+    min_p: MinP = 0.0
+    repetition_penalty: RepetitionPenalty = 1.0
+    seed: Seed | None = None
+    stop: NonEmptyStr | StopStrings | None = None
     stream: bool = False
     user: str | None = None
 
@@ -34,14 +48,14 @@ class _OpenAIBase(BaseModel):
 
 
 class CompletionRequest(_OpenAIBase):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int = Field(16, ge=1)
+    prompt: NonEmptyStr | list[NonEmptyStr] | list[TokenId] | list[list[TokenId]]
+    max_tokens: MaxTokens = 16
 
 
 class ChatCompletionRequest(_OpenAIBase):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = None
 
 
 def _usage(prompts, results) -> dict:
@@ -52,7 +66,7 @@ def _usage(prompts, results) -> dict:
 
 
 def add_openai_routes(app: FastAPI, state) -> None:
-    from fastgrpo.serve.app import ApiError, check_lengths, run_generation
+    from fastgrpo.serve.app import ApiError, check_lengths, check_vocabulary, run_generation
 
     def served_name(requested: str | None) -> str:
         return requested or state.settings.model
@@ -83,6 +97,7 @@ def add_openai_routes(app: FastAPI, state) -> None:
         else:
             raise ApiError(400, "invalid_request", "prompt must be a string, a list of strings, a list of "
                            "token ids or a list of such lists, and not empty", "prompt")
+        check_vocabulary(state, prompts, "prompt")
         check_lengths(state, prompts, req.max_tokens, "prompt")
         results, version = await run_generation(state, prompts, req.sampling(req.max_tokens))
         choices = [{"index": i * req.n + j, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}

@@ -1,6 +1,6 @@
 """Typed requests and responses of the generation server (FastAPI validates them, 422 -> 400)."""
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
@@ -19,27 +19,41 @@ class ChatMessage(BaseModel):
     content: str
 
 
+# The limits of every sampling field, defined once: the native and the OpenAI routes both use them.
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+TokenId = Annotated[int, Field(ge=0)]  # the vocabulary's upper bound is checked against the served tokenizer
+Completions = Annotated[int, Field(ge=1, le=1024, description="completions per prompt")]
+Temperature = Annotated[float, Field(ge=0.0, le=100.0)]
+TopP = Annotated[float, Field(gt=0.0, le=1.0)]
+TopK = Annotated[int, Field(ge=-1, description="-1 or 0: no top-k")]
+MinP = Annotated[float, Field(ge=0.0, le=1.0)]
+RepetitionPenalty = Annotated[float, Field(gt=0.0)]
+MaxTokens = Annotated[int, Field(ge=1, description="new tokens per completion")]
+Seed = Annotated[int, Field(ge=0, le=2**63 - 1, description="what the engine's 64-bit generators accept")]
+StopStrings = Annotated[list[NonEmptyStr], Field(max_length=64)]
+
+
 class SamplingFields(BaseModel):
     """Sampling settings, with vLLM's meanings."""
 
-    n: int = Field(1, ge=1, le=1024, description="completions per prompt")
-    temperature: float = Field(1.0, ge=0.0, le=100.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(-1, ge=-1, description="-1 or 0: no top-k")
-    min_p: float = Field(0.0, ge=0.0, le=1.0)
-    repetition_penalty: float = Field(1.0, gt=0.0)
-    max_tokens: int = Field(16, ge=1, description="new tokens per completion")
-    seed: int | None = None
-    stop: list[str] | None = None
+    n: Completions = 1
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    top_k: TopK = -1
+    min_p: MinP = 0.0
+    repetition_penalty: RepetitionPenalty = 1.0
+    max_tokens: MaxTokens = 16
+    seed: Seed | None = None
+    stop: StopStrings | None = None
     ignore_eos: bool = False
 
 
 class GenerateRequest(SamplingFields):
     """Exactly one of `prompts` (text), `prompt_token_ids` or `messages` (chat, template applied)."""
 
-    prompts: list[str] | None = None
-    prompt_token_ids: list[list[int]] | None = None
-    messages: list[list[ChatMessage]] | None = None
+    prompts: list[NonEmptyStr] | None = None
+    prompt_token_ids: list[list[TokenId]] | None = None
+    messages: list[Annotated[list[ChatMessage], Field(min_length=1)]] | None = None
     prompt_logprobs: bool = Field(False, description="also return each prompt token's logprob")
 
     @model_validator(mode="after")

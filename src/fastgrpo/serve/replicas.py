@@ -130,6 +130,10 @@ class ReplicaDead(RuntimeError):
     pass
 
 
+class EngineRejected(ValueError):
+    """vLLM refused a request while validating it (a bad input, not a broken engine)."""
+
+
 def assign_by_load(costs: list[int], loads: list[int]) -> list[int]:
     """Greedy longest-first assignment of work items to the least-loaded replica.
 
@@ -229,6 +233,11 @@ class ReplicaPool:
         try:
             async for output in replica.engine.generate(prompt, params, request_id):
                 final = output
+        except (ValueError, TypeError, OverflowError) as exc:
+            self.check_dead()
+            if replica.alive:
+                raise EngineRejected(str(exc)) from exc
+            raise ReplicaDead(f"replica {replica.index} died while serving this request: {replica.error}") from exc
         except Exception as exc:
             self.check_dead()
             if not replica.alive:
