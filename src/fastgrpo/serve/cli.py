@@ -1,4 +1,4 @@
-"""`fastgrpo vllm-serve`: the generation server (flags per ../shared/DESIGN.md, both spellings)."""
+"""`fastgrpo vllm-serve`: the generation server. Its flags, both spellings, are a contract: docs/server-flags.md."""
 
 import argparse
 
