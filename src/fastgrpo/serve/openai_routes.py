@@ -8,43 +8,29 @@ import time
 import uuid
 
 from fastapi import FastAPI
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from fastgrpo.serve.protocol import (
     ChatMessage,
-    Completions,
     MaxTokens,
-    MinP,
     NonEmptyStr,
-    RepetitionPenalty,
+    SamplerFields,
     SamplingFields,
-    Seed,
     StopStrings,
-    Temperature,
     TokenId,
-    TopK,
-    TopP,
 )
 
 
-class _OpenAIBase(BaseModel):
+class _OpenAIBase(SamplerFields):
     model: str | None = None
-    n: Completions = 1
-    temperature: Temperature = 1.0
-    top_p: TopP = 1.0
-    top_k: TopK = -1
-    min_p: MinP = 0.0
-    repetition_penalty: RepetitionPenalty = 1.0
-    seed: Seed | None = None
     stop: NonEmptyStr | StopStrings | None = None
     stream: bool = False
     user: str | None = None
 
     def sampling(self, max_tokens: int) -> SamplingFields:
         stop = [self.stop] if isinstance(self.stop, str) else self.stop
-        return SamplingFields(n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                              min_p=self.min_p, repetition_penalty=self.repetition_penalty,
-                              max_tokens=max_tokens, seed=self.seed, stop=stop)
+        return SamplingFields(**self.model_dump(include=set(SamplerFields.model_fields)), max_tokens=max_tokens,
+                              stop=stop)
 
 
 class CompletionRequest(_OpenAIBase):

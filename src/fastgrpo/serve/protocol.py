@@ -33,8 +33,8 @@ Seed = Annotated[int, Field(ge=0, le=2**63 - 1, description="what the engine's 6
 StopStrings = Annotated[list[NonEmptyStr], Field(max_length=64)]
 
 
-class SamplingFields(BaseModel):
-    """Sampling settings, with vLLM's meanings."""
+class SamplerFields(BaseModel):
+    """The sampler's settings, with vLLM's meanings: the same fields on the native and the OpenAI routes."""
 
     n: Completions = 1
     temperature: Temperature = 1.0
@@ -42,8 +42,13 @@ class SamplingFields(BaseModel):
     top_k: TopK = -1
     min_p: MinP = 0.0
     repetition_penalty: RepetitionPenalty = 1.0
-    max_tokens: MaxTokens = 16
     seed: Seed | None = None
+
+
+class SamplingFields(SamplerFields):
+    """Everything a generation needs besides its prompts."""
+
+    max_tokens: MaxTokens = 16
     stop: StopStrings | None = None
     ignore_eos: bool = False
 

@@ -233,11 +233,6 @@ class ReplicaPool:
         try:
             async for output in replica.engine.generate(prompt, params, request_id):
                 final = output
-        except (ValueError, TypeError, OverflowError) as exc:
-            self.check_dead()
-            if replica.alive:
-                raise EngineRejected(str(exc)) from exc
-            raise ReplicaDead(f"replica {replica.index} died while serving this request: {replica.error}") from exc
         except Exception as exc:
             self.check_dead()
             if not replica.alive:
@@ -245,6 +240,8 @@ class ReplicaPool:
                     f"replica {replica.index} ({replica.devices or 'default devices'}) died while serving this "
                     f"request: {replica.error}. Its other replicas keep serving; restart the server to recover it."
                 ) from exc
+            if isinstance(exc, (ValueError, TypeError, OverflowError)):  # vLLM's input validation
+                raise EngineRejected(str(exc)) from exc
             raise
         finally:
             replica.load_tokens -= cost
