@@ -20,8 +20,7 @@ def tiny_llama(tmp_path_factory) -> str:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), arch="llama")
 
 
-@pytest.fixture(scope="session")
-def server_factory(tmp_path_factory):
+def _serve(tmp_path_factory):
     started = []
 
     def start(args: list[str], env: dict[str, str] | None = None) -> ServerProcess:
@@ -30,6 +29,24 @@ def server_factory(tmp_path_factory):
         server.wait_ready()
         return server
 
+    return start, started
+
+
+# Servers stop as soon as their users are done: an idle vLLM CPU server is not free (its workers' gloo
+# threads wake about 1,300 times a second), and a suite that kept them all slowed every later test.
+@pytest.fixture(scope="module")
+def server_factory(tmp_path_factory):
+    """Start servers that live until the module's last test (for module fixtures that share one)."""
+    start, started = _serve(tmp_path_factory)
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def transient_server_factory(tmp_path_factory):
+    """Start servers for one test; they stop when it ends."""
+    start, started = _serve(tmp_path_factory)
     yield start
     for server in started:
         server.stop()

@@ -88,3 +88,27 @@ def test_serve_flags_both_spellings_defaults_and_bad_values(capsys):
     bad = parser.parse_args(["vllm-serve", "--model", "m", "--gpu-memory-utilization", "1.5"])
     with pytest.raises(SystemExit, match="--gpu_memory_utilization must be in"):
         validate(bad)
+
+
+@pytest.mark.parametrize("address,peer,ok", [
+    ("127.0.0.1", "127.0.0.1", True),
+    ("127.0.0.1", "::1", True),  # both loopback
+    ("10.0.0.5", "10.0.0.5", True),
+    ("10.0.0.5", "::ffff:10.0.0.5", True),  # an IPv4 peer seen through a dual-stack socket
+    ("10.0.0.6", "10.0.0.5", False),
+    ("127.0.0.1", "10.0.0.5", False),  # a remote client naming the server's own loopback
+    ("trainer.example", "10.0.0.5", False),  # a name would need a DNS lookup: refused before any
+    ("not an address", "127.0.0.1", False),
+])
+def test_the_group_address_must_be_the_requesters_own(address, peer, ok):
+    from fastgrpo.serve.state import ApiError
+    from fastgrpo.serve.weights import check_group_address
+
+    if ok:
+        check_group_address(address, peer, any_address=False)
+    else:
+        with pytest.raises(ApiError) as error:
+            check_group_address(address, peer, any_address=False)
+        assert error.value.status == 400 and error.value.field == "master_address"
+        assert "--weight_transfer_any_address" in error.value.message
+    check_group_address(address, peer, any_address=True)  # the escape hatch accepts anything

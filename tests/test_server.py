@@ -182,6 +182,10 @@ def test_openai_client_completions_and_chat(server):
     ({"max_tokens": 4}, None, "exactly one of"),
     ({"prompts": [], "max_tokens": 4}, None, "is empty"),
     ({"prompts": ["x"], "temperature": -1}, "temperature", "greater than or equal to 0"),
+    # Found by the fuzzer: a 500 (vLLM refuses it), NaN logprobs served as null, an int the engine cannot take.
+    ({"prompts": ["x"], "temperature": 99}, "temperature", "less than or equal to 2"),
+    ({"prompts": ["x"], "repetition_penalty": 5e-324}, "repetition_penalty", "greater than or equal to 0.01"),
+    ({"prompts": ["x"], "top_k": 2**70}, "top_k", "less than or equal to 2147483647"),
     # These answered 500 before (vLLM refused them inside the engine):
     ({"prompts": ["x"], "stop": [""]}, "stop.0", "at least 1 character"),
     ({"prompts": [""]}, "prompts.0", "at least 1 character"),
@@ -212,6 +216,8 @@ def test_bad_generate_requests_get_400_and_server_keeps_serving(server, body, fi
      "at least 1 character"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "seed": -1}, "seed",
      "greater than or equal to 0"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_k": 2**70}, "top_k",
+     "less than or equal to"),  # an EngineGenerateError, answered 500, before
 ])
 def test_openai_routes_validate_to_the_same_limits(server, path, body, field, words):
     with httpx.Client(base_url=server.base_url, timeout=60) as http:
@@ -306,14 +312,15 @@ def test_bad_pushes_are_refused_and_weights_stay_intact(client, hf_model, tiny_q
     assert client.update_weights(hf_model) == version + 1
 
 
-def test_a_push_the_trainer_never_sends_times_out_naming_the_trainer(server, tiny_qwen2, hf_model):
+def test_a_push_the_trainer_never_sends_times_out_naming_the_trainer(server, client, tiny_qwen2, hf_model):
     """/weights/update waits for the trainer's data; it never comes: 504 that says so, then recovery."""
+    client.close_weight_transfer()  # the group is one trainer's at a time: this test is another trainer
     c = VLLMClient(base_url=server.base_url, timeout=30, weight_transfer_timeout=4)
     try:
         c.init_weight_transfer("gloo")
         named = [(n, p.detach()) for n, p in hf_model.named_parameters()]
         start = c._request("POST", "/weights/start", json={
-            "names": [n for n, _ in named], "dtype_names": ["float32"] * len(named),
+            "group_id": c.group_id, "names": [n for n, _ in named], "dtype_names": ["float32"] * len(named),
             "shapes": [list(t.shape) for _, t in named], "timeout_s": 4})
         response = post(server, "/weights/update", {"transfer_id": start["transfer_id"]})
         assert response.status_code == 504
@@ -321,6 +328,7 @@ def test_a_push_the_trainer_never_sends_times_out_naming_the_trainer(server, tin
         # Half-loaded weights are never served: generation says why until a full push lands.
         refused = post(server, "/generate", {"prompts": ["x"], "max_tokens": 2})
         assert refused.status_code == 503 and "push the whole model again" in refused.json()["error"]
+        assert c.health()["last_push_error"].startswith("the trainer's weights did not arrive")
         c.sender = None  # the server closed the group; the next push reopens it
         c.update_weights(hf_model)
         assert c.generate(["back"], max_tokens=2).results[0].completions
@@ -345,8 +353,8 @@ def test_workers_that_never_join_fail_the_trainer_with_a_message(server):
 # --- an API key, and a bad config ---------------------------------------------------
 
 
-def test_api_key_guards_every_route_but_health(server_factory, tiny_llama):
-    keyed = server_factory(["--model", tiny_llama, "--api-key", "s3cret", "--max-model-len", "128",
+def test_api_key_guards_every_route_but_health(transient_server_factory, tiny_llama):
+    keyed = transient_server_factory(["--model", tiny_llama, "--api-key", "s3cret", "--max-model-len", "128",
                             "--kv-cache-space", "1"])
     assert httpx.get(keyed.base_url + "/health").status_code == 200
     for path, body in [("/generate", {"prompts": ["x"]}), ("/v1/completions", {"prompt": "x"})]:
@@ -355,6 +363,13 @@ def test_api_key_guards_every_route_but_health(server_factory, tiny_llama):
     with VLLMClient(base_url=keyed.base_url, api_key="s3cret", timeout=30) as c:
         assert c.generate(["with the key"], max_tokens=2).results[0].completions
         assert c.health()["data_parallel_size"] == 1
+    # Without the key a push fails at once, not after the weight-transfer timeout (30 s) as it did.
+    with VLLMClient(base_url=keyed.base_url, timeout=30, weight_transfer_timeout=30) as c:
+        began = time.perf_counter()
+        with pytest.raises(ServerError, match="refused the API key") as error:
+            c.update_weights({"model.norm.weight": torch.ones(128)})
+        assert time.perf_counter() - began < 10 and error.value.status == 401
+        assert "vllm_server_api_key" in str(error.value)
 
 
 def test_a_layout_the_machine_cannot_hold_fails_at_start(tiny_qwen2, tmp_path):

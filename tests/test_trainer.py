@@ -15,6 +15,7 @@ from transformers import AutoTokenizer, TrainerCallback
 
 from fastgrpo import GRPOConfig, GRPOTrainer
 from fastgrpo.config import ConfigError
+from fastgrpo.transfer import Weights
 
 # Server and trainer both compute in float32 here; differences are kernel rounding.
 PROBE_TOL = 2e-3
@@ -85,10 +86,10 @@ def test_config_rejects_bad_combinations_with_a_fix(tmp_path):
 
 
 @pytest.mark.slow
-def test_server_mode_trains_and_keeps_server_weights_equal(server_factory, tiny_qwen2, tmp_path):
+def test_server_mode_trains_and_keeps_server_weights_equal(transient_server_factory, tiny_qwen2, tmp_path):
     from fastgrpo.client import VLLMClient
 
-    server = server_factory(["--model", tiny_qwen2, "--dtype", "float32", "--max-model-len", "256"])
+    server = transient_server_factory(["--model", tiny_qwen2, "--dtype", "float32", "--max-model-len", "256"])
     port = int(server.base_url.rsplit(":", 1)[1])
     # 48 KiB buckets: every decoder layer of the tiny model spans about a dozen of them.
     config = base_config(tmp_path, use_vllm=True, vllm_mode="server", vllm_server_port=port,
@@ -100,11 +101,23 @@ def test_server_mode_trains_and_keeps_server_weights_equal(server_factory, tiny_
     def server_logprobs(ids):
         return observer.generate(prompt_token_ids=[ids], max_tokens=1, prompt_logprobs=True).results[0].prompt_logprobs[1:]
 
+    # Step 2's first push breaks half-way, as a trainer's data stream would: the server is left inconsistent,
+    # the trainer pushes again by itself, and the probe after step 2 must see exactly the trainer's weights.
+    pushes, real_sync = [], trainer.backend.sync_weights
+
+    def breaks_once(weights, version):
+        pushes.append(version)
+        if pushes == [0, 1, 2]:
+            weights = HalfWay(weights, fail_after=5)
+        return real_sync(weights, version)
+
+    trainer.backend.sync_weights = breaks_once
     probe_cb = ProbeCallback(trainer, probe, server_logprobs)
     trainer.add_callback(probe_cb)  # after the weight-sync callback: sees the pushed weights
     result = trainer.train()
     trainer.close()
     assert trainer.state.global_step == 3
+    assert pushes == [0, 1, 2, 2, 3]  # step 2 pushed twice
     assert len(probe_cb.gaps) == 3 and max(probe_cb.gaps) < PROBE_TOL, probe_cb.gaps
     assert min(probe_cb.changes) > 1e-4  # the model really moved each step
     assert observer.health()["weight_version"] == 3
@@ -118,6 +131,20 @@ def test_server_mode_trains_and_keeps_server_weights_equal(server_factory, tiny_
         assert key in logs[-1], key
     assert result.training_loss == result.training_loss  # not NaN
     observer.close()
+
+
+class HalfWay(Weights):
+    """Another `Weights`' names and tensors, breaking after `fail_after` tensors."""
+
+    def __init__(self, weights, fail_after: int):
+        self.inner, self.fail_after = weights, fail_after
+        self.names, self.shapes, self.dtypes, self.device = weights.names, weights.shapes, weights.dtypes, weights.device
+
+    def __iter__(self):
+        for i, tensor in enumerate(self.inner):
+            if i == self.fail_after:
+                raise RuntimeError("the trainer's data stream broke half-way through the push")
+            yield tensor
 
 
 @pytest.mark.slow
@@ -160,8 +187,8 @@ def test_transformers_generation_trains(tiny_llama, tmp_path):
 
 
 @pytest.mark.slow
-def test_checkpoint_resume_matches_uninterrupted_run(server_factory, tiny_qwen2, tmp_path):
-    server = server_factory(["--model", tiny_qwen2, "--dtype", "float32", "--max-model-len", "256"])
+def test_checkpoint_resume_matches_uninterrupted_run(transient_server_factory, tiny_qwen2, tmp_path):
+    server = transient_server_factory(["--model", tiny_qwen2, "--dtype", "float32", "--max-model-len", "256"])
     port = int(server.base_url.rsplit(":", 1)[1])
 
     def run(out, max_steps, resume=False):
@@ -193,12 +220,12 @@ class StopAt(TrainerCallback):
 
 
 @pytest.mark.slow
-def test_accelerate_launch_two_processes_with_server(server_factory, tiny_qwen2, tmp_path):
+def test_accelerate_launch_two_processes_with_server(transient_server_factory, tiny_qwen2, tmp_path):
     import subprocess
     import sys
     from pathlib import Path
 
-    server = server_factory(["--model", tiny_qwen2, "--dtype", "float32", "--max-model-len", "256"])
+    server = transient_server_factory(["--model", tiny_qwen2, "--dtype", "float32", "--max-model-len", "256"])
     port = server.base_url.rsplit(":", 1)[1]
     script = Path(__file__).parent / "scripts" / "train_two_processes.py"
     # torchrun-style launch; the config's use_cpu=True makes accelerate use gloo between the processes.

@@ -201,3 +201,28 @@ def test_model_weights_know_names_and_shapes_before_any_tensor_and_skip_tied_cop
     pulled = list(weights)
     assert all(torch.equal(a, b) for a, b in zip(pulled, (p for _, p in model.named_parameters())))
     weights.drain()  # nothing left to gather
+
+
+def test_a_refused_join_fails_at_once_and_leaves_no_thread_in_gloo():
+    """open_sender builds the gloo group only once a worker has begun to join, so a refusal (a 409, a wrong
+    world size) surfaces at once, and nothing waits in gloo until its timeout (one still waiting at exit
+    aborts the process)."""
+    import threading
+    import time
+
+    from fastgrpo.serve.launcher import free_port
+    from fastgrpo.transfer import WeightTransferError, open_sender
+    from fastgrpo.transfer.gloo import GlooSender
+
+    def refused():
+        time.sleep(0.2)
+        raise RuntimeError("server error 409: another trainer owns this server's weight-transfer group")
+
+    sender = GlooSender()
+    began = time.perf_counter()
+    with pytest.raises(WeightTransferError, match="it answered server error 409"):
+        open_sender(sender, refused, "127.0.0.1", free_port(), 2, timeout_s=60)
+    assert time.perf_counter() - began < 5  # not the 60 s rendezvous timeout
+    assert sender.group is None and sender.store is None
+    time.sleep(0.1)
+    assert [t.name for t in threading.enumerate() if t.name.startswith("weights-")] == []

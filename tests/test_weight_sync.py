@@ -217,8 +217,8 @@ def test_colocate_push_is_exact_and_recovers_from_a_failed_push(tiny_qwen2, prob
 # --- tensor parallelism: each rank receives the whole stream and loads its shard ---------------------
 
 
-def test_push_to_two_tensor_parallel_ranks_is_exact(server_factory, tiny_qwen2, probe_ids):
-    tp = server_factory(["--model", tiny_qwen2, "--tensor-parallel-size", "2", "--dtype", "float32",
+def test_push_to_two_tensor_parallel_ranks_is_exact(transient_server_factory, tiny_qwen2, probe_ids):
+    tp = transient_server_factory(["--model", tiny_qwen2, "--tensor-parallel-size", "2", "--dtype", "float32",
                          "--max-model-len", "256", "--kv-cache-space", "1"])
     with VLLMClient(base_url=tp.base_url, bucket_bytes=SMALL_BUCKET, weight_transfer_timeout=30) as client:
         assert client.info["weight_transfer_ranks"] == 2
@@ -257,9 +257,9 @@ def _bin_only(tmp_path, folder: str) -> tuple[str, dict]:
 
 @pytest.mark.parametrize("layout", [_hub_cache, _bin_only], ids=["hub-cache-by-id", "pytorch-model-bin"])
 def test_server_starts_validates_and_syncs_without_a_local_safetensors_file(
-        server_factory, tiny_qwen2, probe_ids, tmp_path, layout):
+        transient_server_factory, tiny_qwen2, probe_ids, tmp_path, layout):
     model, env = layout(tmp_path, tiny_qwen2)
-    server = server_factory(["--model", model, "--dtype", "float32", "--max-model-len", "256",
+    server = transient_server_factory(["--model", model, "--dtype", "float32", "--max-model-len", "256",
                              "--kv-cache-space", "1"], env=env)
     with VLLMClient(base_url=server.base_url, bucket_bytes=SMALL_BUCKET, weight_transfer_timeout=30) as client:
         with pytest.raises(ServerError) as refused:  # names and shapes are known: a bad push is refused

@@ -59,7 +59,8 @@ class _ServerControl(WeightControl):
 
     def start(self, info: dict) -> None:
         started = self.client._request("POST", "/weights/start", retry_connect=False, json={
-            **info, "weight_version": self.weight_version, "timeout_s": self.client.weight_transfer_timeout})
+            **info, "group_id": self.client.group_id, "weight_version": self.weight_version,
+            "timeout_s": self.client.weight_transfer_timeout})
         self.transfer_id = started["transfer_id"]
 
     def receive(self, info: dict) -> dict:
@@ -79,17 +80,17 @@ class VLLMClient:
                                  timeout=httpx.Timeout(request_timeout, connect=10.0))
         self.weight_transfer_timeout = weight_transfer_timeout
         self.bucket_bytes = check_bucket_bytes(bucket_bytes)
-        self.sender = None
+        self.sender, self.group_id = None, None
         self.info = self.wait_for_server(timeout)
 
     # --- plumbing -------------------------------------------------------------
 
-    def _request(self, method: str, path: str, retry_connect: bool = True, **kwargs) -> dict:
+    def _send(self, method: str, path: str, retry_connect: bool = True, **kwargs) -> httpx.Response:
+        """One request; every network failure becomes an error that names the server and what to check."""
         attempts = 3 if retry_connect else 1
         for attempt in range(attempts):
             try:
-                response = self.http.request(method, path, **kwargs)
-                break
+                return self.http.request(method, path, **kwargs)
             except httpx.ConnectError as exc:  # nothing reached the server: safe to retry
                 if attempt == attempts - 1:
                     raise ServerUnavailable(
@@ -101,10 +102,24 @@ class VLLMClient:
             except httpx.TimeoutException as exc:
                 raise TimeoutError(f"{method} {path} to {self.base_url} got no answer in time ({exc}); the "
                                    "server may be overloaded, or raise request_timeout") from exc
+            except httpx.TransportError as exc:  # the connection broke mid-request: the server may have died
+                raise ServerUnavailable(
+                    f"the connection to the fastgrpo server at {self.base_url} broke during {method} {path} "
+                    f"({type(exc).__name__}: {exc}). Check that `fastgrpo vllm-serve` is still running and read "
+                    "its log: a crashed or killed server ends connections this way."
+                ) from exc
+        raise AssertionError("unreachable")
+
+    def _request(self, method: str, path: str, retry_connect: bool = True, **kwargs) -> dict:
+        response = self._send(method, path, retry_connect, **kwargs)
         try:
             body = response.json()
         except ValueError:
             body = {"error": response.text[:500], "type": "http"}
+        if response.status_code in (401, 403):
+            raise ServerError(response.status_code, body.get("type", "unauthorized"),
+                              f"the server at {self.base_url} refused the API key ({body.get('error', body)}); pass "
+                              "the server's --api_key as VLLMClient(api_key=...) or GRPOConfig(vllm_server_api_key=...)")
         if response.status_code >= 400:
             raise ServerError(response.status_code, body.get("type", "http"), body.get("error", str(body)),
                               body.get("field"))
@@ -145,8 +160,8 @@ class VLLMClient:
             time.sleep(1.0)
 
     def health(self) -> dict:
-        response = self.http.get("/health")
-        return response.json()
+        """GET /health's body, also when it answers 503 (starting, degraded)."""
+        return self._send("GET", "/health").json()
 
     # --- generation -----------------------------------------------------------
 
@@ -180,14 +195,16 @@ class VLLMClient:
                 f"{self.info['weight_transfer_backend']!r}: send CPU tensors to a CPU server and CUDA tensors "
                 "to a GPU server"
             )
+        self._request("GET", "/v1/models")  # a wrong API key fails here at once, whatever the backend
         world_size = self.info["weight_transfer_ranks"] + 1
         address, port = _address_seen_by(self.host, self.port), free_port()
         sender = sender_class(backend)(self.bucket_bytes)
         payload = {"master_address": address, "master_port": port, "world_size": world_size, "backend": backend,
                    "timeout_s": self.weight_transfer_timeout, "bucket_bytes": self.bucket_bytes}
-        open_sender(sender, lambda: self._request("POST", "/weights/init", retry_connect=False, json=payload),
-                    address, port, world_size, self.weight_transfer_timeout, peer=f"the server at {self.base_url}")
-        self.sender = sender
+        joined = open_sender(sender, lambda: self._request("POST", "/weights/init", retry_connect=False, json=payload),
+                             address, port, world_size, self.weight_transfer_timeout,
+                             peer=f"the server at {self.base_url}")
+        self.sender, self.group_id = sender, joined["group_id"]
 
     def update_weights(self, weights, weight_version: int | None = None) -> int:
         """Push a model's parameters (gathered one at a time from ZeRO-3/FSDP shards), a dict, or
@@ -212,8 +229,9 @@ class VLLMClient:
                 return result["weight_version"]
             except ServerError as exc:
                 self.close_weight_transfer()
-                # A replica died since the group opened: reopen with the live ones and push again.
-                if exc.type == "group_stale" and attempt == 0:
+                # A replica died since the group opened, or the server closed our group (a restart, a failed
+                # push it cleaned up after): reopen with the live replicas and push again.
+                if exc.type in ("group_stale", "group_closed") and attempt == 0:
                     continue
                 raise
             except WeightTransferError:
@@ -224,9 +242,9 @@ class VLLMClient:
     def close_weight_transfer(self) -> None:
         if self.sender is not None:
             self.sender.close()
-            self.sender = None
+            group_id, self.sender, self.group_id = self.group_id, None, None
             try:
-                self._request("POST", "/weights/close", retry_connect=False)
+                self._request("POST", "/weights/close", retry_connect=False, json={"group_id": group_id})
             except (ServerError, ServerUnavailable, TimeoutError):
                 pass  # the server may already have closed it after a failure
 

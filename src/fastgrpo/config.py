@@ -42,6 +42,8 @@ class GRPOConfig(TrainingArguments):
     vllm_server_host: str = "0.0.0.0"
     vllm_server_port: int = 8000
     vllm_server_timeout: float = 240.0
+    vllm_server_api_key: str | None = field(
+        default=None, metadata={"help": "the server's --api_key, if it was started with one (ours)"})
     vllm_gpu_memory_utilization: float = 0.3
     vllm_tensor_parallel_size: int = 1
     vllm_max_model_len: int | None = None
@@ -111,6 +113,10 @@ class GRPOConfig(TrainingArguments):
             fail("epsilon and epsilon_high must be > 0 (0.2 and 0.28 are common)")
         if self.temperature <= 0:
             fail(f"temperature={self.temperature}: GRPO samples, so it must be > 0 (1.0 is common)")
+        if self.use_vllm and self.temperature > 2.0:
+            fail(f"temperature={self.temperature}: vLLM samples at temperatures up to 2.0 only")
+        if not 0.01 <= self.repetition_penalty <= 100:
+            fail(f"repetition_penalty={self.repetition_penalty}: use a value in [0.01, 100] (1.0: no penalty)")
         if self.weight_sync_bucket_bytes < MIN_BUCKET_BYTES:
             fail(f"vllm_weight_sync_bucket_mb={self.vllm_weight_sync_bucket_mb}: use at least "
                  f"{MIN_BUCKET_BYTES / 2**20:.4f} MiB (32 is the default)")

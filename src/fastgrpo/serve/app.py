@@ -7,9 +7,9 @@ import re
 import threading
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException
+
+from fastgrpo.serve import errors
 
 from fastgrpo.serve.protocol import (
     Completion,
@@ -86,7 +86,13 @@ def check_lengths(state: ServerState, prompts: list[list[int]], max_tokens: int,
 
 async def run_generation(state: ServerState, prompts: list[list[int]], fields: SamplingFields,
                          prompt_logprobs: bool = False) -> tuple[list[PromptResult], int]:
-    params = sampling_params(fields, prompt_logprobs)
+    from vllm.exceptions import VLLMClientError
+
+    try:
+        params = sampling_params(fields, prompt_logprobs)
+    except (VLLMClientError, ValueError) as exc:  # vLLM's own limits, where ours let a value through
+        raise ApiError(400, "invalid_request", f"vLLM refused the sampling parameters: {exc}",
+                       getattr(exc, "parameter", None) or field_named_in(str(exc), SamplingFields.model_fields)) from exc
     costs = [len(p) + fields.n * fields.max_tokens for p in prompts]
     async with state.lock.read():
         # Read under the lock: a request that queued behind a push sees how that push ended.
@@ -122,7 +128,8 @@ async def run_generation(state: ServerState, prompts: list[list[int]], fields: S
 # ---------------------------------------------------------------------------
 
 
-def create_app(settings: ServerSettings, api_key: str | None = None) -> FastAPI:
+def create_app(settings: ServerSettings, api_key: str | None = None, body_timeout_s: float = 30.0,
+               weight_transfer_any_address: bool = False) -> FastAPI:
     from fastgrpo.engine import on_cpu
 
     cpu = on_cpu()
@@ -153,51 +160,11 @@ def create_app(settings: ServerSettings, api_key: str | None = None) -> FastAPI:
         state.pool.shutdown()
 
     app = FastAPI(title="fastgrpo generation server", lifespan=lifespan,
-                  responses={400: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
+                  responses={code: {"model": ErrorResponse} for code in (400, 401, 404, 405, 408, 500, 503)})
     app.state.server = state
+    app.state.weight_transfer_any_address = weight_transfer_any_address
 
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError):
-        return error_response(exc.status, exc.type, exc.message, exc.field)
-
-    @app.exception_handler(HTTPException)
-    async def _http_error(request: Request, exc: HTTPException):
-        # Unknown routes, wrong methods, bodies that cannot be read: the same JSON as every other error.
-        kinds = {404: "not_found", 405: "method_not_allowed"}
-        message = str(exc.detail)
-        if exc.status_code == 405:
-            message = f"{request.method} is not allowed on {request.url.path}; see GET /docs for the routes"
-        elif exc.status_code == 404:
-            message = f"no route {request.url.path}; see GET /docs for the routes"
-        elif exc.status_code == 400:
-            message = f"the body could not be read ({exc.detail}): send a UTF-8 JSON object"
-        response = error_response(exc.status_code, kinds.get(exc.status_code, "invalid_request"), message,
-                                  "body" if exc.status_code == 400 else None)
-        response.headers.update(exc.headers or {})
-        return response
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0]
-        if first["type"] in ("json_invalid", "json_type"):
-            return error_response(400, "invalid_request", f"the body is not valid JSON: {first.get('msg')} "
-                                  f"(near character {first['loc'][-1]}); send a JSON object", "body")
-        where = ".".join(str(p) for p in first["loc"] if p != "body")
-        message = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}"
-            + (f" (got {e['input']!r})" if not isinstance(e.get("input"), (dict, list)) else "")
-            for e in exc.errors()[:5])
-        return error_response(400, "invalid_request", message, where or None)
-
-    @app.middleware("http")
-    async def _never_a_bare_500(request: Request, call_next):
-        # What no handler expected still answers the documented JSON, and the connection stays usable.
-        try:
-            return await call_next(request)
-        except Exception as exc:
-            log.exception("unexpected error on %s %s", request.method, request.url.path)
-            return error_response(500, "internal", f"{type(exc).__name__}: {exc}. This is a bug in the server; "
-                                  "the server keeps serving. Please report it with the server's log.")
+    errors.install(app, body_timeout_s)
 
     @app.middleware("http")
     async def _auth_and_readiness(request: Request, call_next):
@@ -229,7 +196,8 @@ def create_app(settings: ServerSettings, api_key: str | None = None) -> FastAPI:
             tensor_parallel_size=settings.tensor_parallel_size, data_parallel_size=settings.data_parallel_size,
             world_size=settings.world_size, weight_transfer_ranks=state.weight_transfer_ranks,
             weight_version=state.weight_version,
-            weights_consistent=state.weights_consistent, weight_transfer_backend=state.pool.backend,
+            weights_consistent=state.weights_consistent, weight_push=state.push_phase,
+            last_push_error=state.last_push_error, weight_transfer_backend=state.pool.backend,
             dtype=_served_dtype(state), max_model_len=state.max_model_len,
         )
         return JSONResponse(body.model_dump(), status_code=200 if status == "ok" else 503)

@@ -42,6 +42,11 @@ def add_parser(subparsers) -> None:
     add_flag(p, "--log_level", default="info", choices=["critical", "error", "warning", "info", "debug"],
              help="log level (default info)")
     add_flag(p, "--seed", type=int, default=0, help="engine seed (default 0)")
+    add_flag(p, "--request_body_timeout", type=float, default=30.0,
+             help="seconds a request body may stall before the server answers 408 and closes (default 30)")
+    add_flag(p, "--weight_transfer_any_address", action="store_true",
+             help="let /weights/init name any master_address, not only the requester's own IP (for trainers "
+                  "behind NAT or a proxy)")
     p.set_defaults(func=run)
 
 
@@ -55,6 +60,7 @@ def validate(args) -> None:
         (1 <= args.port <= 65535, "--port must be in 1..65535"),
         (args.kv_cache_space is None or args.kv_cache_space >= 1, "--kv_cache_space must be a whole number of GiB >= 1"),
         (args.max_num_seqs is None or args.max_num_seqs >= 1, "--max_num_seqs must be >= 1"),
+        (args.request_body_timeout > 0, "--request_body_timeout must be > 0 seconds"),
     ]
     for ok, message in checks:
         if not ok:
@@ -86,6 +92,7 @@ def run(args) -> int:
         device_slices(settings, on_cpu())
     except ValueError as exc:
         raise SystemExit(f"fastgrpo vllm-serve: error: {exc}") from None
-    app = create_app(settings, api_key=args.api_key)
+    app = create_app(settings, api_key=args.api_key, body_timeout_s=args.request_body_timeout,
+                     weight_transfer_any_address=args.weight_transfer_any_address)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_keep_alive=60)
     return 0

@@ -23,11 +23,12 @@ class ChatMessage(BaseModel):
 NonEmptyStr = Annotated[str, Field(min_length=1)]
 TokenId = Annotated[int, Field(ge=0)]  # the vocabulary's upper bound is checked against the served tokenizer
 Completions = Annotated[int, Field(ge=1, le=1024, description="completions per prompt")]
-Temperature = Annotated[float, Field(ge=0.0, le=100.0)]
+Temperature = Annotated[float, Field(ge=0.0, le=2.0, description="vLLM's own limit")]
 TopP = Annotated[float, Field(gt=0.0, le=1.0)]
-TopK = Annotated[int, Field(ge=-1, description="-1 or 0: no top-k")]
+TopK = Annotated[int, Field(ge=-1, le=2**31 - 1, description="-1 or 0: no top-k; the engine keeps it as int32")]
 MinP = Annotated[float, Field(ge=0.0, le=1.0)]
-RepetitionPenalty = Annotated[float, Field(gt=0.0)]
+# Logits are divided by it: a penalty near 0 overflows them, and the logprobs come out NaN (the fuzzer's case).
+RepetitionPenalty = Annotated[float, Field(ge=0.01, le=100.0)]
 MaxTokens = Annotated[int, Field(ge=1, description="new tokens per completion")]
 Seed = Annotated[int, Field(ge=0, le=2**63 - 1, description="what the engine's 64-bit generators accept")]
 StopStrings = Annotated[list[NonEmptyStr], Field(max_length=64)]
@@ -106,6 +107,8 @@ class HealthResponse(BaseModel):
     weight_transfer_ranks: int  # TP x live replicas: the inference ranks of a new weight-transfer group
     weight_version: int
     weights_consistent: bool
+    weight_push: Literal["none", "announced", "loading"]  # announced: validated, its data not started yet
+    last_push_error: str | None  # why the last push failed, until one succeeds
     weight_transfer_backend: str
     dtype: str
     max_model_len: int | None
@@ -121,7 +124,17 @@ class InitTransferRequest(BaseModel):
     timeout_s: float = Field(120.0, gt=0, le=3600)
 
 
-class StartUpdateRequest(BaseModel):
+class InitTransferResponse(BaseModel):
+    group_id: str  # the owner's token: send it with every /weights/start and /weights/close
+    world_size: int
+    backend: str
+
+
+class GroupRequest(BaseModel):
+    group_id: str = Field(description="from /weights/init: only the group's owner may push to or close it")
+
+
+class StartUpdateRequest(GroupRequest):
     names: list[str]
     dtype_names: list[str]
     shapes: list[list[int]]
@@ -148,6 +161,10 @@ class StartUpdateResponse(BaseModel):
 
 class FinishUpdateRequest(BaseModel):
     transfer_id: str
+
+
+class OkResponse(BaseModel):
+    ok: bool = True
 
 
 class WeightVersionResponse(BaseModel):

@@ -240,8 +240,11 @@ class ReplicaPool:
                     f"replica {replica.index} ({replica.devices or 'default devices'}) died while serving this "
                     f"request: {replica.error}. Its other replicas keep serving; restart the server to recover it."
                 ) from exc
-            if isinstance(exc, (ValueError, TypeError, OverflowError)):  # vLLM's input validation
-                raise EngineRejected(str(exc)) from exc
+            # vLLM's input validation; AsyncLLM wraps what fails while it hands a request to the engine (an
+            # int that does not serialize, say) in an EngineGenerateError without a message.
+            cause = exc.__cause__ if type(exc).__name__ == "EngineGenerateError" else exc
+            if isinstance(cause, (ValueError, TypeError, OverflowError)):
+                raise EngineRejected(str(cause)) from exc
             raise
         finally:
             replica.load_tokens -= cost

@@ -2,6 +2,7 @@
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import Literal
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
@@ -22,10 +23,21 @@ def error_response(status: int, type: str, message: str, field: str | None = Non
 
 
 @dataclass
+class WeightGroup:
+    """An open weight-transfer group and its owner: the trainer that hosts its rendezvous."""
+
+    group_id: str  # the owner's token: only requests that carry it may push to or close the group
+    master_address: str
+    master_port: int
+    members: list[Replica]  # the replicas whose workers joined
+
+
+@dataclass
 class PendingPush:
     transfer_id: str
     request: StartUpdateRequest
-    watchdog: asyncio.Task | None = None
+    phase: Literal["announced", "loading"] = "announced"  # loading: from the drain of in-flight generations on
+    expiry: asyncio.Task | None = None  # ends an announcement whose data never starts
 
 
 @dataclass
@@ -39,10 +51,14 @@ class ServerState:
     # False from the moment a push starts touching the engines until one finishes whole; generation
     # refuses to run meanwhile rather than serve a mix of old and new weights.
     weights_consistent: bool = True
-    transfer_open: bool = False
-    group: list[Replica] = field(default_factory=list)  # the replicas whose workers joined the open group
+    last_push_error: str | None = None  # why the last push failed, until one succeeds
+    group: WeightGroup | None = None
     lock: RWLock = field(default_factory=RWLock)
     pending: PendingPush | None = None
+
+    @property
+    def push_phase(self) -> Literal["none", "announced", "loading"]:
+        return "none" if self.pending is None else self.pending.phase
 
     @property
     def ready(self) -> bool:

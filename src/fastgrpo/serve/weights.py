@@ -1,50 +1,125 @@
 """The weight-sync routes: open a group, announce a push, receive it, close.
 
 A push is two requests so that a bad one is refused before any collective starts:
-`/weights/start` validates the names, shapes and dtypes and drains in-flight
-generations (a batch never mixes weights); `/weights/update` runs vLLM's
-`start_weight_update` / `update_weights` / `finish_weight_update` on the workers of
-the group while the trainer sends.
+`/weights/start` validates the names, shapes and dtypes and announces the push;
+`/weights/update` drains in-flight generations (a batch never mixes weights) and
+runs vLLM's `start_weight_update` / `update_weights` / `finish_weight_update` on
+the workers of the group while the trainer sends. Generation waits only from
+that drain until the load has finished: an announcement alone holds nothing,
+and one whose data never starts expires after ANNOUNCE_TTL_S.
 
 The guarantee: generation runs only on weights that one whole push left behind.
 From the moment a push touches the engines until it has finished on every
 replica, `weights_consistent` is False; a push that fails half-way leaves it False
 (and each engine's layerwise reload cleaned up, so the next push starts clean),
-and only a push that names every weight sets it True again.
+and only a push that names every weight sets it True again. Recovery needs no
+human: the trainer pushes again (GRPOTrainer retries a failed sync), and
+meanwhile /generate answers 503, so no completion comes from mixed weights.
+
+A group belongs to the trainer that opened it: the `group_id` that /weights/init
+returns must come with every push and with /weights/close. A second trainer gets
+409 while the owner's rendezvous still listens (its process is alive), and takes
+the group over once it does not.
 """
 
 import asyncio
+import contextlib
+import ipaddress
 import logging
 import time
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 
 from fastgrpo.serve.protocol import (
+    ErrorResponse,
     FinishUpdateRequest,
+    GroupRequest,
     InitTransferRequest,
+    InitTransferResponse,
+    OkResponse,
     StartUpdateRequest,
     StartUpdateResponse,
     WeightVersionResponse,
 )
 from fastgrpo.serve.specs import check_push, covers_all
-from fastgrpo.serve.state import ApiError, PendingPush, ServerState, server_state
+from fastgrpo.serve.state import ApiError, PendingPush, ServerState, WeightGroup, server_state
 from fastgrpo.transfer import sender_class
-from fastgrpo.transfer.push import RELOAD_CLEANUP_STEPS
 from fastgrpo.transfer.gloo import TRAINER_DID_NOT_SEND
 from fastgrpo.transfer.packing import metas_from_info
+from fastgrpo.transfer.push import RELOAD_CLEANUP_STEPS
 
 log = logging.getLogger("fastgrpo.serve")
-router = APIRouter(prefix="/weights", tags=["weight sync"])
+router = APIRouter(prefix="/weights", tags=["weight sync"], responses={
+    code: {"model": ErrorResponse} for code in (409, 502, 504)})
 State = Annotated[ServerState, Depends(server_state)]
 FINISH_TIMEOUT_S = 60.0
+ANNOUNCE_TTL_S = 10.0  # from /weights/start to /weights/update; the client sends them back to back
+PROBE_TIMEOUT_S = 3.0
+
+
+def check_group_address(address: str, peer: str | None, any_address: bool) -> None:
+    """The engines connect only to the trainer that asks them to: master_address must be the requester's IP.
+
+    Anything else would let an HTTP client point the server's workers at any host (and stall them there).
+    """
+    if any_address:
+        return
+    try:
+        ip = ipaddress.ip_address(address)
+        peer_ip = ipaddress.ip_address(peer) if peer else None
+    except ValueError:
+        ip = peer_ip = None
+    unmapped = [getattr(a, "ipv4_mapped", None) or a for a in (ip, peer_ip)]
+    if ip is None or peer_ip is None or not (unmapped[0] == unmapped[1] or (ip.is_loopback and peer_ip.is_loopback)):
+        raise ApiError(400, "invalid_request", f"master_address {address!r} is not the IP address this request "
+                       f"came from ({peer}): the trainer that opens the group hosts it, and the engines connect "
+                       "back to it only. Behind NAT or a proxy, start the server with --weight_transfer_any_address.",
+                       "master_address")
+
+
+async def rendezvous_error(address: str, port: int, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
+    """None if something accepts connections at address:port (the trainer's rendezvous), else why not.
+
+    Asked before the workers join: a join blocks the engines, so a dead address must fail here, at once.
+    """
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(address, port), timeout_s)
+    except TimeoutError:
+        return f"no answer within {timeout_s:.0f} s"
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return None
+
+
+def owned_group(state: ServerState, group_id: str) -> WeightGroup:
+    group = state.group
+    if group is None:
+        raise ApiError(409, "group_closed", "no weight-transfer group is open (the server closed it after a failed "
+                       "push, or restarted): POST /weights/init first. VLLMClient.update_weights does this by "
+                       "itself.", "group_id")
+    if group.group_id != group_id:
+        raise ApiError(409, "group_closed", f"the open weight-transfer group belongs to another trainer (at "
+                       f"{group.master_address}:{group.master_port}); yours was closed or taken over: open a "
+                       "new one with POST /weights/init", "group_id")
+    return group
+
+
+def end_pending(state: ServerState) -> None:
+    """Forget an announcement (its data never started); a loading push ends itself."""
+    pending, state.pending = state.pending, None
+    if pending is not None and pending.expiry is not None:
+        pending.expiry.cancel()
 
 
 async def close_group(state: ServerState) -> None:
     """Leave the group on every live member (best effort); the trainer opens a new one."""
-    members, state.group, state.transfer_open = state.group, [], False
-    live = [r for r in members if r.alive]
+    group, state.group = state.group, None
+    live = [r for r in group.members if r.alive] if group is not None else []
     if live:
         try:
             await state.pool.each("shutdown_weight_transfer_engine", replicas=live, timeout=FINISH_TIMEOUT_S)
@@ -52,8 +127,8 @@ async def close_group(state: ServerState) -> None:
             log.exception("leaving the weight-transfer group failed")
 
 
-@router.post("/init")
-async def weights_init(req: InitTransferRequest, state: State):
+@router.post("/init", response_model=InitTransferResponse)
+async def weights_init(req: InitTransferRequest, request: Request, state: State):
     from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
 
     members, tp = state.pool.live, state.settings.tensor_parallel_size
@@ -67,15 +142,31 @@ async def weights_init(req: InitTransferRequest, state: State):
         raise ApiError(400, "invalid_request", f"backend {req.backend!r} requested, but the engines were "
                        f"built with {state.pool.backend!r} (gloo on the CPU build, nccl on GPUs); send "
                        "tensors from the matching device", "backend")
+    check_group_address(req.master_address, request.client.host if request.client else None,
+                        request.app.state.weight_transfer_any_address)
     # A push that just failed on the trainer may still be failing here (its workers wait out their timeout).
     deadline = time.monotonic() + req.timeout_s
-    while state.pending is not None:
+    while state.pending is not None and state.pending.phase == "loading":
         if time.monotonic() > deadline:
-            raise ApiError(409, "weight_transfer", f"a weight push is still in progress after {req.timeout_s:.0f} s: "
+            raise ApiError(409, "weight_transfer", f"a weight push is still loading after {req.timeout_s:.0f} s: "
                            "open a new group once it has ended")
         await asyncio.sleep(0.05)
-    if state.transfer_open:
+    if state.group is not None:
+        owner = state.group
+        if await rendezvous_error(owner.master_address, owner.master_port) is None:
+            raise ApiError(409, "weight_transfer", f"another trainer (at {owner.master_address}:{owner.master_port})"
+                           " owns this server's weight-transfer group, and it is still running: one trainer "
+                           "pushes to a server at a time. Stop that run, or start another server.")
+        log.warning("taking over the weight-transfer group of the trainer at %s:%d, which is gone",
+                    owner.master_address, owner.master_port)
+        end_pending(state)
         await close_group(state)
+    unreachable = await rendezvous_error(req.master_address, req.master_port)
+    if unreachable is not None:
+        raise ApiError(400, "invalid_request", f"nothing hosts a weight-transfer group at {req.master_address}:"
+                       f"{req.master_port} ({unreachable}): the trainer opens it before calling /weights/init "
+                       "(VLLMClient does). Check the address and port, and any firewall between here and there.",
+                       "master_port")
     sender = sender_class(state.pool.backend)
     infos = [WeightTransferInitRequest(init_info=sender.worker_init_info(
         req.master_address, req.master_port, 1 + i * tp, req.world_size, req.bucket_bytes, req.timeout_s))
@@ -90,16 +181,14 @@ async def weights_init(req: InitTransferRequest, state: State):
         raise ApiError(502, "weight_transfer", f"joining the weight-transfer group failed on the server: "
                        f"{exc}. Check master_address/master_port and that both sides run the same "
                        "torch and vLLM versions.") from exc
-    state.group, state.transfer_open = members, True
-    return {"ok": True, "world_size": req.world_size, "backend": state.pool.backend}
+    state.group = WeightGroup(uuid.uuid4().hex, req.master_address, req.master_port, members)
+    return InitTransferResponse(group_id=state.group.group_id, world_size=req.world_size, backend=state.pool.backend)
 
 
 @router.post("/start", response_model=StartUpdateResponse)
 async def weights_start(req: StartUpdateRequest, state: State):
-    if not state.transfer_open:
-        raise ApiError(409, "weight_transfer", "no weight-transfer group is open: POST /weights/init first "
-                       "(VLLMClient.update_weights does this on first use)")
-    dead = [r.index for r in state.group if not r.alive]
+    group = owned_group(state, req.group_id)
+    dead = [r.index for r in group.members if not r.alive]
     if dead:
         await close_group(state)
         raise ApiError(409, "group_stale", f"replica(s) {dead} died since the weight-transfer group opened: the "
@@ -112,30 +201,23 @@ async def weights_start(req: StartUpdateRequest, state: State):
     if state.pending is not None:
         raise ApiError(409, "weight_transfer", "another weight push is in progress: one push at a time")
     transfer_id = uuid.uuid4().hex
-    state.pending = PendingPush(transfer_id, req)  # claim first: concurrent starts get 409
-    try:
-        # Drain in-flight generations: a batch never mixes weights.
-        await asyncio.wait_for(state.lock.acquire_write(), req.timeout_s)
-    except TimeoutError:
-        state.pending = None
-        raise ApiError(503, "busy", f"in-flight generations did not finish within {req.timeout_s:.0f} s; "
-                       "retry the push") from None
+    state.pending = pending = PendingPush(transfer_id, req)
 
     async def expire():
-        await asyncio.sleep(req.timeout_s)
-        if state.pending is not None and state.pending.transfer_id == transfer_id:
-            log.warning("weight push %s expired: the trainer never sent its data", transfer_id)
+        await asyncio.sleep(ANNOUNCE_TTL_S)
+        if state.pending is pending and pending.phase == "announced":
+            log.warning("weight push %s expired: /weights/update did not follow within %.0f s", transfer_id,
+                        ANNOUNCE_TTL_S)
             state.pending = None
-            await state.lock.release_write()
 
-    state.pending.watchdog = asyncio.create_task(expire())
+    pending.expiry = asyncio.create_task(expire())
     nbytes = sum(m.nbytes for m in metas_from_info(req.names, req.dtype_names, req.shapes))
     return StartUpdateResponse(transfer_id=transfer_id, num_tensors=len(req.names), bytes=nbytes)
 
 
-async def _finalize_after_failure(state: ServerState) -> None:
+async def _finalize_after_failure(state: ServerState, members) -> None:
     """Leave no layer half-loaded after a failed push (see RELOAD_CLEANUP_STEPS)."""
-    live = [r for r in state.group if r.alive]
+    live = [r for r in members if r.alive]
     for method in RELOAD_CLEANUP_STEPS:
         try:
             await state.pool.each(method, replicas=live, timeout=FINISH_TIMEOUT_S)
@@ -148,11 +230,19 @@ async def weights_update(req: FinishUpdateRequest, state: State):
     from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
 
     pending = state.pending
-    if pending is None or pending.transfer_id != req.transfer_id:
-        raise ApiError(409, "weight_transfer", f"transfer {req.transfer_id!r} is unknown or expired: call "
-                       "/weights/start again", "transfer_id")
-    pending.watchdog.cancel()
-    push, members = pending.request, state.group
+    if pending is None or pending.transfer_id != req.transfer_id or pending.phase != "announced" or state.group is None:
+        raise ApiError(409, "weight_transfer", f"transfer {req.transfer_id!r} is unknown, expired or already "
+                       "loading: call /weights/start again", "transfer_id")
+    pending.expiry.cancel()
+    pending.phase = "loading"
+    push, members = pending.request, state.group.members
+    try:
+        # Drain in-flight generations (new ones queue behind the push): a batch never mixes weights.
+        await asyncio.wait_for(state.lock.acquire_write(), push.timeout_s)
+    except TimeoutError:
+        state.pending = None
+        raise ApiError(503, "busy", f"in-flight generations did not finish within {push.timeout_s:.0f} s; "
+                       "retry the push") from None
     began = time.perf_counter()
     info = {"names": push.names, "dtype_names": push.dtype_names, "shapes": push.shapes}
     was_consistent, state.weights_consistent = state.weights_consistent, False
@@ -165,15 +255,19 @@ async def weights_update(req: FinishUpdateRequest, state: State):
         # Decided before the lock is released: a generation waiting for it must see the outcome.
         state.weights_consistent = was_consistent or covers_all(state.specs, push.names)
         state.weight_version = push.weight_version if push.weight_version is not None else state.weight_version + 1
+        state.last_push_error = None
     except Exception as exc:
-        await _finalize_after_failure(state)
+        await _finalize_after_failure(state, members)
         await close_group(state)
         if isinstance(exc, TimeoutError) or TRAINER_DID_NOT_SEND in str(exc):
-            raise ApiError(504, "weight_transfer", f"{TRAINER_DID_NOT_SEND} within {push.timeout_s:.0f} s (the "
-                           "trainer side did not send): the group is closed and generation refused until a full "
-                           "push lands; open the group again and push again") from None
-        raise ApiError(502, "weight_transfer", f"the weight push failed on the server: {exc}. The group is closed "
-                       "and generation refused until a full push lands: open it again and push again.") from exc
+            error = ApiError(504, "weight_transfer", f"{TRAINER_DID_NOT_SEND} within {push.timeout_s:.0f} s (the "
+                             "trainer side did not send): the group is closed and generation refused until a full "
+                             "push lands; open the group again and push again")
+        else:
+            error = ApiError(502, "weight_transfer", f"the weight push failed on the server: {exc}. The group is "
+                             "closed and generation refused until a full push lands: open it again and push again.")
+        state.last_push_error = error.message
+        raise error from None
     finally:
         state.pending = None
         await state.lock.release_write()
@@ -183,8 +277,14 @@ async def weights_update(req: FinishUpdateRequest, state: State):
     return WeightVersionResponse(weight_version=state.weight_version, seconds=round(time.perf_counter() - began, 4))
 
 
-@router.post("/close")
-async def weights_close(state: State):
-    if state.transfer_open and state.pending is None:
-        await close_group(state)
-    return {"ok": True}
+@router.post("/close", response_model=OkResponse)
+async def weights_close(req: GroupRequest, state: State):
+    """The owner leaves: its announced push is dropped and the group closed (not while a push loads)."""
+    if state.group is None:
+        return OkResponse()
+    owned_group(state, req.group_id)
+    if state.pending is not None and state.pending.phase == "loading":
+        raise ApiError(409, "weight_transfer", "a weight push is loading: close the group once it has ended")
+    end_pending(state)
+    await close_group(state)
+    return OkResponse()

@@ -56,12 +56,13 @@ class ServerBackend(GenerationBackend):
     has_sampling_logprobs = True
 
     def __init__(self, base_url: str | None, host: str, port: int, timeout: float,
-                 bucket_bytes: int = DEFAULT_BUCKET_BYTES):
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, api_key: str | None = None):
         from fastgrpo.client import VLLMClient
 
         if base_url is None and host == "0.0.0.0":
             host = "127.0.0.1"  # the server binds 0.0.0.0; the trainer connects locally
-        self.client = VLLMClient(base_url=base_url, host=host, port=port, timeout=timeout, bucket_bytes=bucket_bytes)
+        self.client = VLLMClient(base_url=base_url, host=host, port=port, timeout=timeout, bucket_bytes=bucket_bytes,
+                                 api_key=api_key)
 
     def generate(self, prompt_ids, sampling, seed) -> Completions:
         response = self.client.generate(

@@ -7,6 +7,7 @@ computes group advantages over the whole batch (all processes), and buffers the
 micro-batches. After every optimizer step the new weights go to the generator.
 """
 
+import atexit
 import logging
 import tempfile
 import time
@@ -29,6 +30,9 @@ from fastgrpo.trainer.loss import entropy_from_logits, group_advantages, grpo_lo
 from fastgrpo.trainer.rewards import compute_rewards, prepare_reward_funcs, reward_func_name
 
 logger = logging.getLogger(__name__)
+
+
+WEIGHT_SYNC_ATTEMPTS = 3  # a push that fails for a reason that may pass is tried again (see sync_weights)
 
 
 class StaleGenerationError(RuntimeError):
@@ -160,6 +164,8 @@ class GRPOTrainer(Trainer):
         self._share_prompts = args.share_prompt_prefix and not args.gradient_checkpointing
         self._completion_token_cost = _completion_token_cost(self.model)
         self.backend = self._make_backend()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            atexit.register(_destroy_process_group)  # for scripts that never call close() (see close)
         self.add_callback(_SyncWeightsCallback(self))
 
     # --- generation backends ------------------------------------------------------
@@ -172,7 +178,8 @@ class GRPOTrainer(Trainer):
             if not self.accelerator.is_main_process:
                 return None  # only the main process talks to the server
             return ServerBackend(a.vllm_server_base_url, a.vllm_server_host, a.vllm_server_port,
-                                 a.vllm_server_timeout, bucket_bytes=a.weight_sync_bucket_bytes)
+                                 a.vllm_server_timeout, bucket_bytes=a.weight_sync_bucket_bytes,
+                                 api_key=a.vllm_server_api_key)
         path = self.model_path
         if path is None or not isinstance(path, str):
             path = tempfile.mkdtemp(prefix="fastgrpo-colocate-")
@@ -192,7 +199,12 @@ class GRPOTrainer(Trainer):
 
         Parameters are gathered one at a time from ZeRO-3 / FSDP shards as the sender packs them, so no
         rank holds a full copy of the model. Gathering is a collective: every rank iterates all of them,
-        also when the push fails, and a failure on any rank is raised on every rank.
+        also when the push fails, and a failure on any rank is known to every rank.
+
+        A push that fails for a reason that may pass (the connection, a timeout, the server side) is tried
+        again, up to WEIGHT_SYNC_ATTEMPTS times in all: this is how a failed push recovers without a human.
+        Meanwhile the generator refuses to generate (its weights may be mixed), so no completion of an
+        inconsistent generator is ever trained on. A refused push (4xx: bad names, a wrong key) fails at once.
         """
         from accelerate.utils import gather_object
 
@@ -204,19 +216,25 @@ class GRPOTrainer(Trainer):
         if self._synced_version == version:
             return
         began = time.perf_counter()
-        weights = ModelWeights(self.accelerator.unwrap_model(self.model))
-        error = None
-        try:
-            if self.backend is not None:
-                self.backend.sync_weights(weights, version)
-        except Exception as exc:
-            error = f"{type(exc).__name__}: {exc}"
-            logger.error("weight sync failed on process %d: %s", self.accelerator.process_index, error)
-        finally:
-            weights.drain()
-        errors = [e for e in gather_object([error]) if e is not None]
-        if errors:
-            raise RuntimeError(f"pushing the weights of step {version} to the generator failed: {errors[0]}")
+        for attempt in range(1, WEIGHT_SYNC_ATTEMPTS + 1):
+            weights = ModelWeights(self.accelerator.unwrap_model(self.model))
+            failure = None
+            try:
+                if self.backend is not None:
+                    self.backend.sync_weights(weights, version)
+            except Exception as exc:
+                failure = (f"{type(exc).__name__}: {exc}", _may_pass(exc))
+                logger.error("weight sync of step %d failed on process %d (attempt %d of %d): %s", version,
+                             self.accelerator.process_index, attempt, WEIGHT_SYNC_ATTEMPTS, failure[0])
+            finally:
+                weights.drain()
+            failures = [f for f in gather_object([failure]) if f is not None]
+            if not failures:
+                break
+            if attempt == WEIGHT_SYNC_ATTEMPTS or not all(may_pass for _, may_pass in failures):
+                tried = f" after {attempt} attempts" if attempt > 1 else ""
+                raise RuntimeError(f"pushing the weights of step {version} to the generator failed{tried}: "
+                                   f"{failures[0][0]}")
         self._synced_version = version
         self._pending_time["time/weight_sync"] += time.perf_counter() - began
 
@@ -494,8 +512,34 @@ class GRPOTrainer(Trainer):
         super().log({**logs, **averaged}, start_time)
 
     def close(self) -> None:
+        """End the run: release the generator, then (in a multi-process run) the process group.
+
+        Call it last: the trainer cannot train or save after it. A process group left for the interpreter's
+        shutdown can abort the process: gloo's worker threads outlive the interpreter (torch, seen here as
+        "terminate called without an active exception" on the rank that finished first, failing the launch).
+        """
         if self.backend is not None:
             self.backend.close()
+            self.backend = None
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            self.accelerator.wait_for_everyone()  # no rank tears the group down under another's collective
+            self.accelerator.end_training()
+
+
+def _may_pass(exc: Exception) -> bool:
+    """Whether trying a failed push again can help: not when the generator refused it (a 4xx answer)."""
+    from fastgrpo.client import ServerError
+
+    while exc is not None:
+        if isinstance(exc, ServerError):
+            return exc.status >= 500
+        exc = exc.__cause__
+    return True
+
+
+def _destroy_process_group() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _completion_token_cost(model) -> float:

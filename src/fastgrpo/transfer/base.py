@@ -31,6 +31,13 @@ class WeightSender(ABC):
                          bucket_bytes: int, timeout_s: float) -> dict:
         """The init info of this backend's worker engine (vLLM's `init_weight_transfer_engine`)."""
 
+    def listen(self, master_address: str, master_port: int, world_size: int, timeout_s: float) -> None:
+        """Start hosting the rendezvous without waiting for anyone, where the backend can (gloo); see open_sender."""
+
+    def peers_arrived(self) -> bool:
+        """Whether a worker has begun to join the rendezvous; True where a backend cannot tell (NCCL)."""
+        return True
+
     @abstractmethod
     def open(self, master_address: str, master_port: int, world_size: int, timeout_s: float) -> None:
         """Host the group as rank 0; returns once every worker has joined (or raises on timeout)."""

@@ -35,12 +35,23 @@ from fastgrpo.transfer.packing import TensorMeta, dtype_name, metas_from_info
 TRAINER_DID_NOT_SEND = "the trainer's weights did not arrive"
 
 
-def open_group(master_address: str, master_port: int, rank: int, world_size: int, timeout_s: float):
-    """Join (or, as rank 0, host) a gloo group. Blocks until all ranks arrived or timeout."""
-    timeout = datetime.timedelta(seconds=timeout_s)
-    store = dist.TCPStore(master_address, master_port, world_size, is_master=(rank == 0), timeout=timeout,
-                          wait_for_workers=False)
-    return dist.ProcessGroupGloo(dist.PrefixStore("fastgrpo-weights", store), rank, world_size, timeout)
+# How long a worker looks for the trainer's rendezvous. The trainer hosts it before it asks the workers to
+# join, so this is quick when the address is right; a wrong one blocks the engine (a join runs in its busy
+# loop) only this long, whatever the collectives' timeout.
+WORKER_RENDEZVOUS_TIMEOUT_S = 30.0
+
+
+def rendezvous(master_address: str, master_port: int, rank: int, world_size: int, timeout_s: float):
+    """The group's TCPStore: rank 0 hosts it (and returns at once), the others connect to it."""
+    return dist.TCPStore(master_address, master_port, world_size, is_master=(rank == 0),
+                         timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
+
+
+def open_group(store, rank: int, world_size: int, timeout_s: float):
+    """The gloo group over a rendezvous store; blocks until every rank has arrived (the store's timeout).
+    Collectives then time out after `timeout_s`."""
+    return dist.ProcessGroupGloo(dist.PrefixStore("fastgrpo-weights", store), rank, world_size,
+                                 datetime.timedelta(seconds=timeout_s))
 
 
 def broadcaster(group):
@@ -62,7 +73,7 @@ class GlooSender(WeightSender):
 
     def __init__(self, bucket_bytes: int = DEFAULT_BUCKET_BYTES):
         super().__init__(bucket_bytes)
-        self.group = None
+        self.store = self.group = None
         self.buffers = [None, None]  # packing buffers, reused push after push (fresh memory costs page faults)
 
     @staticmethod
@@ -70,8 +81,16 @@ class GlooSender(WeightSender):
         return {"master_address": master_address, "master_port": master_port, "rank_offset": rank_offset,
                 "world_size": world_size, "bucket_bytes": bucket_bytes, "timeout_s": timeout_s}
 
+    def listen(self, master_address, master_port, world_size, timeout_s) -> None:
+        self.store = rendezvous(master_address, master_port, 0, world_size, timeout_s)
+
+    def peers_arrived(self) -> bool:
+        return self.store is not None and self.store.num_keys() > 0  # a worker's gloo rendezvous wrote its key
+
     def open(self, master_address, master_port, world_size, timeout_s) -> None:
-        self.group = open_group(master_address, master_port, 0, world_size, timeout_s)
+        if self.store is None:
+            self.listen(master_address, master_port, world_size, timeout_s)
+        self.group = open_group(self.store, 0, world_size, timeout_s)
 
     def send(self, metas, tensors) -> int:
         if self.group is None:
@@ -79,7 +98,7 @@ class GlooSender(WeightSender):
         return send_buckets(metas, tensors, self.bucket_bytes, broadcaster(self.group), self.buffers)
 
     def close(self) -> None:
-        self.group = None  # gloo tears its sockets down when the group is released
+        self.group = self.store = None  # gloo tears its sockets down, and the store its port, when released
 
 
 # ---------------------------------------------------------------------------
@@ -172,8 +191,9 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, 
         if init_info.bucket_bytes != self.bucket_bytes:
             self.bucket_bytes, self.buffers = init_info.bucket_bytes, ReceiveBuffers(init_info.bucket_bytes)
         rank = init_info.rank_offset + self.parallel_config.rank
-        self.group = open_group(init_info.master_address, init_info.master_port, rank, init_info.world_size,
-                                init_info.timeout_s)
+        store = rendezvous(init_info.master_address, init_info.master_port, rank, init_info.world_size,
+                           min(init_info.timeout_s, WORKER_RENDEZVOUS_TIMEOUT_S))
+        self.group = open_group(store, rank, init_info.world_size, init_info.timeout_s)
 
     def start_weight_update(self) -> None:
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload

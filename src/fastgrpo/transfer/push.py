@@ -7,6 +7,7 @@ it and to finish it. The data plane is a `WeightSender` (base.py).
 """
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import torch
@@ -90,9 +91,23 @@ class VllmClientControl(WeightControl):
 
 
 def open_sender(sender: WeightSender, join: Callable[[], object], master_address: str, master_port: int,
-                world_size: int, timeout_s: float, peer: str = "the inference workers") -> None:
-    """Host the group as rank 0 while `join()` asks the workers to join it."""
+                world_size: int, timeout_s: float, peer: str = "the inference workers"):
+    """Host the group as rank 0 while `join()` asks the workers to join it; returns what `join()` returned.
+
+    The rendezvous starts listening first; the group itself is built (which blocks until every worker has
+    joined) only once a worker has begun to join. So a join the generator refuses (a wrong world size, a
+    group owned by another trainer, an address it cannot reach) fails here at once, and no thread is left
+    waiting inside the collective library (one still waiting there when the process exits aborts it).
+    """
+    sender.listen(master_address, master_port, world_size, timeout_s)
     joined = Background(join)
+    deadline = time.monotonic() + timeout_s
+    while not joined.done.is_set() and not sender.peers_arrived() and time.monotonic() < deadline:
+        joined.done.wait(0.02)
+    if joined.error is not None:
+        sender.close()
+        raise WeightTransferError(f"{peer} did not join the weight-transfer group at {master_address}:"
+                                  f"{master_port}: it answered {joined.error}") from joined.error
     try:
         sender.open(master_address, master_port, world_size, timeout_s)
     except Exception as exc:
@@ -103,7 +118,7 @@ def open_sender(sender: WeightSender, join: Callable[[], object], master_address
             f"machine at {master_address} (firewall), and that both sides run the same torch version."
         ) from exc
     try:
-        joined.result(timeout_s + 30)
+        return joined.result(timeout_s + 30)
     except Exception as exc:
         sender.close()
         raise WeightTransferError(f"{peer} failed to join the weight-transfer group: {exc}") from exc
