@@ -208,7 +208,7 @@ def fuzz_schema(server, path) -> None:
 def test_schemathesis_finds_no_server_error_and_no_schema_violation(server, hf_model, probe_ids, tmp_path):
     schema = tmp_path / "openapi.json"
     fuzz_schema(server, schema)
-    seconds = int(os.environ.get("FASTGRPO_FUZZ_SECONDS", "60"))
+    seconds = int(os.environ.get("FASTGRPO_FUZZ_SECONDS", "45"))
     result = subprocess.run(
         [str(Path(sys.executable).parent / "schemathesis"), "--no-color", "run", str(schema), "--url",
          server.base_url, "--checks", FUZZ_CHECKS, "--max-time", str(seconds), "--workers", "1",
