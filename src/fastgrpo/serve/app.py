@@ -10,7 +10,6 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from fastgrpo.serve import errors
-
 from fastgrpo.serve.protocol import (
     Completion,
     ErrorResponse,
