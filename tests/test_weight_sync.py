@@ -97,15 +97,18 @@ def test_push_is_exact_at_every_bucket_size_and_in_any_order(server, tiny_qwen2,
 
 
 class FailingWeights(NamedWeights):
-    """Yields the first `fail_after` tensors, then breaks, as a trainer that dies mid-push would."""
+    """Yields the first `fail_after` tensors, then breaks, as a trainer that dies mid-push would (once
+    `wait_for` is set, if given: the push stays half-way until then)."""
 
-    def __init__(self, pairs, fail_after: int):
+    def __init__(self, pairs, fail_after: int, wait_for: threading.Event | None = None):
         super().__init__(pairs)
-        self.fail_after = fail_after
+        self.fail_after, self.wait_for = fail_after, wait_for
 
     def __iter__(self):
         for i, tensor in enumerate(super().__iter__()):
             if i == self.fail_after:
+                if self.wait_for is not None:
+                    self.wait_for.wait(30)
                 raise RuntimeError("the trainer broke half-way through the push")
             yield tensor
 
@@ -130,20 +133,27 @@ def test_a_push_that_fails_half_way_blocks_generation_until_a_full_push_restores
     good, broken = perturbed(tiny_qwen2, seed=2), perturbed(tiny_qwen2, seed=3)
     named = shuffled(broken, seed=0)
     expected = hf_logprobs(good, probe_ids)
-    queued = {}
+    queued = {"ready": threading.Event()}
 
     class GenerateQueuedBehindThePush(_ServerControl):
-        def start(self, info):
-            super().start(info)  # the push now holds the engines; the weights are still consistent
-            queued["thread"], queued["out"] = generate_in_background(server)
-            time.sleep(0.5)  # the request is queued behind the push before any byte moves
+        def receive(self, info):
+            def queue_once_loading():
+                # An announcement holds nothing; a request waits once the push's data has started to load.
+                while httpx.get(server.base_url + "/health", timeout=10).json()["weight_push"] != "loading":
+                    time.sleep(0.01)
+                queued["thread"], queued["out"] = generate_in_background(server)
+                time.sleep(0.5)  # the request is queued behind the loading push
+                queued["ready"].set()  # now the trainer breaks
 
-    with VLLMClient(base_url=server.base_url, bucket_bytes=SMALL_BUCKET, weight_transfer_timeout=4) as client:
+            threading.Thread(target=queue_once_loading, daemon=True).start()
+            return super().receive(info)
+
+    with VLLMClient(base_url=server.base_url, bucket_bytes=SMALL_BUCKET, weight_transfer_timeout=10) as client:
         client.update_weights(good)
-        weights = FailingWeights(named, len(named) * 2 // 3)
+        weights = FailingWeights(named, len(named) * 2 // 3, wait_for=queued["ready"])
         with pytest.raises(WeightTransferError, match="broke half-way"):
             push_weights(GenerateQueuedBehindThePush(client, None), client.sender, weights.metas(torch.float32),
-                         iter(weights), timeout_s=4)
+                         iter(weights), timeout_s=10)
         client.close_weight_transfer()
         queued["thread"].join(60)
         assert queued["out"]["response"].status_code == 503, queued["out"]["response"].text
