@@ -12,7 +12,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 
-from fastgrpo.serve.protocol import ErrorResponse
 from fastgrpo.serve.state import ApiError, error_response
 
 log = logging.getLogger("fastgrpo.serve")
@@ -36,7 +35,7 @@ class BodyReadTimeout:
             try:
                 message = await asyncio.wait_for(receive(), self.timeout_s)
             except TimeoutError:
-                return await self._timed_out(send)
+                return await self._timed_out(scope, receive, send)
             messages.append(message)
             if message["type"] != "http.request" or not message.get("more_body", False):
                 break
@@ -46,14 +45,11 @@ class BodyReadTimeout:
 
         await self.app(scope, replay, send)
 
-    async def _timed_out(self, send) -> None:
-        error = ErrorResponse(error=f"the request body stopped arriving for {self.timeout_s:g} s: send the whole "
-                              "body (the server's --request_body_timeout)", type="timeout", field="body")
-        body = error.model_dump_json().encode()
-        await send({"type": "http.response.start", "status": 408, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-            (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
+    async def _timed_out(self, scope, receive, send) -> None:
+        response = error_response(408, "timeout", f"the request body stopped arriving for {self.timeout_s:g} s: "
+                                  "send the whole body (the server's --request_body_timeout)", "body")
+        response.headers["connection"] = "close"  # the rest of that body may still come: start afresh
+        await response(scope, receive, send)
 
 
 def install(app: FastAPI, body_timeout_s: float) -> None:
