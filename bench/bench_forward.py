@@ -15,7 +15,6 @@ by prompt with it (more completion padding, fewer prompt tokens). Medians of
 import argparse
 import statistics
 import time
-from types import SimpleNamespace
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -23,7 +22,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from fastgrpo.models import resolve_model
 from fastgrpo.tasks.arithmetic import arithmetic_examples
 from fastgrpo.trainer.forward import completion_logits
-from fastgrpo.trainer.grpo_trainer import GRPOTrainer, _completion_token_cost, _pad
+from fastgrpo.trainer.batching import completion_token_cost, pad_rows, split_round
+from fastgrpo.trainer.forward import prompt_groups
 
 
 def step_seconds(model, tensors, share: bool, device_type: str, zero: bool = True) -> float:
@@ -73,21 +73,21 @@ def main() -> None:
         plain, shared = statistics.median(times[False]), statistics.median(times[True])
         print(f"| {groups} x {8 // groups} | {length} | {plain:.3f} | {shared:.3f} | {plain / shared:.2f}x |")
 
-    # A whole step: 32 ragged completions, split into micro-batches as GRPOTrainer._split does.
+    # A whole step: 32 ragged completions, split into micro-batches as GRPOTrainer does (batching.split_round).
     prompts = [tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, return_dict=True)
                ["input_ids"] for row in arithmetic_examples(4, seed=1)]
     rows = [prompts[i // 8] for i in range(32)]
     lengths = torch.randint(8, 65, (32,), generator=generator).tolist()
     completions = [torch.randint(100, len(tokenizer), (n,), generator=generator).tolist() for n in lengths]
     pad = tokenizer.pad_token_id or 0
-    batch = {"prompt_ids": _pad(rows, pad, left=True), "prompt_mask": _pad([[1] * len(p) for p in rows], 0, left=True),
-             "completion_ids": _pad(completions, pad), "completion_attention": _pad([[1] * n for n in lengths], 0)}
+    batch = {"prompt_ids": pad_rows(rows, pad, left=True), "prompt_mask": pad_rows([[1] * len(p) for p in rows], 0, left=True),
+             "completion_ids": pad_rows(completions, pad), "completion_attention": pad_rows([[1] * n for n in lengths], 0)}
     batch["completion_mask"] = batch["completion_attention"]
     times = {True: [], False: []}
     for repeat in range(args.repeats + 1):
         for share in (False, True):
-            split_by = SimpleNamespace(_share_prompts=share, _completion_token_cost=_completion_token_cost(model))
-            micro = GRPOTrainer._split(split_by, batch, 4)
+            index = prompt_groups(batch["prompt_ids"], batch["prompt_mask"])[1] if share else None
+            micro = split_round(batch, 1, 4, index, completion_token_cost(model))[0]
             model.zero_grad(set_to_none=True)
             seconds = sum(step_seconds(model, [m[k] for k in ("prompt_ids", "prompt_mask", "completion_ids",
                                                                  "completion_attention")], share, "cpu", zero=False)

@@ -76,20 +76,24 @@ def test_without_an_indexable_cache_it_says_to_turn_sharing_off(tiny_qwen2):
         completion_logits(model, *tensors, share_prompts=True)
 
 
-def split(share: bool, prompt_lengths: list[int], completion_lengths: list[int], parts: int):
-    from types import SimpleNamespace
-
-    from fastgrpo.trainer.grpo_trainer import GRPOTrainer, _pad
+def split(share: bool, prompt_lengths: list[int], completion_lengths: list[int], parts: int, steps: int = 1,
+          seed: int = 0):
+    """The rows cut as a round of `steps` optimizer steps of `parts` micro-batches each, flattened."""
+    from fastgrpo.trainer.batching import pad_rows, split_round
+    from fastgrpo.trainer.forward import prompt_groups
 
     prompts = [[100 + len(prompt_lengths) * i + j for j in range(n)] for i, n in enumerate(prompt_lengths)]
     rows = [prompts[i % len(prompts)] for i in range(len(completion_lengths))]  # prompts interleaved
     completions = [[1000 + i] * n for i, n in enumerate(completion_lengths)]  # first token names the row
-    batch = {"prompt_ids": _pad(rows, PAD, left=True), "prompt_mask": _pad([[1] * len(p) for p in rows], 0, left=True),
-             "completion_ids": _pad(completions, PAD), "completion_attention": _pad([[1] * len(c) for c in completions], 0)}
+    batch = {"prompt_ids": pad_rows(rows, PAD, left=True),
+             "prompt_mask": pad_rows([[1] * len(p) for p in rows], 0, left=True),
+             "completion_ids": pad_rows(completions, PAD),
+             "completion_attention": pad_rows([[1] * len(c) for c in completions], 0)}
     batch["completion_mask"] = batch["completion_attention"].clone()
     batch["advantages"] = torch.arange(len(rows), dtype=torch.float32)
-    trainer = SimpleNamespace(_share_prompts=share, _completion_token_cost=1.27)
-    return GRPOTrainer._split(trainer, batch, parts)
+    index = prompt_groups(batch["prompt_ids"], batch["prompt_mask"])[1] if share else None
+    by_step = split_round(batch, steps, parts, index, 1.27, torch.Generator().manual_seed(seed))
+    return [m for step in by_step for m in step]
 
 
 def unique_prompts(micro: dict) -> int:
@@ -121,3 +125,29 @@ def test_split_prefers_length_order_when_grouping_would_pad_completions():
     lengths = [60, 60, 2, 2, 2, 2, 2, 2]  # prompts alternate: each has one 60
     micro = split(True, [3, 3], lengths, parts=2)
     assert sorted(m["completion_ids"].shape[1] for m in micro) == [2, 60]
+
+
+def rows_of(micro: dict) -> list[int]:
+    return [int(a) for a in micro["advantages"]]
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_a_round_of_several_steps_deals_rows_at_random_not_by_length(share):
+    """Rows ordered by length (row i is the i-th shortest): sorting across the round would give step 0 the
+    shortest quarter every time. Dealt at random, each step holds a sample of lengths."""
+    lengths = list(range(1, 33))
+    shortest_quarter, first_steps = set(range(8)), []
+    for seed in range(20):
+        micro = split(share, [6, 6], lengths, parts=2, steps=4, seed=seed)
+        assert sorted(r for m in micro for r in rows_of(m)) == list(range(32))  # every row once
+        steps = [set(rows_of(micro[2 * s]) + rows_of(micro[2 * s + 1])) for s in range(4)]
+        first_steps.append(steps[0])
+        # Inside a step the order still pads little: its two micro-batches split its rows by length.
+        if not share:
+            assert max(rows_of(micro[0])) < min(rows_of(micro[1]))
+    # Under a uniform deal, P(step 0 = the shortest quarter) = 1 / C(32, 8) ~ 1e-7 per round.
+    assert all(step != shortest_quarter for step in first_steps)
+    assert len({frozenset(s) for s in first_steps}) == 20  # a different deal each round
+    # The same seed deals the same way (a resumed run trains what the uninterrupted one did).
+    again = split(share, [6, 11], lengths, parts=2, steps=4, seed=3)
+    assert [rows_of(m) for m in again] == [rows_of(m) for m in split(share, [6, 11], lengths, 2, 4, seed=3)]

@@ -21,7 +21,7 @@ from fastgrpo.trainer.loss import (
     group_advantages,
     grpo_loss,
     selective_log_softmax,
-    truncated_importance_weights,
+    vllm_importance_weights,
     weighted_rewards,
 )
 
@@ -390,7 +390,7 @@ def test_loss_with_importance_sampling_matches_reference(loss_type, with_old):
     loss, metrics = grpo_loss(
         logps, old_logps if with_old else None, advantages, mask, loss_type=loss_type,
         beta=0.1, ref_per_token_logps=ref_logps, max_completion_length=7,
-        sampling_per_token_logps=sampling_logps, importance_sampling_cap=cap,
+        sampling_per_token_logps=sampling_logps, vllm_is_mode="token_truncate", vllm_is_clip_max=cap,
     )
     # The weights use the old policy's logps, or (num_iterations == 1) the current ones.
     base = old_logps if with_old else logps
@@ -418,7 +418,8 @@ def test_loss_with_importance_sampling_matches_reference(loss_type, with_old):
 
 
 def test_importance_weights_without_tokens():
-    weights, metrics = truncated_importance_weights(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3))
+    weights, metrics = vllm_importance_weights(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3),
+                                               mode="token_truncate")
     assert weights.shape == (2, 3)
     assert all(v.item() == 0.0 for v in metrics.values())
 
@@ -487,7 +488,8 @@ def test_loss_gradient_matches_finite_differences(loss_type, case):
         x, None if on_policy else old_logps, advantages, mask, loss_type=loss_type,
         epsilon_low=0.2, epsilon_high=0.28, beta=beta,
         ref_per_token_logps=ref_logps if with_extras else None, max_completion_length=7,
-        sampling_per_token_logps=sampling_logps if with_extras else None,
+        sampling_per_token_logps=sampling_logps if with_extras else None, vllm_is_mode="token_truncate",
+        vllm_is_clip_max=2.0,
     )
     loss.backward()
 
@@ -538,10 +540,9 @@ def test_loss_errors():
         grpo_loss(logps, None, advantages, mask, loss_type="grpo", beta=0.1, ref_per_token_logps=logps[:3])
     with pytest.raises(ValueError, match="sampling_per_token_logps must have the shape"):
         grpo_loss(logps, None, advantages, mask, loss_type="grpo", sampling_per_token_logps=logps[:, :2])
-    with pytest.raises(ValueError, match="importance sampling cap must be positive"):
-        grpo_loss(
-            logps, None, advantages, mask, loss_type="grpo", sampling_per_token_logps=logps, importance_sampling_cap=0
-        )
+    with pytest.raises(ValueError, match="importance sampling clip must be positive"):
+        grpo_loss(logps, None, advantages, mask, loss_type="grpo", sampling_per_token_logps=logps,
+                  vllm_is_clip_max=0)
     with pytest.raises(ValueError, match="epsilon_low and epsilon_high must be >= 0"):
         grpo_loss(logps, None, advantages, mask, loss_type="grpo", epsilon_low=-0.1)
     with pytest.raises(ValueError, match="num_processes must be >= 1"):

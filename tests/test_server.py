@@ -114,6 +114,20 @@ def test_stop_strings_and_sampling_fields_are_honoured(client):
     assert seeded[0] == seeded[1]
 
 
+def test_per_prompt_seeds_stop_token_ids_and_min_tokens(client):
+    """`seeds`: completion j of prompt i samples with seeds[i] + j, so a prompt's group depends on its own
+    seed only; stop_token_ids end completions with finish reason "stop"; min_tokens holds them off."""
+    alone = client.generate(["one two"], n=2, max_tokens=8, seeds=[11]).results[0]
+    pair = client.generate(["three", "one two"], n=2, max_tokens=8, seeds=[5, 11]).results
+    assert [c.token_ids for c in pair[1].completions] == [c.token_ids for c in alone.completions]
+    stops = list(range(100, 164))  # a sixth of the tiny vocabulary, at the field's limit of 64
+    stopped = client.generate(["one two"], n=8, max_tokens=24, seeds=[3], stop_token_ids=stops).results[0]
+    ended = [c for c in stopped.completions if c.finish_reason == "stop"]
+    assert ended and all(c.token_ids[-1] in stops for c in ended)
+    held = client.generate(["one two"], n=8, max_tokens=24, seeds=[3], stop_token_ids=stops, min_tokens=20)
+    assert all(len(c.token_ids) >= 20 for c in held.results[0].completions)
+
+
 def test_seeded_requests_with_chunked_size_prefills_do_not_kill_the_engine(client):
     """vLLM 0.32's CPU worker dies on a seeded request whose prefill is chunked; the server avoids that."""
     prompts = [[(7 * i + j) % 300 + 10 for j in range(200)] for i in range(48)]  # ~9600 prompt tokens
@@ -192,6 +206,13 @@ def test_openai_client_completions_and_chat(server):
     ({"prompts": ["x"], "seed": 2**64}, "seed", "less than or equal to"),
     ({"messages": [[]]}, "messages.0", "at least 1 item"),
     ({"prompt_token_ids": [[5, -1]]}, "prompt_token_ids.0.1", "greater than or equal to 0"),
+    # Per-prompt seeds and the sampling fields a trainer's generation_kwargs may set.
+    ({"prompts": ["x", "y"], "seeds": [1]}, None, "one per prompt"),
+    ({"prompts": ["x"], "seeds": [1], "seed": 2}, None, "not both"),
+    ({"prompts": ["x"], "seeds": [2**64]}, "seeds.0", "less than or equal to"),
+    ({"prompts": ["x"], "stop_token_ids": [99999]}, "stop_token_ids", "outside the vocabulary"),
+    ({"prompts": ["x"], "min_tokens": 9, "max_tokens": 4}, None, "more than max_tokens"),
+    ({"prompts": ["x"], "presence_penalty": 3}, "presence_penalty", "less than or equal to 2"),
 ])
 def test_bad_generate_requests_get_400_and_server_keeps_serving(server, body, field, words):
     with httpx.Client(base_url=server.base_url, timeout=60) as http:  # one keep-alive connection throughout

@@ -7,14 +7,18 @@ with both (server: prompt logprobs over HTTP; transformers: a forward pass).
 """
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from datasets import Dataset
-from transformers import AutoTokenizer, TrainerCallback
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from fastgrpo import GRPOConfig, GRPOTrainer
 from fastgrpo.config import ConfigError
+from fastgrpo.trainer.generation import Sampling, ServerBackend, prompt_seeds
 from fastgrpo.transfer import Weights
 
 # Server and trainer both compute in float32 here; differences are kernel rounding.
@@ -83,13 +87,182 @@ def test_config_rejects_bad_combinations_with_a_fix(tmp_path):
     assert base_config(tmp_path, vllm_weight_sync_bucket_mb=0.046875).weight_sync_bucket_bytes == 48 << 10
     config = base_config(tmp_path, gradient_accumulation_steps=2)
     assert (config.steps_per_generation, config.generation_batch_size) == (2, 8)
+    with pytest.raises(ConfigError, match="whole optimizer steps"):
+        base_config(tmp_path, gradient_accumulation_steps=2, steps_per_generation=3)
+    with pytest.raises(ConfigError, match="multiple of gradient_accumulation_steps"):
+        base_config(tmp_path, gradient_accumulation_steps=4, steps_per_generation=2, loss_type="dapo")
+    assert base_config(tmp_path, gradient_accumulation_steps=4, steps_per_generation=2, loss_type="grpo")
+
+
+def test_trl_options_work_with_trl_names_or_fail_naming_the_alternative(tmp_path):
+    import warnings
+
+    from fastgrpo.config import UNSUPPORTED_TRL_FIELDS
+
+    for name, (default, _) in UNSUPPORTED_TRL_FIELDS.items():
+        other = {bool: not default, float: 0.123, int: 7, str: "other", type(None): "set"}[type(default)]
+        with pytest.raises(ConfigError, match=f"{name}=.*not supported by fastgrpo"):
+            base_config(tmp_path, **{name: other})
+        assert getattr(base_config(tmp_path, **{name: default}), name) == default  # TRL's default constructs
+    with pytest.raises(ConfigError, match=r"generation_kwargs\['temperature'\].*GRPOConfig.temperature"):
+        base_config(tmp_path, generation_kwargs={"temperature": 0.7})
+    with pytest.raises(ConfigError, match=r"generation_kwargs\['max_tokens'\].*max_completion_length"):
+        base_config(tmp_path, generation_kwargs={"max_tokens": 7})
+    with pytest.raises(ConfigError, match="supported keys are"):
+        base_config(tmp_path, generation_kwargs={"best_of": 2})
+    with pytest.raises(ConfigError, match="importance_sampling_level"):
+        base_config(tmp_path, importance_sampling_level="group")
+    with pytest.raises(ConfigError, match="vllm_importance_sampling_mode"):
+        base_config(tmp_path, vllm_importance_sampling_mode="token_clip")
+    with pytest.raises(ConfigError, match="clamps the ratio"):
+        base_config(tmp_path, vllm_importance_sampling_mode="token_truncate", vllm_importance_sampling_clip_max=None)
+    with pytest.raises(ConfigError, match=r"must exceed 1 \+ epsilon_high"):
+        base_config(tmp_path, delta=1.1)
+    with pytest.raises(ConfigError, match="top_entropy_quantile"):
+        base_config(tmp_path, top_entropy_quantile=1.5)
+    with pytest.raises(ConfigError, match="differ: set one"):
+        base_config(tmp_path, vllm_max_model_len=256, vllm_max_model_length=512)
+    with pytest.raises(ConfigError, match="whole groups of 4"):
+        base_config(tmp_path, eval_strategy="steps", per_device_eval_batch_size=6)
+    assert base_config(tmp_path, vllm_max_model_len=256).vllm_max_model_length == 256  # our old spelling
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert base_config(tmp_path, vllm_importance_sampling_cap=2.5).vllm_importance_sampling_clip_max == 2.5
+    assert any("vllm_importance_sampling_clip_max" in str(w.message) for w in caught)
+    config = base_config(tmp_path)  # TRL's defaults
+    assert (config.vllm_importance_sampling_mode, config.vllm_importance_sampling_clip_max) == ("sequence_mask", 3.0)
+    assert (config.importance_sampling_level, config.shuffle_dataset, config.top_entropy_quantile) == ("token", True, 1.0)
+
+
+@pytest.fixture(scope="module")
+def server(server_factory, tiny_qwen2):
+    """One server for the module: each trainer pushes its own weights when it starts."""
+    return server_factory(["--model", tiny_qwen2, "--dtype", "float32", "--max-model-len", "256"])
 
 
 @pytest.mark.slow
-def test_server_mode_trains_and_keeps_server_weights_equal(transient_server_factory, tiny_qwen2, tmp_path):
+def test_colocate_mode_trains_and_keeps_engine_weights_equal(tiny_qwen2, tmp_path):
+    config = base_config(tmp_path, use_vllm=True, vllm_mode="colocate", vllm_max_model_len=256,
+                         model_init_kwargs={"dtype": torch.float32}, vllm_weight_sync_bucket_mb=0.046875)
+    trainer = GRPOTrainer(tiny_qwen2, [reward_digits, reward_length], args=config, train_dataset=tiny_dataset())
+    probe = AutoTokenizer.from_pretrained(tiny_qwen2)("What is 12 + 35? The answer is 47.")["input_ids"]
+
+    def engine_logprobs(ids):
+        from vllm import SamplingParams
+
+        out = trainer.backend.llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, prompt_logprobs=0),
+                                           use_tqdm=False)[0]
+        return [d[t].logprob for d, t in zip(out.prompt_logprobs[1:], ids[1:])]
+
+    probe_cb = ProbeCallback(trainer, probe, engine_logprobs)
+    trainer.add_callback(probe_cb)
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    assert trainer.state.global_step == 3
+    # The colocated engine runs vLLM's default dtype on CPU (bfloat16): a looser tolerance.
+    assert max(probe_cb.gaps) < 0.1, probe_cb.gaps
+    assert min(probe_cb.changes) > 1e-4
+    assert max(h["frac_reward_zero_std"] for h in trainer.state.log_history if "reward" in h) < 1
+
+
+@pytest.mark.slow
+def test_transformers_generation_trains(tiny_llama, tmp_path):
+    config = base_config(tmp_path, use_vllm=False, max_steps=2, loss_type="grpo", beta=0.04)
+    trainer = GRPOTrainer(tiny_llama, reward_digits, args=config, train_dataset=tiny_dataset(conversational=False))
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.train()
+    assert trainer.state.global_step == 2
+    moved = max((trainer.model.state_dict()[k] - v).abs().max().item() for k, v in before.items())
+    assert moved > 0
+    assert "kl" in [h for h in trainer.state.log_history if "reward" in h][-1]
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+            control.should_save = True
+
+
+def test_log_completions_logs_a_table_to_wandb(tiny_llama, tmp_path, monkeypatch):
+    """report_to=["wandb"] (offline: the same files a run uploads): each log writes a "completions" table with
+    TRL's columns, one row per completion of the step."""
+    import glob
+
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    config = base_config(tmp_path, use_vllm=False, max_steps=1, log_completions=True, num_completions_to_print=1,
+                         report_to=["wandb"])
+    trainer = GRPOTrainer(tiny_llama, [reward_digits, reward_length], args=config,
+                          train_dataset=tiny_dataset(conversational=False))
+    trainer.train()
+    run_dir = wandb.run.dir
+    wandb.finish()
+    tables = glob.glob(f"{run_dir}/media/table/completions_*.table.json")
+    assert len(tables) == 1
+    table = json.loads(open(tables[0]).read())
+    assert table["columns"] == ["step", "prompt", "completion", "reward_digits", "reward_length", "advantage"]
+    assert len(table["data"]) == config.generation_batch_size
+    for step, prompt, completion, digits, length, advantage in table["data"]:
+        assert step == 0 and prompt.startswith("What is")
+        assert digits == pytest.approx(reward_digits([completion])[0], rel=1e-6)  # a float32 of the reward
+
+
+def test_the_trl_compatibility_page_lists_every_unsupported_field():
+    from pathlib import Path
+
+    from fastgrpo.config import UNSUPPORTED_TRL_FIELDS
+
+    page = (Path(__file__).parents[1] / "docs" / "trl-compatibility.md").read_text()
+    for name, (default, instead) in UNSUPPORTED_TRL_FIELDS.items():
+        assert f"| `{name}` | `{default!r}` | {instead} |" in page, name
+
+
+def test_disable_dropout_makes_training_forwards_deterministic(tiny_llama, tmp_path):
+    """The tiny model with attention dropout 0.5: two forwards in training mode differ, unless dropout is off
+    (Llama applies it inside attention from a float attribute, not an nn.Dropout module)."""
+    def two_forwards(disable: bool):
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32, attention_dropout=0.5,
+                                                     attn_implementation="eager")
+        config = base_config(tmp_path, use_vllm=False, disable_dropout=disable)
+        trainer = GRPOTrainer(model, reward_digits, args=config, train_dataset=tiny_dataset())
+        trainer.model.train()
+        ids = torch.tensor([[5, 9, 14, 21, 30, 42, 7, 3]])
+        return [trainer.model(input_ids=ids).logits for _ in range(2)]
+
+    a, b = two_forwards(disable=False)
+    assert not torch.allclose(a, b)
+    a, b = two_forwards(disable=True)
+    assert torch.equal(a, b)
+
+
+def test_chat_template_kwargs_reach_the_template_and_shuffle_dataset_keeps_the_order(tiny_llama, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
+                               "{% if mood is defined %} mood {{ mood }}{% endif %}")
+    config = base_config(tmp_path, use_vllm=False, chat_template_kwargs={"mood": "zebra"}, shuffle_dataset=False)
+    trainer = GRPOTrainer(tiny_llama, reward_digits, args=config, train_dataset=tiny_dataset(),
+                          processing_class=tokenizer)
+    ids = trainer._prompt_ids([[{"role": "user", "content": "hello"}]])[0]
+    assert tokenizer.decode(ids).endswith("hello mood zebra")
+    order = list(trainer._get_train_sampler(trainer.train_dataset))
+    assert order[:8] == [0] * 4 + [1] * 4  # prompts in dataset order, each num_generations times
+
+
+# Servers: the tests below share one (the module's `server`), which stops after the last of them.
+
+
+@pytest.mark.slow
+def test_server_mode_trains_and_keeps_server_weights_equal(server, tiny_qwen2, tmp_path):
     from fastgrpo.client import VLLMClient
 
-    server = transient_server_factory(["--model", tiny_qwen2, "--dtype", "float32", "--max-model-len", "256"])
     port = int(server.base_url.rsplit(":", 1)[1])
     # 48 KiB buckets: every decoder layer of the tiny model spans about a dozen of them.
     config = base_config(tmp_path, use_vllm=True, vllm_mode="server", vllm_server_port=port,
@@ -147,98 +320,249 @@ class HalfWay(Weights):
             yield tensor
 
 
-@pytest.mark.slow
-def test_colocate_mode_trains_and_keeps_engine_weights_equal(tiny_qwen2, tmp_path):
-    config = base_config(tmp_path, use_vllm=True, vllm_mode="colocate", vllm_max_model_len=256,
-                         model_init_kwargs={"dtype": torch.float32}, vllm_weight_sync_bucket_mb=0.046875)
-    trainer = GRPOTrainer(tiny_qwen2, [reward_digits, reward_length], args=config, train_dataset=tiny_dataset())
-    probe = AutoTokenizer.from_pretrained(tiny_qwen2)("What is 12 + 35? The answer is 47.")["input_ids"]
+# ---------------------------------------------------------------------------------------------------------
+# Batch layouts. The trainer's mathematics does not depend on the layout: gradient accumulation, rounds
+# that serve several optimizer steps, resuming in the middle of a round, one process or two, per-prompt
+# seeds and finish reasons, each against the layout it must equal.
+#
+# Tolerances: the trainer computes in float32. Two layouts of the same rows pad micro-batches differently
+# and sum in another order, which moves logits by about 1e-6 relative; gradients are compared by the norm
+# of their difference against 1e-4 of their norm, losses to 1e-4 relative. The bugs these tests guard
+# against are factors (GA or GA^2) or other samples.
+# ---------------------------------------------------------------------------------------------------------
 
-    def engine_logprobs(ids):
-        from vllm import SamplingParams
-
-        out = trainer.backend.llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, prompt_logprobs=0),
-                                           use_tqdm=False)[0]
-        return [d[t].logprob for d, t in zip(out.prompt_logprobs[1:], ids[1:])]
-
-    probe_cb = ProbeCallback(trainer, probe, engine_logprobs)
-    trainer.add_callback(probe_cb)
-    try:
-        trainer.train()
-    finally:
-        trainer.close()
-    assert trainer.state.global_step == 3
-    # The colocated engine runs vLLM's default dtype on CPU (bfloat16): a looser tolerance.
-    assert max(probe_cb.gaps) < 0.1, probe_cb.gaps
-    assert min(probe_cb.changes) > 1e-4
-    assert max(h["frac_reward_zero_std"] for h in trainer.state.log_history if "reward" in h) < 1
+GRAD_RTOL = 1e-4
+STOPS = list(range(100, 140))  # about a tenth of the tiny vocabulary: most completions stop early
+LOSS_RTOL = 1e-4
 
 
-@pytest.mark.slow
-def test_transformers_generation_trains(tiny_llama, tmp_path):
-    config = base_config(tmp_path, use_vllm=False, max_steps=2, loss_type="grpo", beta=0.04)
-    trainer = GRPOTrainer(tiny_llama, reward_digits, args=config, train_dataset=tiny_dataset(conversational=False))
-    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    trainer.train()
-    assert trainer.state.global_step == 2
-    moved = max((trainer.model.state_dict()[k] - v).abs().max().item() for k, v in before.items())
-    assert moved > 0
-    assert "kl" in [h for h in trainer.state.log_history if "reward" in h][-1]
-
-
-@pytest.mark.slow
-def test_checkpoint_resume_matches_uninterrupted_run(transient_server_factory, tiny_qwen2, tmp_path):
-    server = transient_server_factory(["--model", tiny_qwen2, "--dtype", "float32", "--max-model-len", "256"])
+def server_config(tmp_path, server, **overrides):
     port = int(server.base_url.rsplit(":", 1)[1])
+    return base_config(tmp_path, use_vllm=True, vllm_server_port=port, vllm_server_host="127.0.0.1", **overrides)
 
-    def run(out, max_steps, resume=False):
-        config = base_config(tmp_path, output_dir=str(out), use_vllm=True, vllm_server_port=port,
-                             vllm_server_host="127.0.0.1", max_steps=4, save_strategy="steps", save_steps=2)
+
+class Gradients(TrainerCallback):
+    def __init__(self):
+        self.steps, self.trainer = [], None
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
+        self.steps.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+
+
+def relative_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    diff = sum((a[k] - b[k]).double().pow(2).sum() for k in a).sqrt()
+    return (diff / sum(b[k].double().pow(2).sum() for k in b).sqrt()).item()
+
+
+def train(tiny_qwen2, config, dataset=None, callbacks=(), rewards=(reward_digits, reward_length), before=None):
+    trainer = GRPOTrainer(tiny_qwen2, list(rewards), args=config, train_dataset=dataset or tiny_dataset())
+    for callback in callbacks:
+        callback.trainer = trainer
+        trainer.add_callback(callback)
+    if before is not None:
+        before(trainer)
+    trainer.train()
+    trainer.close()
+    return trainer
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
+def test_gradient_at_ga4_equals_one_batch_of_the_same_rows(server, tiny_qwen2, tmp_path, loss_type):
+    """16 completions as one micro-batch, or as 4 accumulated ones: the same gradient. The same round
+    (4 prompts x 4) is generated both times: same prompts, same per-prompt seeds, same weights.
+
+    The GA=4 trainer is run with `loss_is_scaled_for_ga` unset, as on transformers before 5.19 (which
+    never reads it): there Trainer's training_step divided the loss by GA again."""
+    grads = {}
+    for ga in (1, 4):
+        recorder = Gradients()
+        config = server_config(tmp_path, server, loss_type=loss_type, per_device_train_batch_size=16 // ga,
+                               gradient_accumulation_steps=ga, max_steps=1, max_grad_norm=0.0,
+                               output_dir=str(tmp_path / f"ga{ga}"))
+
+        def like_old_transformers(trainer):
+            trainer.loss_is_scaled_for_ga = None
+
+        train(tiny_qwen2, config, callbacks=[recorder], before=like_old_transformers)
+        grads[ga] = recorder.steps[0]
+    assert relative_difference(grads[4], grads[1]) < GRAD_RTOL
+
+
+def test_a_round_serving_two_steps_trains_the_second_against_the_generating_policy(server, tiny_qwen2, tmp_path):
+    """steps_per_generation=2 at GA 1: step 2 trains on samples of the weights before step 1. Its ratio must
+    be to those weights (old logprobs computed at generation), and its dapo normaliser its own token count."""
+    # Stop tokens make completion lengths differ (the random model seldom says EOS), so the normalisers do.
+    config = server_config(tmp_path, server, steps_per_generation=2, max_steps=2, learning_rate=5e-2,
+                           generation_kwargs={"stop_token_ids": STOPS})
+    initial = AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.float32)
+    trainer = train(tiny_qwen2, config)
+    first, second = trainer._buffered  # the round's two micro-batches, in training order
+    for m in (first, second):
+        ids = torch.cat([m["prompt_ids"], m["completion_ids"]], 1)
+        attention = torch.cat([m["prompt_mask"], m["completion_attention"]], 1)
+        with torch.no_grad():
+            logits = initial(input_ids=ids, attention_mask=attention).logits[:, m["prompt_ids"].shape[1] - 1 : -1]
+        want = torch.log_softmax(logits.float() / config.temperature, -1).gather(-1, m["completion_ids"][..., None])[..., 0]
+        mask = m["completion_attention"].bool()
+        assert (m["old_logps"][mask] - want[mask]).abs().max() < 1e-4  # float32, another padding
+        assert m["num_items_in_batch"].item() == m["completion_mask"].sum().item()
+    assert first["num_items_in_batch"] != second["num_items_in_batch"]  # the fixture tells the normalisers apart
+    # The weights moved, so step 2's samples are off-policy: their ratio to the trained policy is not 1.
+    with torch.no_grad():
+        now = trainer._per_token_logps(trainer.model, second)
+    mask = second["completion_attention"].bool()
+    assert (now[mask] - second["old_logps"][mask]).abs().max() > 1e-3
+
+
+def test_resume_at_ga2_with_four_steps_per_round_equals_the_uninterrupted_run(server, tiny_qwen2, tmp_path):
+    """A round of 4 micro-batches at GA 2 serves 2 optimizer steps; stopping after step 1 leaves half of it
+    to the resumed run, which must train on it, not on a new round, with the token count carried on."""
+
+    def run(out, stop_at=None, resume=False):
+        config = server_config(tmp_path, server, output_dir=str(out), per_device_train_batch_size=4,
+                               gradient_accumulation_steps=2, steps_per_generation=4, max_steps=4,
+                               save_strategy="steps", save_steps=1)
+        callbacks = [StopAt(stop_at)] if stop_at else []
         trainer = GRPOTrainer(tiny_qwen2, reward_digits, args=config, train_dataset=tiny_dataset())
-        if not resume and max_steps < 4:
-            trainer.add_callback(StopAt(max_steps))
+        for callback in callbacks:
+            trainer.add_callback(callback)
         trainer.train(resume_from_checkpoint=resume or None)
         trainer.close()
-        return {h["step"]: h for h in trainer.state.log_history if "reward" in h}
+        return {h["step"]: h for h in trainer.state.log_history if "loss" in h}
 
-    full = run(tmp_path / "full", 4)
-    run(tmp_path / "split", 2)
-    resumed = run(tmp_path / "split", 4, resume=True)
-    for step in (3, 4):
-        assert resumed[step]["reward"] == pytest.approx(full[step]["reward"], abs=1e-6)
-        assert resumed[step]["loss"] == pytest.approx(full[step]["loss"], rel=1e-3, abs=1e-5)
+    full = run(tmp_path / "full")
+    run(tmp_path / "split", stop_at=1)
+    resumed = run(tmp_path / "split", resume=True)
+    assert sorted(resumed) == [1, 2, 3, 4]  # step 1 from the checkpoint's history
+    for step in (2, 3, 4):
+        assert resumed[step]["loss"] == pytest.approx(full[step]["loss"], rel=LOSS_RTOL, abs=1e-7), step
+        assert resumed[step]["grad_norm"] == pytest.approx(full[step]["grad_norm"], rel=LOSS_RTOL), step
+    for step in (3,):  # a round's metrics are logged at the step that generates it
+        assert resumed[step]["reward"] == full[step]["reward"]
+        assert resumed[step]["num_tokens"] == full[step]["num_tokens"]
 
 
-class StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
+def test_each_prompt_samples_with_its_own_seed(server, tiny_qwen2):
+    """One seed for a request gives completion j of every prompt the same noise: two copies of a prompt
+    get identical groups. Per-prompt seeds give them different ones, and the same seeds the same ones."""
+    from transformers import AutoTokenizer
 
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            control.should_training_stop = True
-            control.should_save = True
+    prompt = AutoTokenizer.from_pretrained(tiny_qwen2)("What is 2 + 5?")["input_ids"]
+    backend = ServerBackend(server.base_url, "127.0.0.1", 0, 30)
+    sampling = Sampling(n=4, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0, max_tokens=12)
+    try:
+        shared = backend.client.generate(prompt_token_ids=[prompt, prompt], n=4, max_tokens=12, seed=7)
+        assert [c.token_ids for c in shared.results[0].completions] == [c.token_ids for c in shared.results[1].completions]
+        seeds = prompt_seeds(0, 0, 2)
+        ours = backend.generate([prompt, prompt], sampling, seeds)
+        assert ours.token_ids[0] != ours.token_ids[1]
+        assert backend.generate([prompt, prompt], sampling, seeds).token_ids == ours.token_ids  # reproducible
+        assert backend.generate([prompt, prompt], sampling, prompt_seeds(0, 1, 2)).token_ids != ours.token_ids
+    finally:
+        backend.close()
+
+
+def test_prompt_seeds_are_distinct_across_prompts_and_rounds():
+    seeds = [s for r in range(50) for s in prompt_seeds(1234, r, 64)]
+    assert len(set(seeds)) == len(seeds)
+    assert all(0 <= s < 2**62 for s in seeds)
+    assert prompt_seeds(1234, 3, 4) == prompt_seeds(1234, 3, 4) != prompt_seeds(1235, 3, 4)
+
+
+def test_a_completion_ending_on_another_stop_token_is_terminated_not_truncated(server, tiny_qwen2, tmp_path):
+    """Stop tokens besides eos_token_id (here from generation_kwargs) end completions with finish reason
+    "stop": mask_truncated_completions must keep them, and drop only those cut at the length limit."""
+    stops = STOPS
+    config = server_config(tmp_path, server, max_steps=1, mask_truncated_completions=True,
+                           generation_kwargs={"stop_token_ids": stops})
+    trainer = train(tiny_qwen2, config)
+    kept = dropped = 0
+    for m in trainer._buffered:
+        for ids, attention, mask in zip(m["completion_ids"], m["completion_attention"], m["completion_mask"]):
+            n = int(attention.sum())
+            last = int(ids[n - 1])
+            if last in stops or last == trainer.tokenizer.eos_token_id:
+                assert int(mask.sum()) == n
+                kept += 1
+            else:
+                assert n == config.max_completion_length and int(mask.sum()) == 0
+                dropped += 1
+    assert kept > 0
+    log = next(h for h in trainer.state.log_history if "reward" in h)
+    assert log["completions/clipped_ratio"] == pytest.approx(dropped / (kept + dropped))
 
 
 @pytest.mark.slow
-def test_accelerate_launch_two_processes_with_server(transient_server_factory, tiny_qwen2, tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    server = transient_server_factory(["--model", tiny_qwen2, "--dtype", "float32", "--max-model-len", "256"])
+def test_two_processes_with_half_the_batch_each_equal_one_process_with_all(server, tiny_qwen2, tmp_path):
+    """accelerate launch --num_processes 2 (4 rows each) against one process with 8: the same advantages,
+    losses and gradients, step by step."""
+    script = Path(__file__).parent / "scripts" / "train_layout.py"
     port = server.base_url.rsplit(":", 1)[1]
-    script = Path(__file__).parent / "scripts" / "train_two_processes.py"
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    single = subprocess.run([sys.executable, str(script), tiny_qwen2, port, str(one), "8"], capture_output=True,
+                            text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-4000:]
     # torchrun-style launch; the config's use_cpu=True makes accelerate use gloo between the processes.
-    result = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", str(script), tiny_qwen2, port, str(tmp_path)],
+    double = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+         "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script), tiny_qwen2, port, str(two), "4"],
         capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-4000:]
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["global_step"] == 2
-    assert summary["generation_batch_size"] == 8  # 4 per process x 2 processes
-    assert len(summary["logs"]) == 2
-    from fastgrpo.client import VLLMClient
+    assert double.returncode == 0, double.stderr[-4000:]
 
-    with VLLMClient(base_url=server.base_url) as c:
-        assert c.health()["weight_version"] == 2
+    summary_one = json.loads((one / "summary.json").read_text())
+    summary_two = json.loads((two / "summary.json").read_text())
+    assert summary_two["world_size"] == 2 and summary_two["global_step"] == 2
+    assert summary_one["generation_batch_size"] == summary_two["generation_batch_size"] == 8
+    whole = torch.load(one / "advantages_0.pt")
+    halves = [torch.load(two / f"advantages_{rank}.pt") for rank in (0, 1)]
+    for step in range(2):
+        assert torch.allclose(torch.cat([halves[0][step], halves[1][step]]), whole[step], atol=1e-6)
+    for a, b in zip(summary_one["logs"], summary_two["logs"]):
+        # On-policy, the loss's value is about 0 (advantages centre within each group): float32 rounding of
+        # sums of +-1 terms is what is left, so its absolute tolerance is 1e-5; the gradients below are the test.
+        assert b["loss"] == pytest.approx(a["loss"], rel=LOSS_RTOL, abs=1e-5)
+        assert b["reward"] == a["reward"]
+    gradients_one = torch.load(one / "gradients.pt")
+    gradients_two = torch.load(two / "gradients.pt")
+    for step in range(2):
+        assert relative_difference(gradients_two[step], gradients_one[step]) < GRAD_RTOL, step
+
+
+def test_gspo_cispo_with_an_eval_dataset_trains_and_logs_eval_rewards(server, tiny_qwen2, tmp_path):
+    """TRL's newer options end to end: sequence-level ratios, the CISPO loss, two steps per round (so the
+    ratio is not 1), and an eval set scored on the current weights after every step."""
+    config = server_config(tmp_path, server, importance_sampling_level="sequence", loss_type="cispo",
+                           epsilon_high=5.0, steps_per_generation=2, max_steps=2, eval_strategy="steps", eval_steps=1,
+                           per_device_eval_batch_size=4, num_generations_eval=2, log_completions=True,
+                           num_completions_to_print=2)
+    trainer = GRPOTrainer(tiny_qwen2, [reward_digits, reward_length], args=config, train_dataset=tiny_dataset(),
+                          eval_dataset=tiny_dataset(8))
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.train()
+    trainer.close()
+    moved = max((trainer.model.state_dict()[k] - v).abs().max().item() for k, v in before.items())
+    assert moved > 0
+    evals = [h for h in trainer.state.log_history if "eval_reward" in h]
+    assert [h["step"] for h in evals] == [1, 2]
+    for h in evals:
+        assert {"eval_reward_std", "eval_rewards/reward_digits/mean", "eval_completions/mean_length"} <= h.keys()
+        # 8 eval prompts x 2 completions: the mean of reward_length is the mean completion length / 16.
+        assert h["eval_rewards/reward_length/mean"] == pytest.approx(h["eval_completions/mean_length"] / 16)
+    train_logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert all("cispo_clip_ratio" in h for h in train_logs)
+    assert not any(k.startswith("eval_") for h in train_logs for k in h)  # eval metrics stay in eval logs
+
+
+def test_bf16_defaults_to_what_the_cpu_computes_fast(tmp_path, monkeypatch):
+    """bf16=None: bf16 autocast only where the CPU has a bf16 matrix unit; an explicit bf16=True on a CPU
+    without one warns (torch emulates bf16 there, 100x slower than float32 on an AVX2-only EPYC)."""
+    import fastgrpo.hardware as hardware
+
+    for flags, fast in ((frozenset({"avx2", "amx_bf16"}), True), (frozenset({"avx2"}), False)):
+        monkeypatch.setattr(hardware, "cpu_flags", lambda flags=flags: flags)
+        assert base_config(tmp_path).bf16 is fast
+    with pytest.warns(UserWarning, match="without a bf16 matrix unit"):
+        assert base_config(tmp_path, bf16=True).bf16

@@ -216,10 +216,10 @@ def test_colocate_push_is_exact_and_recovers_from_a_failed_push(tiny_qwen2, prob
         with pytest.raises(WeightTransferError, match="broke half-way"):
             backend.sync_weights(FailingWeights(named, len(named) // 2), version=2)
         with pytest.raises(RuntimeError, match="failed half-way"):
-            backend.generate([probe_ids], Sampling(1, 1.0, 1.0, 0, 0.0, 1.0, 2), seed=0)
+            backend.generate([probe_ids], Sampling(1, 1.0, 1.0, 0, 0.0, 1.0, 2), seeds=[0])
         backend.sync_weights(ModelWeights(second), version=2)
         assert gap(engine_logprobs(), hf_logprobs(second, probe_ids)) < LOGPROB_TOL
-        assert backend.generate([probe_ids], Sampling(1, 1.0, 1.0, 0, 0.0, 1.0, 2), seed=0).weight_version == 2
+        assert backend.generate([probe_ids], Sampling(1, 1.0, 1.0, 0, 0.0, 1.0, 2), seeds=[0]).weight_version == 2
     finally:
         backend.close()
 

@@ -168,12 +168,15 @@ class VLLMClient:
     def generate(self, prompts: list[str] | None = None, *, prompt_token_ids: list[list[int]] | None = None,
                  n: int = 1, temperature: float = 1.0, top_p: float = 1.0, top_k: int = -1, min_p: float = 0.0,
                  repetition_penalty: float = 1.0, max_tokens: int = 16, seed: int | None = None,
-                 stop: list[str] | None = None, ignore_eos: bool = False, prompt_logprobs: bool = False,
-                 messages: list[list[dict]] | None = None) -> GenerateResponse:
+                 seeds: list[int] | None = None, stop: list[str] | None = None, ignore_eos: bool = False,
+                 prompt_logprobs: bool = False, messages: list[list[dict]] | None = None,
+                 **sampling) -> GenerateResponse:
+        """`seed` seeds every prompt alike; `seeds` gives one per prompt. `sampling`: the server's other sampling
+        fields (min_tokens, stop_token_ids, presence_penalty, frequency_penalty)."""
         payload = dict(prompts=prompts, prompt_token_ids=prompt_token_ids, messages=messages, n=n,
                        temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-                       repetition_penalty=repetition_penalty, max_tokens=max_tokens, seed=seed, stop=stop,
-                       ignore_eos=ignore_eos, prompt_logprobs=prompt_logprobs)
+                       repetition_penalty=repetition_penalty, max_tokens=max_tokens, seed=seed, seeds=seeds,
+                       stop=stop, ignore_eos=ignore_eos, prompt_logprobs=prompt_logprobs, **sampling)
         payload = {k: v for k, v in payload.items() if v is not None}
         return GenerateResponse.model_validate(self._request("POST", "/generate", json=payload))
 

@@ -1,14 +1,55 @@
 """GRPOConfig: TRL's GRPO fields (same names, same meanings) on top of transformers' TrainingArguments."""
 
+import warnings
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from fastgrpo.serve.protocol import GENERATION_KWARGS
+from fastgrpo.trainer.loss import (
+    GLOBALLY_NORMALISED,
+    IMPORTANCE_SAMPLING_LEVELS,
+    LOSS_TYPES,
+    SCALE_REWARDS_MODES,
+    VLLM_IS_MODES,
+)
 from fastgrpo.transfer.packing import ALIGN, MIN_BUCKET_BYTES
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
-SCALE_REWARDS = ("group", "batch", "none")
 VLLM_MODES = ("server", "colocate")
+
+# TRL GRPOConfig fields that fastgrpo does not implement: (TRL's default, what to do instead). Each is a
+# field here too, so a TRL config constructs, and setting one to anything but TRL's default fails at once.
+UNSUPPORTED_TRL_FIELDS = {
+    "router_aux_loss_coef": (0.001, "MoE router losses are not added; train a dense model or open an issue"),
+    "cast_lm_head_to_fp32": (False, "train in float32 (bf16=False) for a float32 LM head"),
+    "pad_to_multiple_of": (None, "micro-batches are trimmed to their longest row instead"),
+    "cache_implementation": (None, "generation without vLLM uses the model's default cache"),
+    "vllm_model_impl": ("vllm", "start `fastgrpo vllm-serve` with the implementation you want"),
+    "vllm_enable_sleep_mode": (False, "colocate mode keeps the engine awake"),
+    "vllm_structured_outputs_regex": (None, "score the format with a reward function"),
+    "vllm_group_port": (51216, "fastgrpo picks a free port for the weight group itself"),
+    "vespo_k_pos": (2.0, "loss_type='vespo' is not implemented"),
+    "vespo_lambda_pos": (3.0, "loss_type='vespo' is not implemented"),
+    "vespo_k_neg": (3.0, "loss_type='vespo' is not implemented"),
+    "vespo_lambda_neg": (2.0, "loss_type='vespo' is not implemented"),
+    "multi_objective_aggregation": ("sum_then_normalize", "rewards are summed (weighted) and then normalised"),
+    "sync_ref_model": (False, "the reference model stays the initial one; beta=0 needs none"),
+    "ref_model_mixup_alpha": (0.6, "sync_ref_model is not implemented"),
+    "ref_model_sync_steps": (512, "sync_ref_model is not implemented"),
+    "entropy_coef": (0.0, "no entropy bonus; top_entropy_quantile trains on high-entropy tokens only"),
+    "use_adaptive_entropy": (False, "no entropy bonus"),
+    "entropy_coef_min": (0.0, "no entropy bonus"),
+    "entropy_coef_max": (1.0, "no entropy bonus"),
+    "entropy_coef_delta": (0.005, "no entropy bonus"),
+    "entropy_target": (0.2, "no entropy bonus"),
+    "max_tool_calling_iterations": (None, "tool calling is not implemented yet"),
+    "use_bias_correction_kl": (False, "the KL term is the plain k3 estimator"),
+    "log_unique_prompts": (False, "the completions table has every row"),
+    "log_completions_hub_repo": (None, "completions are logged to report_to's table integrations"),
+    "use_transformers_continuous_batching": (False, "use vLLM (use_vllm=True) for fast generation"),
+    "transformers_continuous_batching_config": (None, "use vLLM (use_vllm=True) for fast generation"),
+    "use_transformers_paged": (False, "use vLLM (use_vllm=True) for fast generation"),
+}
 
 
 class ConfigError(ValueError):
@@ -19,17 +60,26 @@ class ConfigError(ValueError):
 class GRPOConfig(TrainingArguments):
     # --- data and model ---------------------------------------------------------
     model_init_kwargs: dict | None = field(default=None, metadata={"help": "kwargs for from_pretrained of the policy"})
+    trust_remote_code: bool = False
+    disable_dropout: bool = field(default=False, metadata={"help": "set every dropout of the policy (and reference) "
+                                                           "to 0"})
+    shuffle_dataset: bool = True
+    chat_template_kwargs: dict | None = field(default=None, metadata={"help": "passed to apply_chat_template"})
     max_prompt_length: int | None = field(default=512, metadata={"help": "prompts are truncated on the left to this"})
     remove_unused_columns: bool = False  # reward functions receive every dataset column
 
     # --- generation ---------------------------------------------------------------
     num_generations: int = field(default=8, metadata={"help": "completions per prompt (the group size)"})
-    max_completion_length: int = 256
+    num_generations_eval: int | None = field(default=None, metadata={"help": "completions per eval prompt "
+                                                                     "(default: num_generations)"})
+    max_completion_length: int = 512
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+    generation_kwargs: dict | None = field(default=None, metadata={"help": "more sampling fields: " +
+                                                                   ", ".join(GENERATION_KWARGS)})
     generation_batch_size: int | None = field(
         default=None, metadata={"help": "completions per generation round, all processes together"})
     steps_per_generation: int | None = field(
@@ -46,9 +96,14 @@ class GRPOConfig(TrainingArguments):
         default=None, metadata={"help": "the server's --api_key, if it was started with one (ours)"})
     vllm_gpu_memory_utilization: float = 0.3
     vllm_tensor_parallel_size: int = 1
-    vllm_max_model_len: int | None = None
+    vllm_max_model_length: int | None = field(default=None, metadata={"help": "colocate engine's context length"})
+    vllm_max_model_len: int | None = field(default=None, metadata={"help": "alias of vllm_max_model_length"})
     vllm_importance_sampling_correction: bool = True
-    vllm_importance_sampling_cap: float = 2.0
+    vllm_importance_sampling_mode: str = "sequence_mask"
+    vllm_importance_sampling_clip_min: float | None = None
+    vllm_importance_sampling_clip_max: float | None = 3.0
+    vllm_importance_sampling_cap: float | None = field(default=None, metadata={"help": "deprecated (TRL): "
+                                                                              "vllm_importance_sampling_clip_max"})
     vllm_weight_sync_bucket_mb: float = field(
         default=32.0, metadata={"help": "MiB per broadcast when pushing weights; two such buffers are held on each "
                                 "side (see the README: choosing the bucket size)"})
@@ -60,6 +115,14 @@ class GRPOConfig(TrainingArguments):
     num_iterations: int = 1
     epsilon: float = 0.2
     epsilon_high: float | None = None
+    delta: float | None = field(default=None, metadata={"help": "two-sided clipping: cap the ratio at delta"})
+    importance_sampling_level: str = field(default="token", metadata={"help": "'token', or 'sequence' (GSPO)"})
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
+    top_entropy_quantile: float = field(default=1.0, metadata={"help": "train on this top fraction of tokens by "
+                                                               "entropy (1.0: all)"})
+    off_policy_mask_threshold: float | None = field(default=None, metadata={
+        "help": "drop negative-advantage completions whose mean log(p_sampler / p_policy) exceeds this"})
     loss_type: str = "dapo"
     scale_rewards: str = "group"
     mask_truncated_completions: bool = False
@@ -71,21 +134,61 @@ class GRPOConfig(TrainingArguments):
 
     # --- logging ----------------------------------------------------------------------
     log_completions: bool = False
-    num_completions_to_print: int | None = 4
+    num_completions_to_print: int | None = None
+    log_multimodal: bool = True  # TRL's; fastgrpo's prompts are text, so there is nothing more to log
+
+    # TRL's fields that fastgrpo does not implement (see UNSUPPORTED_TRL_FIELDS): set, they fail at start.
+    router_aux_loss_coef: float = 0.001
+    cast_lm_head_to_fp32: bool = False
+    pad_to_multiple_of: int | None = None
+    cache_implementation: str | None = None
+    vllm_model_impl: str = "vllm"
+    vllm_enable_sleep_mode: bool = False
+    vllm_structured_outputs_regex: str | None = None
+    vllm_group_port: int = 51216
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
+    multi_objective_aggregation: str = "sum_then_normalize"
+    sync_ref_model: bool = False
+    ref_model_mixup_alpha: float = 0.6
+    ref_model_sync_steps: int = 512
+    entropy_coef: float = 0.0
+    use_adaptive_entropy: bool = False
+    entropy_coef_min: float = 0.0
+    entropy_coef_max: float = 1.0
+    entropy_coef_delta: float = 0.005
+    entropy_target: float = 0.2
+    max_tool_calling_iterations: int | None = None
+    use_bias_correction_kl: bool = False
+    log_unique_prompts: bool = False
+    log_completions_hub_repo: str | None = None
+    use_transformers_continuous_batching: bool = False
+    transformers_continuous_batching_config: dict | None = None
+    use_transformers_paged: bool = False
 
     # TRL's defaults for these TrainingArguments
     learning_rate: float = 1e-6
     logging_steps: float = 1
-    bf16: bool | None = None  # None: bf16 where the device has it (CUDA), float32 on CPU
+    bf16: bool | None = None  # None: bf16 where the device computes it fast (CUDA; a CPU with AMX), else float32
 
     def __post_init__(self):
-        if self.bf16 is None:
-            import torch
+        from fastgrpo.hardware import FAST_BF16_FLAGS, bf16_is_fast
 
-            self.bf16 = bool(not self.use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        if self.bf16 is None:
+            self.bf16 = bf16_is_fast(self.use_cpu)
+        elif self.bf16 and self.use_cpu and not bf16_is_fast(True):
+            warnings.warn(f"bf16=True on a CPU without a bf16 matrix unit ({' or '.join(FAST_BF16_FLAGS)}): torch "
+                          "emulates bf16 there, about 100x slower than float32. Leave bf16 unset (None) to get "
+                          "float32 on this machine.", stacklevel=3)
         super().__post_init__()
         if isinstance(self.scale_rewards, bool):  # TRL's older boolean spelling
             self.scale_rewards = "group" if self.scale_rewards else "none"
+        if self.vllm_importance_sampling_cap is not None:  # TRL's older name
+            warnings.warn("vllm_importance_sampling_cap is deprecated (as in TRL): use "
+                          "vllm_importance_sampling_clip_max", FutureWarning, stacklevel=3)
+            self.vllm_importance_sampling_clip_max = self.vllm_importance_sampling_cap
         self._check()
 
     @property
@@ -99,10 +202,48 @@ class GRPOConfig(TrainingArguments):
         if self.num_generations < 2:
             fail(f"num_generations={self.num_generations}: GRPO compares completions within a group, so it needs "
                  "at least 2 (8 is common)")
+        for name, (default, instead) in UNSUPPORTED_TRL_FIELDS.items():
+            if getattr(self, name) != default:
+                fail(f"{name}={getattr(self, name)!r}: TRL's option is not supported by fastgrpo ({instead}); "
+                     f"leave it at {default!r}")
         if self.loss_type not in LOSS_TYPES:
             fail(f"loss_type={self.loss_type!r}: use one of {LOSS_TYPES}")
-        if self.scale_rewards not in SCALE_REWARDS:
-            fail(f"scale_rewards={self.scale_rewards!r}: use one of {SCALE_REWARDS}")
+        if self.scale_rewards not in SCALE_REWARDS_MODES:
+            fail(f"scale_rewards={self.scale_rewards!r}: use one of {SCALE_REWARDS_MODES}")
+        if self.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+            fail(f"importance_sampling_level={self.importance_sampling_level!r}: use 'token' or 'sequence' (GSPO)")
+        if self.vllm_importance_sampling_mode not in VLLM_IS_MODES:
+            fail(f"vllm_importance_sampling_mode={self.vllm_importance_sampling_mode!r}: use one of {VLLM_IS_MODES}")
+        low, high = self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max
+        if low is not None and high is not None and not low < high:
+            fail(f"vllm_importance_sampling_clip_min={low} must be below vllm_importance_sampling_clip_max={high}")
+        if self.vllm_importance_sampling_mode.endswith("truncate") and low is None and high is None:
+            fail(f"vllm_importance_sampling_mode={self.vllm_importance_sampling_mode!r} clamps the ratio: set "
+                 "vllm_importance_sampling_clip_max (3.0 is TRL's default)")
+        if self.delta is not None and self.delta <= 1 + self.effective_epsilon_high:
+            fail(f"delta={self.delta} caps the ratio above the clip range: it must exceed 1 + epsilon_high = "
+                 f"{1 + self.effective_epsilon_high} (TRL's paper uses 1.5 to 2)")
+        if self.delta is not None and self.loss_type in ("cispo", "sapo"):
+            fail(f"delta clips the ratio of the clipped losses; loss_type={self.loss_type!r} has no such ratio")
+        if not 0.0 <= self.top_entropy_quantile <= 1.0:
+            fail(f"top_entropy_quantile={self.top_entropy_quantile}: use a fraction in [0, 1] (1.0: every token)")
+        if self.sapo_temperature_pos <= 0 or self.sapo_temperature_neg <= 0:
+            fail("sapo_temperature_pos and sapo_temperature_neg must be > 0")
+        if self.vllm_max_model_len is not None:
+            if self.vllm_max_model_length not in (None, self.vllm_max_model_len):
+                fail(f"vllm_max_model_length={self.vllm_max_model_length} and its alias vllm_max_model_len="
+                     f"{self.vllm_max_model_len} differ: set one")
+            self.vllm_max_model_length = self.vllm_max_model_len
+        self.vllm_max_model_len = self.vllm_max_model_length
+        for key in self.generation_kwargs or {}:
+            if key not in GENERATION_KWARGS:
+                own = {"max_tokens": "max_completion_length"}.get(key, key)
+                instead = (f"set GRPOConfig.{own} instead (the loss uses it too)"
+                           if own in self.__dataclass_fields__ else f"the supported keys are {GENERATION_KWARGS}")
+                fail(f"generation_kwargs[{key!r}] is not supported: {instead}")
+        if self.num_generations_eval is not None and self.num_generations_eval < 2:
+            fail(f"num_generations_eval={self.num_generations_eval}: eval rewards are scored in groups, so it "
+                 "needs at least 2")
         if self.vllm_mode not in VLLM_MODES:
             fail(f"vllm_mode={self.vllm_mode!r}: use 'server' (a `fastgrpo vllm-serve` process) or 'colocate'")
         if self.max_completion_length < 1:
@@ -137,12 +278,28 @@ class GRPOConfig(TrainingArguments):
                      f"per_device_train_batch_size x processes = {self.per_device_train_batch_size} x "
                      f"{self.world_size} = {per_step}")
             self.steps_per_generation = self.generation_batch_size // per_step
+        spg, ga = self.steps_per_generation, self.gradient_accumulation_steps
+        if spg % ga and ga % spg:
+            fail(f"steps_per_generation={spg} and gradient_accumulation_steps={ga}: a generation round must hold "
+                 "whole optimizer steps (steps_per_generation a multiple of GA) or a whole part of one (GA a "
+                 "multiple of steps_per_generation)")
+        if self.loss_type in GLOBALLY_NORMALISED and spg % ga:
+            fail(f"loss_type={self.loss_type!r} normalises each optimizer step by its own token count, which is known "
+                 f"only when a round holds whole steps: make steps_per_generation ({spg}) a multiple of "
+                 f"gradient_accumulation_steps ({ga})")
         if self.generation_batch_size % self.num_generations:
             fail(f"the generation batch ({self.generation_batch_size} completions = per_device_train_batch_size "
                  f"{self.per_device_train_batch_size} x {self.world_size} processes x steps_per_generation "
                  f"{self.steps_per_generation}) is not divisible by num_generations={self.num_generations}: "
                  f"every prompt needs a whole group. Make the batch a multiple of {self.num_generations} "
                  f"(e.g. per_device_train_batch_size={self.num_generations}) or change num_generations.")
+        if self.eval_strategy != "no":
+            eval_rows = self.per_device_eval_batch_size * self.world_size
+            group = self.num_generations_eval or self.num_generations
+            if eval_rows % group:
+                fail(f"the eval batch (per_device_eval_batch_size {self.per_device_eval_batch_size} x "
+                     f"{self.world_size} processes = {eval_rows}) must hold whole groups of {group} completions "
+                     f"(num_generations_eval): make it a multiple of {group}")
         if self.reward_weights is not None and any(not isinstance(w, (int, float)) for w in self.reward_weights):
             fail("reward_weights must be numbers, one per reward function")
 

@@ -49,7 +49,9 @@ DEMO_SPEC = {
     "report_to": [],
     "seed": 0,
     "use_cpu": True,
-    "bf16": True,  # bf16 autocast: about 4x the fp32 matmul rate on this CPU; master weights stay fp32
+    # bf16 autocast where the CPU has a bf16 matrix unit (AMX: about 4x its float32 rate), else float32:
+    # without one torch emulates bf16, about 100x slower (fastgrpo.hardware). Master weights stay float32.
+    "bf16": None,
 }
 
 

@@ -30,7 +30,7 @@ log = logging.getLogger("fastgrpo.serve")
 # Building prompts and sampling parameters.
 
 
-def sampling_params(fields: SamplingFields, prompt_logprobs: bool = False):
+def sampling_params(fields: SamplingFields, prompt_logprobs: bool = False, seed: int | None = None):
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -38,9 +38,10 @@ def sampling_params(fields: SamplingFields, prompt_logprobs: bool = False):
         output_kind=RequestOutputKind.FINAL_ONLY,  # one output holding all n completions
         n=fields.n, temperature=fields.temperature, top_p=fields.top_p,
         top_k=0 if fields.top_k in (-1, 0) else fields.top_k, min_p=fields.min_p,
-        repetition_penalty=fields.repetition_penalty, max_tokens=fields.max_tokens, seed=fields.seed,
-        stop=fields.stop, ignore_eos=fields.ignore_eos, logprobs=0,
-        prompt_logprobs=0 if prompt_logprobs else None,
+        repetition_penalty=fields.repetition_penalty, presence_penalty=fields.presence_penalty,
+        frequency_penalty=fields.frequency_penalty, max_tokens=fields.max_tokens, min_tokens=fields.min_tokens,
+        seed=fields.seed if seed is None else seed, stop=fields.stop, stop_token_ids=fields.stop_token_ids,
+        ignore_eos=fields.ignore_eos, logprobs=0, prompt_logprobs=0 if prompt_logprobs else None,
     )
 
 
@@ -84,11 +85,14 @@ def check_lengths(state: ServerState, prompts: list[list[int]], max_tokens: int,
 
 
 async def run_generation(state: ServerState, prompts: list[list[int]], fields: SamplingFields,
-                         prompt_logprobs: bool = False) -> tuple[list[PromptResult], int]:
+                         prompt_logprobs: bool = False, seeds: list[int] | None = None) -> tuple[list[PromptResult], int]:
     from vllm.exceptions import VLLMClientError
 
     try:
-        params = sampling_params(fields, prompt_logprobs)
+        if seeds is None:
+            params = sampling_params(fields, prompt_logprobs)
+        else:
+            params = [sampling_params(fields, prompt_logprobs, seed) for seed in seeds]
     except (VLLMClientError, ValueError) as exc:  # vLLM's own limits, where ours let a value through
         raise ApiError(400, "invalid_request", f"vLLM refused the sampling parameters: {exc}",
                        getattr(exc, "parameter", None) or field_named_in(str(exc), SamplingFields.model_fields)) from exc
@@ -207,7 +211,9 @@ def create_app(settings: ServerSettings, api_key: str | None = None, body_timeou
             "prompt_token_ids" if req.prompt_token_ids is not None else "messages")
         prompts = tokenize_prompts(state, req)
         check_lengths(state, prompts, req.max_tokens, field_name)
-        results, version = await run_generation(state, prompts, req, req.prompt_logprobs)
+        if req.stop_token_ids:
+            check_vocabulary(state, [req.stop_token_ids], "stop_token_ids")
+        results, version = await run_generation(state, prompts, req, req.prompt_logprobs, req.seeds)
         return GenerateResponse(results=results, weight_version=version)
 
     @app.post("/reset_prefix_cache")

@@ -29,7 +29,8 @@ def add_parser(subparsers) -> None:
     add_flag(p, "--port", type=int, default=8000, help="port (default 8000)")
     add_flag(p, "--gpu_memory_utilization", type=float, default=0.9,
              help="fraction of device memory for weights, activations and KV cache (default 0.9)")
-    add_flag(p, "--dtype", default="auto", help="vLLM dtype: auto, bfloat16, float16, float32 (default auto)")
+    add_flag(p, "--dtype", default="auto", help="vLLM dtype: auto, bfloat16, float16, float32 (default auto: the "
+             "checkpoint's, but float32 on a CPU without a bf16 unit, which would emulate bf16 slowly)")
     add_flag(p, "--max_model_len", type=int, default=None, help="context limit; smaller means a smaller KV cache")
     add_flag(p, "--enable_prefix_caching", type=_optional_bool, default=None, nargs="?", const=True,
              metavar="BOOL", help="vLLM prefix caching (default: vLLM's choice)")
@@ -78,6 +79,12 @@ def run(args) -> int:
 
     validate(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from fastgrpo.engine import engine_dtype, on_cpu
+
+    if engine_dtype(args.dtype) != args.dtype:
+        args.dtype = engine_dtype(args.dtype)
+        logging.getLogger("fastgrpo.serve").warning("serving float32: this CPU has no bf16 matrix unit, so bf16 "
+                                                    "would be emulated slowly; pass --dtype bfloat16 to force it")
     settings = ServerSettings(
         model=resolve_model(args.model), revision=args.revision,
         tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
@@ -85,7 +92,6 @@ def run(args) -> int:
         enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
         max_num_seqs=args.max_num_seqs, kv_cache_space=args.kv_cache_space, seed=args.seed,
     )
-    from fastgrpo.engine import on_cpu
     from fastgrpo.serve.replicas import device_slices
 
     try:  # a layout the machine cannot hold fails here, before any engine starts

@@ -46,12 +46,29 @@ class SamplerFields(BaseModel):
     seed: Seed | None = None
 
 
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0, description="vLLM's own limit")]
+
+
 class SamplingFields(SamplerFields):
     """Everything a generation needs besides its prompts."""
 
     max_tokens: MaxTokens = 16
+    min_tokens: Annotated[int, Field(ge=0)] = 0
     stop: StopStrings | None = None
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=64)] | None = None
     ignore_eos: bool = False
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+
+    @model_validator(mode="after")
+    def _min_within_max(self):
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens={self.min_tokens} is more than max_tokens={self.max_tokens}")
+        return self
+
+
+# The fields a trainer may set through GRPOConfig.generation_kwargs: those GRPOConfig has no field of its own for.
+GENERATION_KWARGS = ("min_tokens", "stop", "stop_token_ids", "ignore_eos", "presence_penalty", "frequency_penalty")
 
 
 class GenerateRequest(SamplingFields):
@@ -61,6 +78,8 @@ class GenerateRequest(SamplingFields):
     prompt_token_ids: list[list[TokenId]] | None = None
     messages: list[Annotated[list[ChatMessage], Field(min_length=1)]] | None = None
     prompt_logprobs: bool = Field(False, description="also return each prompt token's logprob")
+    seeds: list[Seed] | None = Field(None, description="one seed per prompt (completion j of prompt i samples with "
+                                     "seeds[i] + j); instead of `seed`, which seeds every prompt alike")
 
     @model_validator(mode="after")
     def _one_prompt_kind(self):
@@ -75,6 +94,11 @@ class GenerateRequest(SamplingFields):
             raise ValueError(f"'{given[0]}' is empty: send at least one prompt")
         if self.prompt_token_ids is not None and any(len(ids) == 0 for ids in self.prompt_token_ids):
             raise ValueError("'prompt_token_ids' holds an empty prompt: every prompt needs at least one token")
+        if self.seeds is not None:
+            if self.seed is not None:
+                raise ValueError("give 'seed' (one for every prompt) or 'seeds' (one per prompt), not both")
+            if len(self.seeds) != len(batch):
+                raise ValueError(f"'seeds' has {len(self.seeds)} entries for {len(batch)} prompts: give one per prompt")
         return self
 
 

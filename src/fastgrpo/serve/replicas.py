@@ -251,13 +251,16 @@ class ReplicaPool:
         return final
 
     async def generate(self, prompts: list, params, costs: list[int]):
-        """Run prompts across live replicas, split by load; results in input order with replica indices."""
+        """Run prompts across live replicas, split by load; results in input order with replica indices.
+        `params`: one SamplingParams for every prompt, or a list of one per prompt."""
         self.check_dead()
+        if not isinstance(params, list):
+            params = [params] * len(prompts)
         live = self.live
         if not live:
             raise ReplicaDead("no replica is alive: " + "; ".join(f"{r.index}: {r.error}" for r in self.replicas))
         owners = assign_by_load(costs, [r.load_tokens for r in live])
-        tasks = [self.generate_one(live[o], p, params, c) for p, o, c in zip(prompts, owners, costs)]
+        tasks = [self.generate_one(live[o], p, sp, c) for p, sp, o, c in zip(prompts, params, owners, costs)]
         outputs = await asyncio.gather(*tasks)
         return [(out, live[o].index) for out, o in zip(outputs, owners)]
 

@@ -17,6 +17,37 @@ from fastgrpo.transfer import DEFAULT_BUCKET_BYTES, DEFAULT_TIMEOUT_S, WeightCon
 from fastgrpo.transfer.push import RELOAD_CLEANUP_STEPS
 
 
+MASK64 = 2**64 - 1
+SEED_SPAN = 2**62  # below the engines' 2^63 limit, with room for completion j's seed + j
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
+    return x ^ (x >> 31)
+
+
+def derived_seed(*parts: int) -> int:
+    """A seed in [0, 2^62) hashed from integers (the run's seed, a round's index, a position...)."""
+    x = 0
+    for part in parts:
+        x = _splitmix64(x ^ (part & MASK64))
+    return x % SEED_SPAN
+
+
+def prompt_seeds(seed: int, round_index: int, count: int) -> list[int]:
+    """One sampling seed per prompt of a generation round, from the run's seed and the round's index.
+
+    vLLM samples completion j of a request seeded s with seed s + j, so one seed for every prompt
+    would give completion j of each prompt the same noise, and two copies of one prompt identical
+    groups. Hashing (seed, round, position) spreads the seeds over 2^62 values: the ranges
+    [s, s + n) of a round overlap with probability about count^2 * n / 2^62. Reproducible, so a
+    resumed run samples what the uninterrupted run sampled.
+    """
+    return [derived_seed(seed, round_index, i) for i in range(count)]
+
+
 @dataclass(frozen=True)
 class Sampling:
     n: int
@@ -26,22 +57,26 @@ class Sampling:
     min_p: float
     repetition_penalty: float
     max_tokens: int
+    extra: tuple = ()  # generation_kwargs as sorted (key, value) pairs: stop, stop_token_ids, min_tokens, ...
 
 
 @dataclass
 class Completions:
-    """For each prompt, its `n` completions: token ids and (vLLM only) the sampler's logprobs."""
+    """For each prompt, its `n` completions: token ids, whether each ended on a stop condition (EOS, a
+    stop token or string) rather than the length limit, and (vLLM only) the sampler's logprobs."""
 
     token_ids: list[list[list[int]]]
     logprobs: list[list[list[float]]] | None
     weight_version: int | None
+    stopped: list[list[bool]]
 
 
 class GenerationBackend(ABC):
     has_sampling_logprobs = False
 
     @abstractmethod
-    def generate(self, prompt_ids: list[list[int]], sampling: Sampling, seed: int) -> Completions: ...
+    def generate(self, prompt_ids: list[list[int]], sampling: Sampling, seeds: list[int]) -> Completions:
+        """`sampling.n` completions of each prompt; prompt i samples with seeds[i] (see prompt_seeds)."""
 
     @abstractmethod
     def sync_weights(self, weights: Weights, version: int) -> None: ...
@@ -64,15 +99,17 @@ class ServerBackend(GenerationBackend):
         self.client = VLLMClient(base_url=base_url, host=host, port=port, timeout=timeout, bucket_bytes=bucket_bytes,
                                  api_key=api_key)
 
-    def generate(self, prompt_ids, sampling, seed) -> Completions:
+    def generate(self, prompt_ids, sampling, seeds) -> Completions:
         response = self.client.generate(
             prompt_token_ids=prompt_ids, n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
             top_k=sampling.top_k if sampling.top_k > 0 else -1, min_p=sampling.min_p,
-            repetition_penalty=sampling.repetition_penalty, max_tokens=sampling.max_tokens, seed=seed)
+            repetition_penalty=sampling.repetition_penalty, max_tokens=sampling.max_tokens, seeds=seeds,
+            **dict(sampling.extra))
         return Completions(
             token_ids=[[c.token_ids for c in r.completions] for r in response.results],
             logprobs=[[c.logprobs for c in r.completions] for r in response.results],
             weight_version=response.weight_version,
+            stopped=[[c.finish_reason == "stop" for c in r.completions] for r in response.results],
         )
 
     def sync_weights(self, weights, version) -> None:
@@ -135,22 +172,22 @@ class ColocateBackend(GenerationBackend):
         self.version = 0
         self.consistent = True  # False after a push that failed half-way, until a whole one lands
 
-    def generate(self, prompt_ids, sampling, seed) -> Completions:
+    def generate(self, prompt_ids, sampling, seeds) -> Completions:
         from vllm import SamplingParams
 
         if not self.consistent:
             raise RuntimeError("the last weight push to the colocated engine failed half-way, so it holds a mix of "
                                "old and new weights; push the weights again before generating")
-        # One seed per row: rows repeat the same prompt, and equal seeds would sample equal completions.
         params = [SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
                                  top_k=sampling.top_k, min_p=sampling.min_p,
                                  repetition_penalty=sampling.repetition_penalty, max_tokens=sampling.max_tokens,
-                                 logprobs=0, seed=seed + row)
-                  for row in range(len(prompt_ids))]
+                                 logprobs=0, seed=seed, **dict(sampling.extra))
+                  for seed in seeds]
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=False)
         token_ids = [[list(c.token_ids) for c in o.outputs] for o in outputs]
         logprobs = [[[lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)] for c in o.outputs] for o in outputs]
-        return Completions(token_ids, logprobs, self.version)
+        stopped = [[c.finish_reason == "stop" for c in o.outputs] for o in outputs]
+        return Completions(token_ids, logprobs, self.version, stopped)
 
     def _open_group(self) -> None:
         from fastgrpo.serve.launcher import free_port
@@ -182,15 +219,19 @@ class ColocateBackend(GenerationBackend):
 class TransformersBackend(GenerationBackend):
     """`model.generate` on the training model itself (use_vllm=False): slow, but needs nothing else."""
 
-    def __init__(self, get_model, tokenizer):
+    GENERATION_KWARGS = ("stop_token_ids", "min_tokens")
+
+    def __init__(self, get_model, tokenizer, stop_token_ids: list[int]):
         self.get_model = get_model  # returns the unwrapped training model at call time
         self.tokenizer = tokenizer
+        self.stop_token_ids = stop_token_ids  # the generation config's EOS ids, and generation_kwargs' stop ids
 
     @torch.no_grad()
-    def generate(self, prompt_ids, sampling, seed) -> Completions:
+    def generate(self, prompt_ids, sampling, seeds) -> Completions:
         model = self.get_model()
         pad = self.tokenizer.pad_token_id
-        eos = self.tokenizer.eos_token_id
+        extra = dict(sampling.extra)
+        stops = self.stop_token_ids + [t for t in extra.pop("stop_token_ids", None) or [] if t not in self.stop_token_ids]
         rows = [p for p in prompt_ids for _ in range(sampling.n)]
         width = max(len(p) for p in rows)
         device = next(model.parameters()).device
@@ -200,22 +241,26 @@ class TransformersBackend(GenerationBackend):
         model.eval()
         try:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                torch.manual_seed(seed)
+                torch.manual_seed(seeds[0])  # one generator samples every row: rows draw different noise
                 output = model.generate(
                     input_ids=input_ids, attention_mask=attention, do_sample=True, temperature=sampling.temperature,
                     top_p=sampling.top_p, top_k=sampling.top_k if sampling.top_k > 0 else None,
                     min_p=sampling.min_p or None, repetition_penalty=sampling.repetition_penalty,
-                    max_new_tokens=sampling.max_tokens, pad_token_id=pad, eos_token_id=eos,
+                    max_new_tokens=sampling.max_tokens, pad_token_id=pad, eos_token_id=stops,
+                    min_new_tokens=extra.get("min_tokens") or None,
                 )
         finally:
             model.train(was_training)
-        completions = []
+        completions, stopped = [], []
         for row in output[:, width:].tolist():
-            if eos in row:
-                row = row[: row.index(eos) + 1]  # keep the EOS, as vLLM does
+            end = next((i for i, t in enumerate(row) if t in stops), None)
+            if end is not None:
+                row = row[: end + 1]  # keep the stop token, as vLLM does
             completions.append(row)
-        grouped = [completions[i * sampling.n : (i + 1) * sampling.n] for i in range(len(prompt_ids))]
-        return Completions(grouped, None, None)
+            stopped.append(end is not None)
+        n = sampling.n
+        return Completions([completions[i * n : (i + 1) * n] for i in range(len(prompt_ids))], None, None,
+                           [stopped[i * n : (i + 1) * n] for i in range(len(prompt_ids))])
 
     def sync_weights(self, weights, version) -> None:
         pass  # it generates with the training weights themselves

@@ -1,10 +1,14 @@
 """GRPOTrainer: TRL's GRPO workflow on transformers' Trainer, with generation on vLLM.
 
-One generation round serves `steps_per_generation` micro-steps: the sampler
-hands each process its share of a generation batch (every prompt
-`num_generations` times in a row), the round generates completions, scores them,
-computes group advantages over the whole batch (all processes), and buffers the
-micro-batches. After every optimizer step the new weights go to the generator.
+One generation round serves `steps_per_generation` micro-steps: the sampler hands
+each process its share of a generation batch (every prompt `num_generations` times
+in a row), the round generates completions (each prompt with its own seed), scores
+them, computes group advantages over the whole batch (all processes), and cuts it
+into micro-batches: rows dealt to the round's optimizer steps at random, ordered to
+pad little inside each (batching.py). A round that serves later steps keeps the
+generating policy's logprobs for their ratio. After every optimizer step the new
+weights go to the generator. Checkpoints keep the buffered round, so a resume in
+the middle of one is exact.
 """
 
 import atexit
@@ -14,10 +18,10 @@ import time
 from collections import defaultdict
 
 import torch
-from torch.utils.data import Sampler
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback
 
 from fastgrpo.config import GRPOConfig
+from fastgrpo.trainer.batching import completion_token_cost, pad_rows, round_layout, split_round
 from fastgrpo.trainer.forward import PromptSharingUnsupported, completion_logits, prompt_groups
 from fastgrpo.trainer.generation import (
     ColocateBackend,
@@ -25,54 +29,31 @@ from fastgrpo.trainer.generation import (
     Sampling,
     ServerBackend,
     TransformersBackend,
+    derived_seed,
+    prompt_seeds,
 )
-from fastgrpo.trainer.loss import entropy_from_logits, group_advantages, grpo_loss, selective_log_softmax, weighted_rewards
+from fastgrpo.trainer.loss import (
+    GLOBALLY_NORMALISED,
+    entropy_from_logits,
+    entropy_threshold,
+    group_advantages,
+    grpo_loss,
+    selective_log_softmax,
+    weighted_rewards,
+)
+from fastgrpo.trainer.reporting import report_completions
 from fastgrpo.trainer.rewards import compute_rewards, prepare_reward_funcs, reward_func_name
+from fastgrpo.trainer.sampler import RepeatSampler
 
 logger = logging.getLogger(__name__)
 
 
+ROUND_STATE = "fastgrpo_round_state_{rank}.pt"  # in each checkpoint folder, one per process
 WEIGHT_SYNC_ATTEMPTS = 3  # a push that fails for a reason that may pass is tried again (see sync_weights)
 
 
 class StaleGenerationError(RuntimeError):
     pass
-
-
-class RepeatSampler(Sampler):
-    """Dataset indices for generation batches.
-
-    Each batch of `prompts_per_batch` prompts is emitted `repeat_count` times (once
-    per micro-step it serves), each prompt `num_generations` times in a row, so a
-    group of completions is consecutive in the global batch.
-    """
-
-    def __init__(self, num_rows: int, num_generations: int, prompts_per_batch: int, repeat_count: int,
-                 shuffle: bool = True, seed: int = 0):
-        if num_rows < prompts_per_batch:
-            raise ValueError(f"the dataset has {num_rows} prompts but one generation batch needs "
-                             f"{prompts_per_batch}: use a larger dataset or a smaller generation batch")
-        self.num_rows, self.num_generations = num_rows, num_generations
-        self.prompts_per_batch, self.repeat_count = prompts_per_batch, repeat_count
-        self.shuffle, self.seed, self.epoch = shuffle, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.num_rows, generator=generator).tolist()
-        else:
-            order = list(range(self.num_rows))
-        for start in range(0, len(order) - self.prompts_per_batch + 1, self.prompts_per_batch):
-            chunk = order[start : start + self.prompts_per_batch]
-            for _ in range(self.repeat_count):
-                for index in chunk:
-                    yield from [index] * self.num_generations
-
-    def __len__(self) -> int:
-        return (self.num_rows // self.prompts_per_batch) * self.prompts_per_batch * self.num_generations * self.repeat_count
 
 
 class _SyncWeightsCallback(TrainerCallback):
@@ -92,12 +73,6 @@ def _identity_collator(features):
     return features
 
 
-def _pad(rows: list[list], value, left: bool = False) -> torch.Tensor:
-    width = max((len(r) for r in rows), default=0)
-    return torch.tensor([([value] * (width - len(r)) + list(r)) if left else (list(r) + [value] * (width - len(r)))
-                         for r in rows])
-
-
 class GRPOTrainer(Trainer):
     def __init__(self, model, reward_funcs, args: GRPOConfig | None = None, train_dataset=None, eval_dataset=None,
                  processing_class=None, reward_processing_classes=None, callbacks=None, optimizers=(None, None),
@@ -110,6 +85,8 @@ class GRPOTrainer(Trainer):
             raise TypeError("args must be a fastgrpo.GRPOConfig")
         init_kwargs = dict(args.model_init_kwargs or {})
         init_kwargs.setdefault("dtype", torch.float32)  # master weights; bf16 comes from autocast
+        if args.trust_remote_code:
+            init_kwargs.setdefault("trust_remote_code", True)
         if isinstance(model, str):
             from fastgrpo.models import resolve_model
 
@@ -118,7 +95,7 @@ class GRPOTrainer(Trainer):
         else:
             self.model_path = model.config._name_or_path
         if processing_class is None:
-            processing_class = AutoTokenizer.from_pretrained(self.model_path)
+            processing_class = AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=args.trust_remote_code)
         if processing_class.pad_token is None:
             processing_class.pad_token = processing_class.eos_token
         self.tokenizer = processing_class
@@ -132,17 +109,24 @@ class GRPOTrainer(Trainer):
             raise ValueError(f"reward_weights has {len(weights)} entries for {len(self.reward_funcs)} reward "
                              "functions: give one weight per function")
         self.reward_weights = torch.tensor(weights, dtype=torch.float32)
-        if eval_dataset is not None:
-            raise NotImplementedError("evaluation inside GRPOTrainer is not built yet: evaluate the saved model, or "
-                                      "point an eval harness at the server's OpenAI routes while training runs")
-        if train_dataset is not None and "prompt" not in train_dataset.column_names:
-            raise ValueError(f"the training dataset needs a 'prompt' column (text or chat messages); it has "
-                             f"{train_dataset.column_names}")
+        for name, dataset in (("training", train_dataset), ("eval", eval_dataset)):
+            if dataset is not None and "prompt" not in dataset.column_names:
+                raise ValueError(f"the {name} dataset needs a 'prompt' column (text or chat messages); it has "
+                                 f"{dataset.column_names}")
+        if not args.use_vllm:
+            unsupported = set(args.generation_kwargs or {}) - set(TransformersBackend.GENERATION_KWARGS)
+            if unsupported:
+                raise ValueError(f"generation_kwargs {sorted(unsupported)} need vLLM (use_vllm=True); transformers "
+                                 f"generation takes {TransformersBackend.GENERATION_KWARGS}")
 
         self.ref_model = None
         if args.beta != 0.0:
             self.ref_model = AutoModelForCausalLM.from_pretrained(self.model_path, **init_kwargs).eval()
             self.ref_model.requires_grad_(False)
+        if args.disable_dropout:
+            for module in (model, self.ref_model):
+                if module is not None:
+                    _disable_dropout(module)
 
         super().__init__(model=model, args=args, data_collator=_identity_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
@@ -154,6 +138,8 @@ class GRPOTrainer(Trainer):
             self.ref_model = self.accelerator.prepare_model(self.ref_model, evaluation_mode=True)
 
         self._metrics = defaultdict(list)  # logged means since the last log
+        self._eval_metrics = defaultdict(list)
+        self._completion_rows: list[dict] = []  # log_completions: rows since the last log
         self._round_seconds = 0.0  # generation + reward time inside the current training_step
         self._buffered: list[dict] | None = None
         self._step = 0
@@ -162,7 +148,7 @@ class GRPOTrainer(Trainer):
         self._total_tokens = 0
         # Sharing needs the model's cache in training, which gradient checkpointing switches off.
         self._share_prompts = args.share_prompt_prefix and not args.gradient_checkpointing
-        self._completion_token_cost = _completion_token_cost(self.model)
+        self._completion_token_cost = completion_token_cost(self.model)
         self.backend = self._make_backend()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             atexit.register(_destroy_process_group)  # for scripts that never call close() (see close)
@@ -173,7 +159,8 @@ class GRPOTrainer(Trainer):
     def _make_backend(self) -> GenerationBackend | None:
         a = self.args
         if not a.use_vllm:
-            return TransformersBackend(lambda: self.accelerator.unwrap_model(self.model), self.tokenizer)
+            return TransformersBackend(lambda: self.accelerator.unwrap_model(self.model), self.tokenizer,
+                                       _stop_token_ids(self.accelerator.unwrap_model(self.model), self.tokenizer))
         if a.vllm_mode == "server":
             if not self.accelerator.is_main_process:
                 return None  # only the main process talks to the server
@@ -185,7 +172,7 @@ class GRPOTrainer(Trainer):
             path = tempfile.mkdtemp(prefix="fastgrpo-colocate-")
             self.accelerator.unwrap_model(self.model).save_pretrained(path)
             self.tokenizer.save_pretrained(path)
-        max_len = a.vllm_max_model_len or ((a.max_prompt_length or 1024) + a.max_completion_length)
+        max_len = a.vllm_max_model_length or ((a.max_prompt_length or 1024) + a.max_completion_length)
         return ColocateBackend(path, a.vllm_gpu_memory_utilization, a.vllm_tensor_parallel_size, max_len,
                                seed=a.seed + self.accelerator.process_index, bucket_bytes=a.weight_sync_bucket_bytes)
 
@@ -244,7 +231,7 @@ class GRPOTrainer(Trainer):
         a = self.args
         return RepeatSampler(len(train_dataset or self.train_dataset), a.num_generations,
                              a.unique_prompts_per_generation, a.steps_per_generation * a.num_iterations,
-                             shuffle=True, seed=a.seed)
+                             shuffle=a.shuffle_dataset, seed=a.seed)
 
     def get_train_dataloader(self):
         if self.train_dataset is None:
@@ -254,10 +241,15 @@ class GRPOTrainer(Trainer):
                                     sampler_fn=self._get_train_sampler, is_training=True)
 
     def _prepare_inputs(self, generation_batch):
-        every = self.args.steps_per_generation * self.args.num_iterations
+        """The micro-batch of this micro-step; a new generation round when the last one is used up."""
+        a = self.args
+        every = a.steps_per_generation * a.num_iterations
         if self._step % every == 0 or self._buffered is None:
-            self._buffered = self._generate_and_score(generation_batch)
-        inputs = self._buffered[self._step % self.args.steps_per_generation]
+            if self._step % every:
+                logger.warning("resuming in the middle of a generation round that the checkpoint does not hold: "
+                               "generating a new one (the run is not exactly the uninterrupted one)")
+            self._buffered = self._generate_and_score(generation_batch, round_index=self._step // every)
+        inputs = self._buffered[self._step % a.steps_per_generation]
         self._step += 1
         return inputs
 
@@ -269,7 +261,8 @@ class GRPOTrainer(Trainer):
         for prompt in prompts:
             if conversational:
                 row = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
-                                                         return_dict=True)["input_ids"]
+                                                         return_dict=True,
+                                                         **(self.args.chat_template_kwargs or {}))["input_ids"]
             else:
                 row = self.tokenizer(prompt)["input_ids"]
             if self.args.max_prompt_length is not None:
@@ -280,34 +273,40 @@ class GRPOTrainer(Trainer):
     def _sampling(self, n: int) -> Sampling:
         a = self.args
         return Sampling(n=n, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p,
-                        repetition_penalty=a.repetition_penalty, max_tokens=a.max_completion_length)
+                        repetition_penalty=a.repetition_penalty, max_tokens=a.max_completion_length,
+                        extra=tuple(sorted((a.generation_kwargs or {}).items())))
 
-    def _generate(self, prompt_ids: list[list[int]]):
-        """Completions (and sampler logprobs) for this process's rows, in row order."""
+    def _generate(self, prompt_ids: list[list[int]], num_generations: int, round_index: int):
+        """Completions of this process's rows, in row order: (token ids, sampler logprobs or None, whether each
+        ended on a stop condition, weights version). Each prompt of the round samples with its own seed."""
         from accelerate.utils import broadcast_object_list, gather_object
 
         a, acc = self.args, self.accelerator
-        seed = a.seed * 1_000_003 + self.state.global_step * 7919
         if not self._server_mode():
+            rows = len(prompt_ids)
+            seeds = prompt_seeds(a.seed, round_index, rows * acc.num_processes)
+            seeds = seeds[acc.process_index * rows : (acc.process_index + 1) * rows]
             with acc.autocast():  # transformers generation runs in the training precision (bf16 if set)
-                comps = self.backend.generate(prompt_ids, self._sampling(1), seed + 104_729 * acc.process_index)
+                comps = self.backend.generate(prompt_ids, self._sampling(1), seeds)
             ids = [c[0] for c in comps.token_ids]
             lps = [c[0] for c in comps.logprobs] if comps.logprobs is not None else None
-            return ids, lps, comps.weight_version
+            return ids, lps, [s[0] for s in comps.stopped], comps.weight_version
         everyone = gather_object(prompt_ids)
-        payload = [None, None, None]
+        payload = [None, None, None, None]
         if acc.is_main_process:
-            groups = [everyone[i : i + a.num_generations] for i in range(0, len(everyone), a.num_generations)]
+            groups = [everyone[i : i + num_generations] for i in range(0, len(everyone), num_generations)]
             if any(any(row != group[0] for row in group) for group in groups):
                 raise RuntimeError("a generation batch is not made of whole groups of identical prompts; this is "
                                    "a sampler bug: please report it with your GRPOConfig")
-            comps = self.backend.generate([g[0] for g in groups], self._sampling(a.num_generations), seed)
+            comps = self.backend.generate([g[0] for g in groups], self._sampling(num_generations),
+                                          prompt_seeds(a.seed, round_index, len(groups)))
             payload = [[c for group in comps.token_ids for c in group],
-                       [lp for group in comps.logprobs for lp in group], comps.weight_version]
+                       [lp for group in comps.logprobs for lp in group],
+                       [s for group in comps.stopped for s in group], comps.weight_version]
         broadcast_object_list(payload, from_process=0)
         start = acc.process_index * len(prompt_ids)
         rows = slice(start, start + len(prompt_ids))
-        return payload[0][rows], payload[1][rows], payload[2]
+        return payload[0][rows], payload[1][rows], payload[2][rows], payload[3]
 
     def _check_version(self, version: int | None) -> None:
         if version is None or self._synced_version is None:
@@ -321,20 +320,24 @@ class GRPOTrainer(Trainer):
                 "vllm_max_weight_staleness.")
 
     @torch.no_grad()
-    def _generate_and_score(self, inputs: list[dict]) -> list[dict]:
+    def _generate_and_score(self, inputs: list[dict], round_index: int, evaluating: bool = False) -> list[dict]:
+        """Generate, score and batch one round: its micro-batches in training order.
+
+        Evaluating, it only generates and scores (one micro-batch, no old or reference logprobs), and logs
+        under the eval metrics."""
         a, acc, device = self.args, self.accelerator, self.accelerator.device
-        metrics = self._metrics
+        metrics = self._eval_metrics if evaluating else self._metrics
+        num_generations = (a.num_generations_eval or a.num_generations) if evaluating else a.num_generations
         prompts = [x["prompt"] for x in inputs]
         conversational = isinstance(prompts[0], list)
         prompt_ids = self._prompt_ids(prompts)
 
         began = time.perf_counter()
-        completion_ids, sampling_logps, version = self._generate(prompt_ids)
+        completion_ids, sampling_logps, terminated, version = self._generate(prompt_ids, num_generations,
+                                                                             round_index)
         generate_s = time.perf_counter() - began
         self._check_version(version)
 
-        eos = self.tokenizer.eos_token_id
-        terminated = [len(c) > 0 and c[-1] == eos for c in completion_ids]
         texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
         completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
 
@@ -344,115 +347,169 @@ class GRPOTrainer(Trainer):
                                         trainer_state=self.state)
         all_rewards = acc.gather(local_rewards.to(device)).float().cpu()
         total, per_func = weighted_rewards(all_rewards, self.reward_weights)
-        advantages, stats = group_advantages(total, a.num_generations, a.scale_rewards)
+        advantages, stats = group_advantages(total, num_generations, a.scale_rewards)
         reward_s = time.perf_counter() - began
         start = acc.process_index * len(inputs)
         local_advantages = advantages[start : start + len(inputs)]
 
         # Batch tensors: prompts left-padded, completions right-padded.
         pad = self.tokenizer.pad_token_id
-        prompt_tensor = _pad(prompt_ids, pad, left=True)
-        prompt_mask = _pad([[1] * len(p) for p in prompt_ids], 0, left=True)
-        completion_tensor = _pad(completion_ids, pad)
-        completion_attention = _pad([[1] * len(c) for c in completion_ids], 0)
+        prompt_mask = pad_rows([[1] * len(p) for p in prompt_ids], 0, left=True)
+        completion_attention = pad_rows([[1] * len(c) for c in completion_ids], 0)
         completion_mask = completion_attention.clone()
         if a.mask_truncated_completions:
-            completion_mask[~torch.tensor(terminated)] = 0
-        batch = {"prompt_ids": prompt_tensor, "prompt_mask": prompt_mask, "completion_ids": completion_tensor,
-                 "completion_attention": completion_attention, "completion_mask": completion_mask,
-                 "advantages": local_advantages}
-        if sampling_logps is not None and a.vllm_importance_sampling_correction:
-            batch["sampling_logps"] = _pad(sampling_logps, 0.0).float()
+            completion_mask[~torch.tensor(terminated, dtype=torch.bool)] = 0
+        batch = {"prompt_ids": pad_rows(prompt_ids, pad, left=True), "prompt_mask": prompt_mask,
+                 "completion_ids": pad_rows(completion_ids, pad), "completion_attention": completion_attention,
+                 "completion_mask": completion_mask, "advantages": local_advantages}
+        if sampling_logps is not None and a.vllm_importance_sampling_correction and not evaluating:
+            batch["sampling_logps"] = pad_rows(sampling_logps, 0.0).float()
 
-        # Token count of the optimizer step, all processes: the "dapo" normaliser.
-        lengths = acc.gather(torch.tensor([len(c) for c in completion_ids], device=device)).cpu()
-        step_tokens = completion_mask.sum().to(device)
-        global_tokens = acc.gather(step_tokens.reshape(1)).sum().item()
-        batch["num_items_in_batch"] = torch.tensor(
-            global_tokens * self.args.gradient_accumulation_steps / self.args.steps_per_generation)
-
-        micro = self._split(batch, a.steps_per_generation)
-        if a.num_iterations > 1 or a.beta != 0.0:
+        micro = [] if evaluating else self._split_round(batch, round_index)
+        # A round that serves later optimizer steps (or several iterations) trains them off-policy: their
+        # ratio is to the policy that generated, computed now, before the first step changes the weights.
+        if a.num_iterations > 1 or a.steps_per_generation > a.gradient_accumulation_steps or a.beta != 0.0:
             for m in micro:
-                if a.num_iterations > 1:
+                if a.num_iterations > 1 or a.steps_per_generation > a.gradient_accumulation_steps:
                     m["old_logps"] = self._per_token_logps(self.model, m)
                 if a.beta != 0.0:
                     m["ref_logps"] = self._per_token_logps(self.ref_model, m)
 
         # Metrics, TRL's names.
-        self._total_tokens += int(acc.gather(torch.tensor(
+        lengths = acc.gather(torch.tensor([len(c) for c in completion_ids], device=device)).cpu()
+        round_tokens = int(acc.gather(torch.tensor(
             [prompt_mask.sum().item() + completion_attention.sum().item()], device=device)).sum().item())
-        metrics["num_tokens"].append(self._total_tokens)
+        if not evaluating:
+            self._total_tokens += round_tokens
+            metrics["num_tokens"].append(self._total_tokens)
         metrics["reward"].append(stats["reward"].item())
         metrics["reward_std"].append(stats["reward_std"].item())
         metrics["frac_reward_zero_std"].append(stats["frac_reward_zero_std"].item())
         for i, name in enumerate(self.reward_func_names):
             metrics[f"rewards/{name}/mean"].append(per_func["mean"][i].item())
             metrics[f"rewards/{name}/std"].append(per_func["std"][i].item())
-        all_terminated = acc.gather(torch.tensor(terminated, device=device)).cpu()
+        all_terminated = acc.gather(torch.tensor(terminated, device=device)).cpu().bool()
         metrics["completions/mean_length"].append(lengths.float().mean().item())
         metrics["completions/min_length"].append(lengths.min().item())
         metrics["completions/max_length"].append(lengths.max().item())
         metrics["completions/clipped_ratio"].append(1.0 - all_terminated.float().mean().item())
         done = lengths[all_terminated]
         metrics["completions/mean_terminated_length"].append(done.float().mean().item() if len(done) else 0.0)
+        metrics["completions/min_terminated_length"].append(done.min().item() if len(done) else 0.0)
+        metrics["completions/max_terminated_length"].append(done.max().item() if len(done) else 0.0)
         metrics["time/generate"].append(generate_s)
         metrics["time/reward"].append(reward_s)
         self._round_seconds += generate_s + reward_s
         metrics["generate/tokens_per_second"].append(lengths.sum().item() / max(generate_s, 1e-9))
-        for key, value in self._pending_time.items():
-            metrics[key].append(value)
-        self._pending_time.clear()
-        if a.log_completions and acc.is_main_process:
-            self._print_completions(prompts, texts, total[start : start + len(inputs)])
+        if not evaluating:
+            for key, value in self._pending_time.items():
+                metrics[key].append(value)
+            self._pending_time.clear()
+        if a.log_completions:
+            self._log_completions(prompts, texts, all_rewards, advantages, evaluating)
         return micro
 
-    def _print_completions(self, prompts, texts, rewards) -> None:
-        shown = self.args.num_completions_to_print or len(texts)
-        from tqdm import tqdm
+    def _split_round(self, batch: dict, round_index: int) -> list[dict]:
+        """The round's micro-batches in training order, each with its optimizer step's token count.
 
-        for prompt, text, reward in list(zip(prompts, texts, rewards.tolist()))[:shown]:
-            question = prompt[-1]["content"] if isinstance(prompt, list) else prompt
-            tqdm.write(f"step {self.state.global_step} | reward {reward:.2f} | "
-                       f"{' '.join(question.split())[:80]} -> {' '.join(text.split())[:160]}")
-
-    def _split(self, batch: dict, parts: int) -> list[dict]:
-        """Cut a generation batch into micro-batches that waste little compute on padding.
-
-        Rows sorted by total length pad least; with prompt sharing, rows kept by prompt run each prompt
-        once per micro-batch but pad their completions more. Take whichever order costs less, counting
-        a completion position as a token plus its share of the LM head.
-        """
-        rows = batch["prompt_ids"].shape[0]
-        if parts == 1:
-            return [_trim(batch)]
-        prompt_lengths = batch["prompt_mask"].sum(1)
-        completion_lengths = batch["completion_attention"].sum(1)
-        order = torch.argsort(prompt_lengths + completion_lengths, stable=True)
-        size = rows // parts
-        if self._share_prompts:
-            _, prompt_index = prompt_groups(batch["prompt_ids"], batch["prompt_mask"])
-            # By prompt length, then prompt, then completion length (stable sorts, last key first).
-            by_prompt = torch.argsort(completion_lengths, stable=True)
-            by_prompt = by_prompt[torch.argsort(prompt_index[by_prompt], stable=True)]
-            by_prompt = by_prompt[torch.argsort(prompt_lengths[by_prompt], stable=True)]
-
-            def cost(order) -> float:
-                total = 0.0
-                for p in range(parts):
-                    index = order[p * size : (p + 1) * size]
-                    total += (len(prompt_index[index].unique()) * int(prompt_lengths[index].max())
-                              + len(index) * int(completion_lengths[index].max()) * self._completion_token_cost)
-                return total
-
-            order = min(order, by_prompt, key=cost)
+        Rows are dealt to the round's optimizer steps at random (a seeded generator: a resumed run deals
+        alike); inside a step they are ordered to pad little (see batching.split_round)."""
+        a, acc = self.args, self.accelerator
+        steps, micro_per_step = round_layout(a.steps_per_generation, a.gradient_accumulation_steps)
+        generator = torch.Generator().manual_seed(derived_seed(a.seed, round_index, -1 - acc.process_index))
+        prompt_index = prompt_groups(batch["prompt_ids"], batch["prompt_mask"])[1] if self._share_prompts else None
+        by_step = split_round(batch, steps, micro_per_step, prompt_index, self._completion_token_cost, generator)
+        # The "dapo" normaliser: each optimizer step's completion tokens, all processes together.
+        local = torch.tensor([sum(int(m["completion_mask"].sum()) for m in step) for step in by_step],
+                             device=acc.device)
+        step_tokens = acc.gather(local.reshape(1, -1)).sum(0).cpu()
         micro = []
-        for p in range(parts):
-            index = order[p * size : (p + 1) * size]
-            m = {k: (v[index] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == rows else v)
-                 for k, v in batch.items()}
-            micro.append(_trim(m))
+        for step, tokens in zip(by_step, step_tokens.tolist()):
+            for m in step:
+                m["num_items_in_batch"] = torch.tensor(float(tokens))
+                micro.append(m)
         return micro
+
+    # --- completions, evaluation, checkpoints ------------------------------------
+
+    def _log_completions(self, prompts, texts, all_rewards, advantages, evaluating: bool) -> None:
+        """Keep this round's rows (all processes) for the next log: step, prompt, completion, rewards, advantage."""
+        from accelerate.utils import gather_object
+
+        from fastgrpo.trainer.rewards import completion_text
+
+        prompts = gather_object([p[-1]["content"] if isinstance(p, list) else p for p in prompts])
+        texts = gather_object(list(texts))
+        if not self.accelerator.is_main_process:
+            return
+        for i, (prompt, text) in enumerate(zip(prompts, texts)):
+            row = {"step": self.state.global_step, "prompt": completion_text(prompt), "completion": text}
+            row.update({name: all_rewards[i, f].item() for f, name in enumerate(self.reward_func_names)})
+            row["advantage"] = advantages[i].item()
+            if evaluating:
+                row["split"] = "eval"
+            self._completion_rows.append(row)
+        del self._completion_rows[: -self.args.generation_batch_size * 2]  # at most two rounds' worth
+
+    def _report_completions(self) -> None:
+        rows, self._completion_rows = self._completion_rows, []
+        report_completions(rows, self.reward_func_names, self.args.num_completions_to_print, self.args.report_to)
+
+    def _get_eval_sampler(self, eval_dataset=None):
+        a = self.args
+        group = a.num_generations_eval or a.num_generations
+        return RepeatSampler(len(eval_dataset or self.eval_dataset), group,
+                             a.per_device_eval_batch_size * a.world_size // group, 1, shuffle=False)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
+        """Generate on the current weights for every eval prompt, score, and log the reward metrics with
+        `eval_` in front (eval_reward, eval_rewards/<f>/mean, eval_completions/mean_length, ...)."""
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise ValueError("evaluate() needs an eval_dataset (GRPOTrainer(eval_dataset=...) or the argument)")
+        self.sync_weights()  # the generator evaluates the weights the trainer holds now
+        self._eval_metrics = defaultdict(list)
+        began = time.perf_counter()
+        for i, batch in enumerate(self.get_eval_dataloader(dataset)):
+            # Seeds apart from the training rounds' (their indices are >= 0).
+            self._generate_and_score(batch, round_index=-1 - (self.state.global_step * 100_003 + i), evaluating=True)
+        metrics = {f"{metric_key_prefix}_{k}": sum(v) / len(v) for k, v in self._eval_metrics.items() if v}
+        metrics[f"{metric_key_prefix}_runtime"] = time.perf_counter() - began
+        Trainer.log(self, metrics)  # not our log(): that adds the training metrics
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def _save_checkpoint(self, model, trial):
+        """Trainer's checkpoint, plus what makes a resume exact: the buffered round (it may serve steps still
+        to come), the micro-step counter and the token count. One file per process: rounds are per process."""
+        import os
+
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        super()._save_checkpoint(model, trial)
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        os.makedirs(folder, exist_ok=True)
+        torch.save({"step": self._step, "total_tokens": self._total_tokens, "buffered": self._buffered},
+                   os.path.join(folder, ROUND_STATE.format(rank=self.accelerator.process_index)))
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        import os
+
+        from transformers.trainer_utils import get_last_checkpoint
+
+        folder = resume_from_checkpoint
+        if folder is True:
+            folder = get_last_checkpoint(self.args.output_dir)
+        if folder:
+            path = os.path.join(folder, ROUND_STATE.format(rank=self.accelerator.process_index))
+            if os.path.exists(path):
+                state = torch.load(path, weights_only=True)
+                self._step, self._total_tokens, self._buffered = state["step"], state["total_tokens"], state["buffered"]
+            else:
+                logger.warning("%s holds no fastgrpo round state (%s): the resumed run regenerates its round",
+                               folder, os.path.basename(path))
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
+                             ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
 
     # --- the loss ------------------------------------------------------------------------
 
@@ -479,16 +536,29 @@ class GRPOTrainer(Trainer):
         a, acc, device = self.args, self.accelerator, self.accelerator.device
         logps, entropy = self._per_token_logps(model, inputs, with_entropy=True)
         mask = inputs["completion_mask"].to(device)
+        entropy_mask = None
+        if a.top_entropy_quantile < 1.0:
+            # The threshold over the micro-step's tokens on every process, as TRL computes it.
+            local = entropy[mask.bool()].float()
+            everyone = acc.gather(acc.pad_across_processes(local, dim=0, pad_index=-1.0))
+            threshold = entropy_threshold(everyone[everyone >= 0], a.top_entropy_quantile).to(device)
+            entropy_mask = (entropy >= threshold) & mask.bool()
+        old_logps = inputs.get("old_logps")
         loss, metrics = grpo_loss(
-            logps, inputs.get("old_logps"), inputs["advantages"].to(device), mask, loss_type=a.loss_type,
-            epsilon_low=a.epsilon, epsilon_high=a.effective_epsilon_high, beta=a.beta,
-            ref_per_token_logps=inputs.get("ref_logps"), max_completion_length=a.max_completion_length,
-            num_items_in_batch=inputs["num_items_in_batch"].item(), num_processes=acc.num_processes,
+            logps, None if old_logps is None else old_logps.to(device), inputs["advantages"].to(device), mask,
+            loss_type=a.loss_type, epsilon_low=a.epsilon, epsilon_high=a.effective_epsilon_high, delta=a.delta,
+            importance_sampling_level=a.importance_sampling_level, sapo_temperature_pos=a.sapo_temperature_pos,
+            sapo_temperature_neg=a.sapo_temperature_neg, beta=a.beta,
+            ref_per_token_logps=inputs["ref_logps"].to(device) if "ref_logps" in inputs else None,
+            max_completion_length=a.max_completion_length, num_items_in_batch=inputs["num_items_in_batch"].item(),
+            num_processes=acc.num_processes,
             sampling_per_token_logps=inputs["sampling_logps"].to(device) if "sampling_logps" in inputs else None,
-            importance_sampling_cap=a.vllm_importance_sampling_cap,
+            vllm_is_mode=a.vllm_importance_sampling_mode, vllm_is_clip_min=a.vllm_importance_sampling_clip_min,
+            vllm_is_clip_max=a.vllm_importance_sampling_clip_max, off_policy_mask_threshold=a.off_policy_mask_threshold,
+            entropy_mask=entropy_mask,
         )
-        if a.loss_type != "dapo":  # dapo's global normaliser already spans the accumulated micro-steps
-            loss = loss / self.current_gradient_accumulation_steps
+        if a.loss_type not in GLOBALLY_NORMALISED:  # their normaliser already spans the step's micro-batches
+            loss = loss / getattr(self, "current_gradient_accumulation_steps", a.gradient_accumulation_steps)
         token_count = mask.sum().clamp(min=1)
         metrics["entropy"] = (entropy * mask).sum() / token_count
         for key, value in metrics.items():
@@ -497,10 +567,27 @@ class GRPOTrainer(Trainer):
         return loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        """One micro-step: forward, loss, backward.
+
+        Ours rather than Trainer's, so the loss is scaled for gradient accumulation once, by compute_loss,
+        on every transformers version: before 5.19 Trainer ignores `loss_is_scaled_for_ga` and divides the
+        loss by the accumulation steps again (grpo, bnpo and dr_grpo then come out divided by GA^2).
+        """
+        from accelerate.utils import DistributedType
+
         began, self._round_seconds = time.perf_counter(), 0.0
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        model.train()
+        if callable(getattr(self.optimizer, "train", None)):  # schedule-free optimizers
+            self.optimizer.train()
+        inputs = self._prepare_inputs(inputs)
+        with self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        kwargs = {}
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            kwargs["scale_wrt_gas"] = False  # DeepSpeed would divide by GA too
+        self.accelerator.backward(loss, **kwargs)
         self._metrics["time/train"].append(time.perf_counter() - began - self._round_seconds)
-        return loss
+        return loss.detach()
 
     def log(self, logs: dict, start_time=None) -> None:
         averaged = {k: sum(v) / len(v) for k, v in self._metrics.items() if v}
@@ -509,6 +596,8 @@ class GRPOTrainer(Trainer):
             steps = max(1, len(micro_steps) // self.args.gradient_accumulation_steps)
             averaged["time/train"] = sum(micro_steps) / steps
         self._metrics.clear()
+        if self._completion_rows and self.accelerator.is_main_process:
+            self._report_completions()
         super().log({**logs, **averaged}, start_time)
 
     def close(self) -> None:
@@ -542,28 +631,23 @@ def _destroy_process_group() -> None:
         torch.distributed.destroy_process_group()
 
 
-def _completion_token_cost(model) -> float:
-    """Cost of a completion position relative to a prompt token: the body, plus the LM head (vocab x hidden
-    multiply-adds) that only completion positions pay. About 1.27 for SmolLM2-135M, 1.08 for Qwen2.5-7B."""
-    config = getattr(model, "config", None)
-    try:
-        head = config.vocab_size * config.hidden_size
-        body = model.num_parameters(exclude_embeddings=True)
-        return 1.0 + head / max(body, 1)
-    except (AttributeError, TypeError):
-        return 1.0
+def _disable_dropout(model) -> None:
+    """Dropout off everywhere: nn.Dropout modules (what TRL turns off), and the attention dropout that most
+    decoder layers (Llama, Qwen2, ...) apply as a float attribute inside attention, not as a module."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    if isinstance(getattr(model.config, "attention_dropout", None), float):
+        model.config.attention_dropout = 0.0
 
 
-def _trim(m: dict) -> dict:
-    """Drop columns that are padding in every row (left of prompts, right of completions)."""
-    prompt_keep = m["prompt_mask"].any(0)
-    first = int(prompt_keep.float().argmax()) if prompt_keep.any() else 0
-    completion_keep = m["completion_attention"].any(0)
-    last = int(completion_keep.nonzero().max()) + 1 if completion_keep.any() else 1
-    out = dict(m)
-    for key in ("prompt_ids", "prompt_mask"):
-        out[key] = m[key][:, first:]
-    for key in ("completion_ids", "completion_attention", "completion_mask", "sampling_logps"):
-        if key in m:
-            out[key] = m[key][:, :last]
-    return out
+def _stop_token_ids(model, tokenizer) -> list[int]:
+    """The ids that end a completion: the generation config's EOS ids (chat models often have several,
+    such as <|im_end|> and <|endoftext|>) and the tokenizer's."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [] if ids is None else ([ids] if isinstance(ids, int) else list(ids))
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids

@@ -15,11 +15,18 @@ in the docstring.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 SCALE_REWARDS_MODES = ("group", "batch", "none")
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
+# Normalised over the optimizer step's tokens (num_items_in_batch); the others over their micro-batch,
+# so the trainer divides those by the gradient accumulation steps.
+GLOBALLY_NORMALISED = ("dapo", "cispo")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+VLLM_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
 # Added to the std before dividing, so that a group whose completions all got the
 # same reward gets advantage 0 instead of 0/0 (TRL's constant).
@@ -232,26 +239,38 @@ def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask, values, 0.0).sum() / mask.sum().clamp(min=1)
 
 
-def truncated_importance_weights(
-    trainer_logps: Tensor, sampling_logps: Tensor, completion_mask: Tensor, cap: float = 2.0
+def _sequence_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Per row, the mean over its masked positions: [B, T] -> [B, 1]."""
+    return (torch.where(mask, values, 0.0).sum(1) / mask.sum(1).clamp(min=1)).unsqueeze(1)
+
+
+def vllm_importance_weights(
+    trainer_logps: Tensor, sampling_logps: Tensor, completion_mask: Tensor, mode: str = "sequence_mask",
+    clip_min: float | None = None, clip_max: float | None = 3.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Token-level truncated importance sampling (TIS) weights for the generator/trainer mismatch.
+    """Importance weights for the generator/trainer mismatch, TRL's `vllm_importance_sampling_mode`.
 
-    vLLM samples from a slightly different distribution than the trainer
-    computes (other kernels, other precision), so completions are off-policy.
-    Each token's loss is weighted by min(p_trainer / p_generator, cap): the
-    ratio corrects the mismatch, the cap bounds the variance. trainer_logps is
-    the old policy's logps (num_iterations > 1) or the current ones (which is
-    what the old policy is when num_iterations == 1); no gradient flows
-    through the weights.
+    vLLM samples from a slightly different distribution than the trainer computes (other kernels,
+    other precision, or older weights), so completions are off-policy. The ratio is
+    p_trainer / p_generator, with trainer_logps the policy that the loss's ratio starts from (the
+    old policy's logps, or the current ones when the round is on-policy); no gradient flows through it.
+    - token_*: one ratio per token, exp(trainer - generator) -> [B, T];
+    - sequence_*: one per completion, the product of its tokens' ratios -> [B, 1];
+    - *_truncate: clamped to [clip_min, clip_max] (None: that side open);
+    - *_mask: set to 0 outside [clip_min, clip_max], kept as it is inside.
 
-    Returns (weights[B, T], metrics) with TRL's names:
-    sampling/importance_sampling_ratio/{min,mean,max} (of the capped weights)
-    and sampling/sampling_logp_difference/{mean,max} (of |trainer - generator|),
-    over completion tokens.
+    Returns (weights, metrics) with TRL's names: sampling/importance_sampling_ratio/{min,mean,max}
+    (of the weights, over completion tokens or completions) and
+    sampling/sampling_logp_difference/{mean,max} (of |trainer - generator| over completion tokens).
     """
-    if cap <= 0:
-        raise ValueError(f"the importance sampling cap must be positive, got {cap}")
+    if mode not in VLLM_IS_MODES:
+        raise ValueError(f"vllm_importance_sampling_mode must be one of {VLLM_IS_MODES}, got {mode!r}")
+    if clip_min is not None and clip_max is not None and not clip_min < clip_max:
+        raise ValueError(f"the importance sampling clip needs clip_min < clip_max, got {clip_min} and {clip_max}")
+    if mode.endswith("truncate") and clip_min is None and clip_max is None:
+        raise ValueError(f"{mode} clamps the ratio: give clip_max (or clip_min)")
+    if (clip_max is not None and clip_max <= 0) or (clip_min is not None and clip_min < 0):
+        raise ValueError(f"the importance sampling clip must be positive, got [{clip_min}, {clip_max}]")
     if sampling_logps.shape != trainer_logps.shape:
         raise ValueError(
             f"sampling_per_token_logps must have the shape of per_token_logps {tuple(trainer_logps.shape)}, "
@@ -260,19 +279,39 @@ def truncated_importance_weights(
     mask = completion_mask.bool()
     # Padding may hold anything (-inf from a generator, say): zero it before exp.
     log_ratio = torch.where(mask, trainer_logps.detach() - sampling_logps.detach(), 0.0)
-    weights = torch.exp(log_ratio).clamp(max=cap)
+    sequence = mode.startswith("sequence")
+    ratio = torch.exp(log_ratio.sum(1, keepdim=True) if sequence else log_ratio)
+    low = -math.inf if clip_min is None else clip_min
+    high = math.inf if clip_max is None else clip_max
+    if mode.endswith("truncate"):
+        weights = ratio.clamp(min=None if clip_min is None else clip_min, max=None if clip_max is None else clip_max)
+    else:
+        weights = torch.where((ratio >= low) & (ratio <= high), ratio, 0.0)
 
-    on_tokens = weights[mask]
+    counted = weights.squeeze(1) if sequence else weights[mask]
     difference = log_ratio.abs()[mask]
     zero = weights.new_zeros(())
     metrics = {
-        "sampling/importance_sampling_ratio/min": on_tokens.min() if on_tokens.numel() else zero,
-        "sampling/importance_sampling_ratio/mean": on_tokens.mean() if on_tokens.numel() else zero,
-        "sampling/importance_sampling_ratio/max": on_tokens.max() if on_tokens.numel() else zero,
+        "sampling/importance_sampling_ratio/min": counted.min() if counted.numel() else zero,
+        "sampling/importance_sampling_ratio/mean": counted.mean() if counted.numel() else zero,
+        "sampling/importance_sampling_ratio/max": counted.max() if counted.numel() else zero,
         "sampling/sampling_logp_difference/mean": difference.mean() if difference.numel() else zero,
         "sampling/sampling_logp_difference/max": difference.max() if difference.numel() else zero,
     }
     return weights, metrics
+
+
+def entropy_threshold(entropies: Tensor, top_quantile: float) -> Tensor:
+    """The entropy above which the top `top_quantile` of tokens lie (TRL's top_entropy_quantile).
+
+    `entropies`: every completion token's entropy, gathered over the whole batch (all processes).
+    Tokens with entropy >= the threshold are trained on; 1.0 keeps every token, 0.0 only the
+    highest. No token at all: +inf (nothing is trained on)."""
+    if not 0.0 <= top_quantile <= 1.0:
+        raise ValueError(f"top_entropy_quantile must be in [0, 1], got {top_quantile}")
+    if entropies.numel() == 0:
+        return torch.tensor(math.inf)
+    return torch.quantile(entropies if entropies.dtype == torch.float64 else entropies.float(), 1.0 - top_quantile)
 
 
 def grpo_loss(
@@ -284,73 +323,83 @@ def grpo_loss(
     loss_type: str,
     epsilon_low: float = 0.2,
     epsilon_high: float | None = None,
+    delta: float | None = None,
+    importance_sampling_level: str = "token",
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
     beta: float = 0.0,
     ref_per_token_logps: Tensor | None = None,
     max_completion_length: int | None = None,
     num_items_in_batch: int | Tensor | None = None,
     num_processes: int = 1,
     sampling_per_token_logps: Tensor | None = None,
-    importance_sampling_cap: float = 2.0,
+    vllm_is_mode: str = "sequence_mask",
+    vllm_is_clip_min: float | None = None,
+    vllm_is_clip_max: float | None = 3.0,
+    off_policy_mask_threshold: float | None = None,
+    entropy_mask: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """GRPO's clipped surrogate loss, with optional KL penalty and IS correction.
+    """GRPO's policy loss and its variants, with optional KL penalty, masks and IS correction.
 
-    Per completion token, with ratio = exp(logp - old_logp) and A the
-    completion's advantage:
-
-        loss_t = -min(ratio * A, clip(ratio, 1 - epsilon_low, 1 + epsilon_high) * A) * w_t
-                 + beta * (exp(ref - logp) - (ref - logp) - 1)
-
-    - old_per_token_logps None means num_iterations == 1: old = logp.detach(),
-      so ratio == 1 in value but its gradient is that of logp.
-    - w_t = min(exp(old_logp - sampling_logp), importance_sampling_cap) when
-      sampling_per_token_logps (the generator's logps) is given, else 1. As in
-      TRL it weights the surrogate only, not the KL term.
-    - The KL term is the k3 estimator of KL(policy || reference), >= 0 per
-      token; it needs ref_per_token_logps when beta != 0.
+    The ratio r = exp(logp - old_logp): per token, or (importance_sampling_level="sequence", GSPO)
+    one per completion, exp of the mean of its tokens' log-ratios. old_per_token_logps None means
+    the round is on-policy: old = logp.detach(), so r == 1 in value but carries logp's gradient.
+    With A the completion's advantage, the per-token loss is
+    - grpo, bnpo, dr_grpo, dapo: -min(min(r, delta) * A, clip(r, 1 - epsilon_low, 1 + epsilon_high) * A)
+      (delta, when given, caps the unclipped branch: two-sided clipping);
+    - cispo: -min(r, epsilon_high).detach() * A * logp (the clipped weight, not the ratio, is held);
+    - sapo: -sigmoid(tau * (r - 1)) * 4 / tau * A, tau = sapo_temperature_pos where A > 0 else _neg
+      (a smooth gate instead of a hard clip).
+    Then, in TRL's order, the policy term is multiplied by
+    - the off-policy mask (off_policy_mask_threshold): 0 for completions with A < 0 whose mean
+      log(p_generator / p_current) over their tokens exceeds the threshold (logp_generator:
+      sampling_per_token_logps, else the old logps);
+    - entropy_mask[B, T] (top_entropy_quantile, computed by the caller over the whole batch);
+    - the vLLM importance weights of vllm_importance_weights (mode vllm_is_mode) when
+      sampling_per_token_logps is given;
+    and the KL term beta * (exp(ref - logp) - (ref - logp) - 1), the k3 estimator, is added.
 
     Aggregation over the completion tokens (completion_mask[B, T]):
-    - "grpo": mean over each sequence's tokens, then mean over sequences
-      (short completions weigh more per token),
-    - "bnpo": sum / number of tokens in this (local) batch,
-    - "dr_grpo": sum / (B * max_completion_length), a constant normalizer,
-    - "dapo": sum / (num_items_in_batch / num_processes), where
-      num_items_in_batch counts the completion tokens of the whole global batch
-      (all processes, all accumulation steps of the generation batch). The
-      division by num_processes undoes the gradient averaging of DDP, so the
-      gradient is that of (global sum) / (global tokens). Without
-      num_items_in_batch, this batch's token count is used.
-    The trainer divides "grpo", "bnpo" and "dr_grpo" by the number of gradient
-    accumulation steps (as TRL does), not "dapo", whose normalizer is global.
+    - "grpo", "sapo": mean over each sequence's tokens, then mean over sequences;
+    - "bnpo": sum / number of tokens in this (local) batch;
+    - "dr_grpo": sum / (B * max_completion_length), a constant normalizer;
+    - "dapo", "cispo": sum / (num_items_in_batch / num_processes), where num_items_in_batch counts
+      the completion tokens of the optimizer step (all processes, all its micro-batches). The
+      division by num_processes undoes DDP's gradient averaging, so the gradient is that of
+      (step's sum) / (step's tokens). Without num_items_in_batch, this batch's token count is used.
+    The trainer divides the others (not GLOBALLY_NORMALISED) by the gradient accumulation steps.
 
-    Returns (loss, metrics): detached scalar tensors named as TRL logs them,
-    averaged over this batch's completion tokens: clip_ratio/low_mean (ratio
-    below 1 - epsilon_low with A < 0), clip_ratio/high_mean (above
-    1 + epsilon_high with A > 0), clip_ratio/region_mean (either), kl when
-    beta != 0, and the sampling/* metrics of truncated_importance_weights.
+    Returns (loss, metrics): detached scalars named as TRL logs them, over this batch's completion
+    tokens: clip_ratio/low_mean (r below 1 - epsilon_low with A < 0), clip_ratio/high_mean (above
+    1 + epsilon_high with A > 0), clip_ratio/region_mean (either), cispo_clip_ratio for cispo, kl when
+    beta != 0, and the sampling/* metrics of vllm_importance_weights.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+        raise ValueError(f"importance_sampling_level must be one of {IMPORTANCE_SAMPLING_LEVELS}, "
+                         f"got {importance_sampling_level!r}")
     if epsilon_high is None:
         epsilon_high = epsilon_low
     if epsilon_low < 0 or epsilon_high < 0:
         raise ValueError(f"epsilon_low and epsilon_high must be >= 0, got {epsilon_low} and {epsilon_high}")
+    if delta is not None and delta <= 1 + epsilon_high:
+        raise ValueError(f"delta={delta} caps the ratio above the clip range, so it must exceed 1 + epsilon_high "
+                         f"= {1 + epsilon_high}")
+    if sapo_temperature_pos <= 0 or sapo_temperature_neg <= 0:
+        raise ValueError("sapo temperatures must be > 0")
     if per_token_logps.dim() != 2:
         raise ValueError(
             f"per_token_logps must have shape [batch, completion_tokens], got {tuple(per_token_logps.shape)}"
         )
     batch_size = per_token_logps.shape[0]
-    if completion_mask.shape != per_token_logps.shape:
-        raise ValueError(
-            f"completion_mask must have the shape of per_token_logps {tuple(per_token_logps.shape)}, "
-            f"got {tuple(completion_mask.shape)}"
-        )
+    for name, other in (("completion_mask", completion_mask), ("old_per_token_logps", old_per_token_logps),
+                        ("entropy_mask", entropy_mask)):
+        if other is not None and other.shape != per_token_logps.shape:
+            raise ValueError(f"{name} must have the shape of per_token_logps {tuple(per_token_logps.shape)}, "
+                             f"got {tuple(other.shape)}")
     if advantages.shape != (batch_size,):
         raise ValueError(f"advantages must have shape [batch] = ({batch_size},), got {tuple(advantages.shape)}")
-    if old_per_token_logps is not None and old_per_token_logps.shape != per_token_logps.shape:
-        raise ValueError(
-            f"old_per_token_logps must have the shape of per_token_logps {tuple(per_token_logps.shape)}, "
-            f"got {tuple(old_per_token_logps.shape)}"
-        )
     if beta != 0.0:
         if ref_per_token_logps is None:
             raise ValueError("beta != 0 adds a KL penalty to the reference model: pass ref_per_token_logps")
@@ -375,14 +424,36 @@ def grpo_loss(
     old_logps = logps.detach() if old_per_token_logps is None else torch.where(mask, old_per_token_logps, 0.0)
     advantage = advantages.to(logps.dtype)[:, None]
 
-    ratio = torch.exp(logps - old_logps)
-    clipped_ratio = ratio.clamp(1 - epsilon_low, 1 + epsilon_high)
-    per_token_loss = -torch.min(ratio * advantage, clipped_ratio * advantage)
-
+    log_ratio = logps - old_logps
+    if importance_sampling_level == "sequence":
+        log_ratio = _sequence_mean(log_ratio, mask)  # [B, 1]: every token of a completion shares it
+    ratio = torch.exp(log_ratio)
     metrics: dict[str, Tensor] = {}
+    if loss_type == "cispo":
+        weight = ratio.clamp(max=epsilon_high).detach()
+        per_token_loss = -weight * advantage * logps
+        cispo_clipped = ((ratio.detach() > epsilon_high) & (advantage > 0)).expand_as(logps)
+        metrics["cispo_clip_ratio"] = masked_mean(cispo_clipped.to(logps.dtype), mask)
+    elif loss_type == "sapo":
+        temperature = torch.where(advantage > 0, advantage.new_tensor(sapo_temperature_pos),
+                                  advantage.new_tensor(sapo_temperature_neg))
+        per_token_loss = -torch.sigmoid(temperature * (ratio - 1)) * 4 / temperature * advantage
+    else:
+        clipped_ratio = ratio.clamp(1 - epsilon_low, 1 + epsilon_high)
+        capped = ratio if delta is None else ratio.clamp(max=delta)
+        per_token_loss = -torch.min(capped * advantage, clipped_ratio * advantage)
+    per_token_loss = per_token_loss.expand_as(logps)
+
+    if off_policy_mask_threshold is not None:
+        behaviour = old_logps if sampling_per_token_logps is None else torch.where(mask, sampling_per_token_logps, 0.0)
+        divergence = _sequence_mean(behaviour.detach() - logps.detach(), mask)
+        keep = (advantage >= 0) | (divergence <= off_policy_mask_threshold)
+        per_token_loss = per_token_loss * keep.to(logps.dtype)
+    if entropy_mask is not None:
+        per_token_loss = per_token_loss * entropy_mask.to(logps.dtype)
     if sampling_per_token_logps is not None:
-        is_weights, is_metrics = truncated_importance_weights(
-            old_logps, sampling_per_token_logps, mask, importance_sampling_cap
+        is_weights, is_metrics = vllm_importance_weights(
+            old_logps, sampling_per_token_logps, mask, vllm_is_mode, vllm_is_clip_min, vllm_is_clip_max
         )
         per_token_loss = per_token_loss * is_weights
         metrics.update(is_metrics)
@@ -394,21 +465,21 @@ def grpo_loss(
         metrics["kl"] = masked_mean(per_token_kl.detach(), mask)
 
     masked_loss = per_token_loss * mask_float
-    if loss_type == "grpo":
+    if loss_type in ("grpo", "sapo"):
         tokens_per_sequence = mask_float.sum(dim=1).clamp(min=1)
         loss = (masked_loss.sum(dim=1) / tokens_per_sequence).mean()
     elif loss_type == "bnpo":
         loss = masked_loss.sum() / mask_float.sum().clamp(min=1)
     elif loss_type == "dr_grpo":
         loss = masked_loss.sum() / (batch_size * max_completion_length)
-    else:  # dapo
+    else:  # dapo, cispo
         global_tokens = mask_float.sum() if num_items_in_batch is None else num_items_in_batch
         global_tokens = torch.as_tensor(global_tokens, dtype=logps.dtype, device=logps.device).clamp(min=1)
         loss = masked_loss.sum() / (global_tokens / num_processes)
 
     # Which tokens the clip actually bound (it binds only in the direction the
     # advantage pushes): measured on the unclipped ratio, as TRL does.
-    ratio = ratio.detach()
+    ratio = ratio.detach().expand_as(logps)
     is_low_clipped = (ratio < 1 - epsilon_low) & (advantage < 0)
     is_high_clipped = (ratio > 1 + epsilon_high) & (advantage > 0)
     metrics["clip_ratio/low_mean"] = masked_mean(is_low_clipped.to(logps.dtype), mask)

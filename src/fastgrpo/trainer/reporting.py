@@ -1,4 +1,4 @@
-"""Run records: metrics as JSON lines, and a plot of reward and completion length per step."""
+"""Run records: metrics as JSON lines, a plot of reward and completion length per step, completion tables."""
 
 import json
 from pathlib import Path
@@ -49,3 +49,31 @@ def plot_metrics(metrics_path: str | Path, png_path: str | Path, title: str = "G
     fig.savefig(png_path, dpi=110)
     plt.close(fig)
     return png_path
+
+
+def report_completions(rows: list[dict], reward_names: list[str], shown: int | None, report_to) -> None:
+    """Print `shown` of the rows (None: all), and log them all as one table ("completions": step, prompt,
+    completion, each reward, advantage) to the integrations of `report_to` that take tables: W&B and trackio."""
+    from tqdm import tqdm
+
+    for row in rows if shown is None else rows[: max(shown, 0)]:
+        rewards = " ".join(f"{name} {row[name]:.2f}" for name in reward_names)
+        tqdm.write(f"step {row['step']} | {rewards} | adv {row['advantage']:+.2f} | "
+                   f"{' '.join(row['prompt'].split())[:80]} -> {' '.join(row['completion'].split())[:160]}")
+    report_to = report_to or []
+    tables = []
+    if "wandb" in report_to:
+        import wandb
+
+        if wandb.run is not None:
+            tables.append((wandb, wandb.run.log))
+    if "trackio" in report_to:
+        import trackio
+
+        tables.append((trackio, trackio.log))
+    if tables and rows:
+        import pandas as pd
+
+        frame = pd.DataFrame(rows)
+        for module, log in tables:
+            log({"completions": module.Table(dataframe=frame)})

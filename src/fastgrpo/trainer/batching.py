@@ -1,0 +1,117 @@
+"""A generation round cut into optimizer steps and micro-batches: pure functions on tensors.
+
+A round holds the completions of `steps_per_generation` micro-batches. When it serves
+several optimizer steps, its rows are dealt to the steps at random (seeded, so a resumed
+run deals the same way): a step must see a sample of the round, not its shortest or its
+longest completions. Inside a step, rows are ordered to waste little compute on padding;
+that order changes nothing but speed, since a step's gradient is the sum over its rows.
+"""
+
+import torch
+
+
+def pad_rows(rows: list[list], value, left: bool = False) -> torch.Tensor:
+    """Ragged rows as one tensor: padded on the right, or on the left for prompts."""
+    width = max((len(r) for r in rows), default=0)
+    return torch.tensor([([value] * (width - len(r)) + list(r)) if left else (list(r) + [value] * (width - len(r)))
+                         for r in rows])
+
+
+def completion_token_cost(model) -> float:
+    """Cost of a completion position relative to a prompt token: the body, plus the LM head (vocab x hidden
+    multiply-adds) that only completion positions pay. About 1.27 for SmolLM2-135M, 1.08 for Qwen2.5-7B."""
+    config = getattr(model, "config", None)
+    try:
+        head = config.vocab_size * config.hidden_size
+        body = model.num_parameters(exclude_embeddings=True)
+        return 1.0 + head / max(body, 1)
+    except (AttributeError, TypeError):
+        return 1.0
+
+
+def round_layout(steps_per_generation: int, gradient_accumulation_steps: int) -> tuple[int, int]:
+    """(optimizer steps whose rows a round holds whole, micro-batches per such step).
+
+    A round of 8 micro-batches at GA 2 holds 4 whole steps of 2; a round of 2 at GA 4 is half of
+    one step, and its rows stay together (1, 2)."""
+    if steps_per_generation % gradient_accumulation_steps == 0:
+        return steps_per_generation // gradient_accumulation_steps, gradient_accumulation_steps
+    return 1, steps_per_generation
+
+
+def deal_rows(rows: int, steps: int, generator: torch.Generator | None) -> list[torch.Tensor]:
+    """Row indices of each step: a random permutation cut into equal parts (one step: all, in order)."""
+    if steps == 1:
+        return [torch.arange(rows)]
+    order = torch.randperm(rows, generator=generator)
+    size = rows // steps
+    return [order[s * size : (s + 1) * size] for s in range(steps)]
+
+
+def padding_order(prompt_lengths: torch.Tensor, completion_lengths: torch.Tensor, prompt_index: torch.Tensor | None,
+                  parts: int, token_cost: float) -> torch.Tensor:
+    """An order of the rows that, cut into `parts` micro-batches, pads little.
+
+    Rows sorted by total length pad least; with prompt sharing (prompt_index given), rows kept by
+    prompt run each prompt once per micro-batch but pad their completions more. Take whichever
+    order costs less, counting a completion position as `token_cost` prompt tokens."""
+    order = torch.argsort(prompt_lengths + completion_lengths, stable=True)
+    if prompt_index is None or parts == 1:
+        return order
+    size = len(order) // parts
+    # By prompt length, then prompt, then completion length (stable sorts, last key first).
+    by_prompt = torch.argsort(completion_lengths, stable=True)
+    by_prompt = by_prompt[torch.argsort(prompt_index[by_prompt], stable=True)]
+    by_prompt = by_prompt[torch.argsort(prompt_lengths[by_prompt], stable=True)]
+
+    def cost(order) -> float:
+        total = 0.0
+        for p in range(parts):
+            index = order[p * size : (p + 1) * size]
+            total += (len(prompt_index[index].unique()) * int(prompt_lengths[index].max())
+                      + len(index) * int(completion_lengths[index].max()) * token_cost)
+        return total
+
+    return min(order, by_prompt, key=cost)
+
+
+def take_rows(batch: dict, index: torch.Tensor) -> dict:
+    rows = batch["prompt_ids"].shape[0]
+    return trim({k: (v[index] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == rows else v)
+                 for k, v in batch.items()})
+
+
+def split_round(batch: dict, steps: int, micro_per_step: int, prompt_index: torch.Tensor | None = None,
+                token_cost: float = 1.0, generator: torch.Generator | None = None) -> list[list[dict]]:
+    """The round's micro-batches, step by step: `steps` lists of `micro_per_step` row dicts.
+
+    prompt_index (each row's prompt, when prompts are shared in the forward) lets a micro-batch
+    keep a prompt's rows together where that computes less."""
+    rows = batch["prompt_ids"].shape[0]
+    if rows % (steps * micro_per_step):
+        raise ValueError(f"{rows} rows do not split into {steps} steps of {micro_per_step} micro-batches")
+    prompt_lengths = batch["prompt_mask"].sum(1)
+    completion_lengths = batch["completion_attention"].sum(1)
+    size = rows // (steps * micro_per_step)
+    out = []
+    for step_rows in deal_rows(rows, steps, generator):
+        order = padding_order(prompt_lengths[step_rows], completion_lengths[step_rows],
+                              None if prompt_index is None else prompt_index[step_rows], micro_per_step, token_cost)
+        step_rows = step_rows[order]
+        out.append([take_rows(batch, step_rows[m * size : (m + 1) * size]) for m in range(micro_per_step)])
+    return out
+
+
+def trim(m: dict) -> dict:
+    """Drop columns that are padding in every row (left of prompts, right of completions)."""
+    prompt_keep = m["prompt_mask"].any(0)
+    first = int(prompt_keep.float().argmax()) if prompt_keep.any() else 0
+    completion_keep = m["completion_attention"].any(0)
+    last = int(completion_keep.nonzero().max()) + 1 if completion_keep.any() else 1
+    out = dict(m)
+    for key in ("prompt_ids", "prompt_mask"):
+        out[key] = m[key][:, first:]
+    for key in ("completion_ids", "completion_attention", "completion_mask", "sampling_logps"):
+        if key in m:
+            out[key] = m[key][:, :last]
+    return out

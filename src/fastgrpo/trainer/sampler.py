@@ -1,0 +1,40 @@
+"""The order in which prompts reach the trainer: whole groups, each generation batch once per micro-step."""
+
+import torch
+from torch.utils.data import Sampler
+
+
+class RepeatSampler(Sampler):
+    """Dataset indices for generation batches.
+
+    Each batch of `prompts_per_batch` prompts is emitted `repeat_count` times (once
+    per micro-step it serves), each prompt `num_generations` times in a row, so a
+    group of completions is consecutive in the global batch.
+    """
+
+    def __init__(self, num_rows: int, num_generations: int, prompts_per_batch: int, repeat_count: int,
+                 shuffle: bool = True, seed: int = 0):
+        if num_rows < prompts_per_batch:
+            raise ValueError(f"the dataset has {num_rows} prompts but one generation batch needs "
+                             f"{prompts_per_batch}: use a larger dataset or a smaller generation batch")
+        self.num_rows, self.num_generations = num_rows, num_generations
+        self.prompts_per_batch, self.repeat_count = prompts_per_batch, repeat_count
+        self.shuffle, self.seed, self.epoch = shuffle, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.num_rows, generator=generator).tolist()
+        else:
+            order = list(range(self.num_rows))
+        for start in range(0, len(order) - self.prompts_per_batch + 1, self.prompts_per_batch):
+            chunk = order[start : start + self.prompts_per_batch]
+            for _ in range(self.repeat_count):
+                for index in chunk:
+                    yield from [index] * self.num_generations
+
+    def __len__(self) -> int:
+        return (self.num_rows // self.prompts_per_batch) * self.prompts_per_batch * self.num_generations * self.repeat_count
