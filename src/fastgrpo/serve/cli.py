@@ -79,12 +79,8 @@ def run(args) -> int:
 
     validate(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from fastgrpo.engine import engine_dtype, on_cpu
+    from fastgrpo.engine import on_cpu
 
-    if engine_dtype(args.dtype) != args.dtype:
-        args.dtype = engine_dtype(args.dtype)
-        logging.getLogger("fastgrpo.serve").warning("serving float32: this CPU has no bf16 matrix unit, so bf16 "
-                                                    "would be emulated slowly; pass --dtype bfloat16 to force it")
     settings = ServerSettings(
         model=resolve_model(args.model), revision=args.revision,
         tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,

@@ -162,9 +162,13 @@ class ReplicaPool:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        from fastgrpo.engine import prepare_cpu_env
+        from fastgrpo.engine import engine_dtype, prepare_cpu_env
 
         s = self.settings
+        dtype = engine_dtype(s.dtype)
+        if dtype != s.dtype:
+            log.warning("serving %s: this CPU has no bf16 matrix unit, so bf16 would be emulated slowly; pass "
+                        "--dtype bfloat16 to force it", dtype)
         slices = device_slices(s, self.on_cpu)
         self.replicas = [Replica(i, d) for i, d in enumerate(slices)]
         if self.on_cpu:
@@ -180,7 +184,7 @@ class ReplicaPool:
                     revision=s.revision,
                     tensor_parallel_size=s.tensor_parallel_size,
                     gpu_memory_utilization=s.gpu_memory_utilization,
-                    dtype=s.dtype,
+                    dtype=dtype,
                     max_model_len=s.max_model_len,
                     enable_prefix_caching=s.enable_prefix_caching,
                     enforce_eager=self.on_cpu if s.enforce_eager is None else s.enforce_eager,

@@ -13,6 +13,7 @@ the middle of one is exact.
 
 import atexit
 import logging
+import os
 import tempfile
 import time
 from collections import defaultdict
@@ -368,12 +369,12 @@ class GRPOTrainer(Trainer):
         micro = [] if evaluating else self._split_round(batch, round_index)
         # A round that serves later optimizer steps (or several iterations) trains them off-policy: their
         # ratio is to the policy that generated, computed now, before the first step changes the weights.
-        if a.num_iterations > 1 or a.steps_per_generation > a.gradient_accumulation_steps or a.beta != 0.0:
-            for m in micro:
-                if a.num_iterations > 1 or a.steps_per_generation > a.gradient_accumulation_steps:
-                    m["old_logps"] = self._per_token_logps(self.model, m)
-                if a.beta != 0.0:
-                    m["ref_logps"] = self._per_token_logps(self.ref_model, m)
+        off_policy = a.num_iterations > 1 or a.steps_per_generation > a.gradient_accumulation_steps
+        for m in micro:
+            if off_policy:
+                m["old_logps"] = self._per_token_logps(self.model, m)
+            if a.beta != 0.0:
+                m["ref_logps"] = self._per_token_logps(self.ref_model, m)
 
         # Metrics, TRL's names.
         lengths = acc.gather(torch.tensor([len(c) for c in completion_ids], device=device)).cpu()
@@ -438,12 +439,12 @@ class GRPOTrainer(Trainer):
 
         from fastgrpo.trainer.rewards import completion_text
 
-        prompts = gather_object([p[-1]["content"] if isinstance(p, list) else p for p in prompts])
+        prompts = gather_object([completion_text(p[-1]) if isinstance(p, list) else p for p in prompts])
         texts = gather_object(list(texts))
         if not self.accelerator.is_main_process:
             return
         for i, (prompt, text) in enumerate(zip(prompts, texts)):
-            row = {"step": self.state.global_step, "prompt": completion_text(prompt), "completion": text}
+            row = {"step": self.state.global_step, "prompt": prompt, "completion": text}
             row.update({name: all_rewards[i, f].item() for f, name in enumerate(self.reward_func_names)})
             row["advantage"] = advantages[i].item()
             if evaluating:
@@ -482,8 +483,6 @@ class GRPOTrainer(Trainer):
     def _save_checkpoint(self, model, trial):
         """Trainer's checkpoint, plus what makes a resume exact: the buffered round (it may serve steps still
         to come), the micro-step counter and the token count. One file per process: rounds are per process."""
-        import os
-
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
         super()._save_checkpoint(model, trial)
@@ -493,8 +492,6 @@ class GRPOTrainer(Trainer):
                    os.path.join(folder, ROUND_STATE.format(rank=self.accelerator.process_index)))
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
-        import os
-
         from transformers.trainer_utils import get_last_checkpoint
 
         folder = resume_from_checkpoint
