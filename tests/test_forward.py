@@ -151,3 +151,58 @@ def test_a_round_of_several_steps_deals_rows_at_random_not_by_length(share):
     # The same seed deals the same way (a resumed run trains what the uninterrupted one did).
     again = split(share, [6, 11], lengths, parts=2, steps=4, seed=3)
     assert [rows_of(m) for m in again] == [rows_of(m) for m in split(share, [6, 11], lengths, 2, 4, seed=3)]
+
+
+# --- a micro-batch cut into parts that pad less (batching.cut_for_padding) --------------------------------
+
+
+def test_a_ragged_micro_batch_is_cut_into_parts_of_similar_length_and_a_uniform_one_is_not():
+    from fastgrpo.trainer.batching import cut_for_padding
+
+    ragged = torch.tensor([64, 10, 12, 60, 15, 40, 11, 13, 64, 14, 12, 10, 38, 12, 11, 64])
+    prompts = torch.full((16,), 41)
+    parts, order = cut_for_padding(prompts, ragged, torch.arange(16) // 4, 1.27, max_parts=8)
+    assert sorted(order.tolist()) == list(range(16))
+    # Counted by hand (prompt tokens + 1.27 per completion position + 64 per part): whole 1,528; in two
+    # parts (the eight of 10 to 13 tokens, the rest) 1,238; in four 1,480, since every part then runs
+    # three or four of the prompts.
+    assert parts == 2
+    assert sorted(int(ragged[order[p * 8 : (p + 1) * 8]].max()) for p in range(2)) == [13, 64]
+    assert cut_for_padding(prompts, torch.full((16,), 30), None, 1.27, max_parts=8)[0] == 1  # nothing to gain
+    assert cut_for_padding(prompts, ragged, None, 1.27, max_parts=1)[0] == 1
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo", "sapo"])
+def test_the_parts_of_a_micro_batch_give_the_gradient_of_the_whole(tiny_qwen2, tmp_path, loss_type):
+    """The trainer's own forward and backward of 16 ragged rows, whole and cut into 4 parts."""
+    from datasets import Dataset
+
+    from fastgrpo import GRPOConfig, GRPOTrainer
+    from fastgrpo.trainer.batching import pad_rows, parts_of, split_round
+    from fastgrpo.trainer.forward import prompt_groups
+
+    config = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=16, num_generations=4,
+                        max_completion_length=64, use_vllm=False, use_cpu=True, report_to=[], loss_type=loss_type)
+    trainer = GRPOTrainer(tiny_qwen2, lambda completions, **k: [0.0] * len(completions), args=config,
+                          train_dataset=Dataset.from_dict({"prompt": ["a"] * 4}))
+    g = torch.Generator().manual_seed(0)
+    lengths = [60, 3, 5, 58, 4, 30, 6, 2, 61, 3, 5, 4, 28, 2, 6, 62]
+    prompts = [torch.randint(5, 300, (n,), generator=g).tolist() for n in (7, 5, 9, 6)]
+    rows = [prompts[i // 4] for i in range(16)]
+    completions = [torch.randint(5, 300, (n,), generator=g).tolist() for n in lengths]
+    batch = {"prompt_ids": pad_rows(rows, PAD, left=True),
+             "prompt_mask": pad_rows([[1] * len(p) for p in rows], 0, left=True),
+             "completion_ids": pad_rows(completions, PAD),
+             "completion_attention": pad_rows([[1] * n for n in lengths], 0),
+             "advantages": torch.randn(16, generator=g)}
+    batch["completion_mask"] = batch["completion_attention"].clone()
+    index = prompt_groups(batch["prompt_ids"], batch["prompt_mask"])[1]
+    grads = {}
+    for max_parts in (1, 4):
+        (micro,) = split_round(batch, 1, 1, index, 1.27, max_parts=max_parts)[0]
+        assert len(parts_of(micro)) == max_parts
+        micro["num_items_in_batch"] = torch.tensor(float(sum(lengths)))
+        trainer.model.zero_grad(set_to_none=True)
+        trainer._forward_backward(trainer.model, micro)
+        grads[max_parts] = torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None])
+    assert (grads[4] - grads[1]).norm() / grads[1].norm() < 1e-5

@@ -46,7 +46,7 @@ def test_cpu_replicas_get_disjoint_cores(monkeypatch):
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
     assert device_slices(ServerSettings("m", data_parallel_size=2), on_cpu=True) == ["0,1", "2,3"]
     assert device_slices(ServerSettings("m", data_parallel_size=2, tensor_parallel_size=2), on_cpu=True) == ["0|1", "2|3"]
-    assert device_slices(ServerSettings("m"), on_cpu=True) == [None]  # DP=1: vLLM's own binding
+    assert device_slices(ServerSettings("m"), on_cpu=True) == ["0,1,2,3"]  # every core, none kept back
     with pytest.raises(ValueError, match="needs 8 CPU cores"):
         device_slices(ServerSettings("m", data_parallel_size=8), on_cpu=True)
 

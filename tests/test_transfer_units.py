@@ -2,14 +2,21 @@
 in-memory wire (bytes the sender broadcasts are the bytes the receiver gets, in order).
 
 The receiver's `load` here keeps every tensor it is handed until the end, as vLLM's layerwise reload
-does until a layer is complete: a receive buffer reused too early shows up as a wrong tensor.
+does until a layer is complete: a receive buffer reused too early shows up as a wrong tensor. Last, the
+gloo device that every group of a process shares (fastgrpo.quiet_gloo), between two real processes.
 """
 
+import json
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+from fastgrpo.serve.launcher import free_port
 from fastgrpo.transfer.bucketed import ReceiveBuffers, receive_buckets, send_buckets
 from fastgrpo.transfer.packing import (
     ALIGN,
@@ -226,3 +233,20 @@ def test_a_refused_join_fails_at_once_and_leaves_no_thread_in_gloo():
     assert sender.group is None and sender.store is None
     time.sleep(0.1)
     assert [t.name for t in threading.enumerate() if t.name.startswith("weights-")] == []
+
+
+# --- one gloo device per process (fastgrpo.quiet_gloo) --------------------------------------------------
+
+
+@pytest.mark.parametrize("shared", ["1", "0"])
+def test_gloo_groups_share_one_device_and_its_polling_thread_where_asked(shared):
+    """Each gloo device polls its sockets every 10 ms in a thread of its own; torch makes one per group."""
+    script, port = Path(__file__).parent / "scripts" / "gloo_groups.py", free_port()
+    env = {**os.environ, "FASTGRPO_SHARED_GLOO_DEVICE": shared}
+    procs = [subprocess.Popen([sys.executable, str(script), str(rank), str(port)], stdout=subprocess.PIPE, env=env,
+                              text=True) for rank in (0, 1)]
+    outs = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    # (1 + 2) doubled by each of the 3 later all-reduces: the groups really communicate.
+    assert all(o["value"] == [24.0, 24.0, 24.0] for o in outs)
+    assert all(o["loops"] == (1 if shared == "1" else 5) for o in outs)  # the world's group and 4 more

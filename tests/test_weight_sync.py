@@ -1,4 +1,5 @@
-"""Weight sync is exact at every bucket size, in every order, on every replica, and after every failure.
+"""Weight sync is exact at every bucket size, in every order, on every replica, and after every failure;
+a push lands while generations run, which go on under the new weights.
 
 The tiny model's decoder layer is 590 kB in float32 and its largest tensor (the embedding) 196 kB, so
 the 48 KiB buckets used here cut every layer into about a dozen buckets and split tensors across them.
@@ -310,6 +311,95 @@ def test_an_fsdp2_sharded_model_streams_into_an_exact_push(server, tiny_qwen2, p
 # --- last: this kills one of the module server's replicas ------------------------------------------
 
 
+# --- pushes that land while generations run ----------------------------------------------------------
+# Sampled tokens' logprobs come from vLLM's sampler, not its prompt-logprob path: they agree with the float32
+# forward to about 1e-5 here too, and two perturbations of the weights differ by 0.1 nats and more, so
+# INFLIGHT_TOL tells under which weights each token was sampled.
+INFLIGHT_TOL = 1e-3
+
+
+def wait_until_generating(server, thread: threading.Thread, timeout_s: float = 30.0) -> None:
+    """Until the server has a request in flight (the thread's), at most timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and thread.is_alive():
+        replicas = httpx.get(server.base_url + "/health", timeout=10).json()["replicas"]
+        if any(r["load_tokens"] for r in replicas):
+            return
+        time.sleep(0.005)
+    raise AssertionError("the generation did not start, or ended before it was seen running")
+
+
+def test_a_generation_runs_across_a_push_and_its_later_tokens_come_from_the_new_weights(server, tiny_qwen2,
+                                                                                         probe_ids):
+    old, new = perturbed(tiny_qwen2, seed=11), perturbed(tiny_qwen2, seed=12)
+    prompt = probe_ids[:12]
+    with VLLMClient(base_url=server.base_url, weight_transfer_timeout=30) as client:
+        client.update_weights(old)
+        client.generate(prompt_token_ids=[prompt] * 2, max_tokens=8)  # both replicas past their slow first steps
+        version = client.health()["weight_version"]
+        out = {}
+
+        def generate():
+            out["response"] = client.generate(prompt_token_ids=[prompt], max_tokens=240, ignore_eos=True, seed=3)
+
+        thread = threading.Thread(target=generate)
+        thread.start()
+        wait_until_generating(server, thread)
+        time.sleep(0.3)  # some tokens in (about 10 ms each here)
+        client.update_weights(new)
+        thread.join(120)
+    completion = out["response"].results[0].completions[0]
+    assert completion.weight_versions == [version, version + 1]
+    tokens, served = completion.token_ids, completion.logprobs
+    assert len(tokens) == 240
+    under_old = hf_logprobs(old, prompt + tokens)[len(prompt) - 1 :]
+    under_new = hf_logprobs(new, prompt + tokens)[len(prompt) - 1 :]
+    matches_old = [abs(s - o) < INFLIGHT_TOL for s, o in zip(served, under_old)]
+    matches_new = [abs(s - n) < INFLIGHT_TOL for s, n in zip(served, under_new)]
+    # Every token was sampled under one of the two: the old weights first, then the new ones to the end
+    # (--kv_after_push recompute: the earlier tokens' keys and values were computed again).
+    switch = matches_new.index(True)
+    assert 3 < switch < len(tokens) - 50, f"the push landed at token {switch}, not during the generation"
+    assert all(matches_old[:switch]) and all(matches_new[switch:]), (switch, matches_old[switch - 3 : switch + 3])
+
+
+def test_a_push_that_fails_during_a_generation_stops_it_rather_than_finish_it_on_mixed_weights(
+        server, tiny_qwen2, probe_ids):
+    good = perturbed(tiny_qwen2, seed=13)
+    with VLLMClient(base_url=server.base_url, weight_transfer_timeout=10) as client:
+        client.update_weights(good)
+        out = {}
+
+        def generate():
+            out["response"] = httpx.post(server.base_url + "/generate", timeout=120, json={
+                "prompt_token_ids": [probe_ids[:12]], "max_tokens": 240, "ignore_eos": True})
+
+        thread = threading.Thread(target=generate)
+        thread.start()
+        wait_until_generating(server, thread)
+        with pytest.raises(WeightTransferError, match="broke half-way"):
+            client.update_weights(FailingWeights(list(good.named_parameters()), 10))
+        thread.join(120)
+        assert out["response"].status_code == 503, out["response"].text
+        assert "failed half-way while this request was generating" in out["response"].json()["error"]
+        client.update_weights(good)  # the next whole push serves exactly again
+        for replica, logprobs in server_logprobs_by_replica(client, probe_ids).items():
+            assert gap(logprobs, hf_logprobs(good, probe_ids)) < LOGPROB_TOL, replica
+
+
+def test_an_idle_server_polls_with_one_gloo_thread_per_engine_process(server):
+    """vLLM's worker makes 13 gloo groups; with torch's device for each it polled 1,300 times a second."""
+    import psutil
+
+    workers = [p for p in psutil.Process(server.proc.pid).children(recursive=True) if "Worker" in p.name()]
+    assert len(workers) == 2  # DP=2
+    for worker in workers:
+        loops = [t for t in Path(f"/proc/{worker.pid}/task").iterdir()
+                 if (t / "comm").read_text().strip() == "gloo_tcp_loop"]
+        assert len(loops) == 1, (worker.pid, len(loops))
+
+
+# Last: it kills one of the module server's two replicas.
 def test_a_dead_replica_leaves_the_group_and_pushes_reach_the_live_one(server, tiny_qwen2, probe_ids):
     """Last in this module: it kills replica 1."""
     import os

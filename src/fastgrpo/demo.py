@@ -17,6 +17,8 @@ def add_parser(subparsers) -> None:
     add_flag(parser, "--model", default="default", help="model name or path (default: embedded SmolLM2-135M-Instruct)")
     add_flag(parser, "--max_steps", type=int, default=None, help="optimizer steps (default 30)")
     add_flag(parser, "--output_dir", default=None, help="where results go (default outputs/demo)")
+    add_flag(parser, "--async", dest="async_generation", action="store_true",
+             help="generate the next round while training on this one (async_generation, staleness 1)")
     parser.set_defaults(func=run)
 
 
@@ -28,5 +30,7 @@ def run(args: argparse.Namespace) -> int:
         spec["max_steps"] = args.max_steps
     if args.output_dir is not None:
         spec["output_dir"] = args.output_dir
+    if args.async_generation:
+        spec["async_generation"] = True
     print_summary(train(spec))
     return 0

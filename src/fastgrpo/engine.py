@@ -44,5 +44,8 @@ def make_llm(model: str, **engine_kwargs):
         engine_kwargs.setdefault("enable_chunked_prefill", False)
     from vllm import LLM
 
+    from fastgrpo import quiet_gloo
+
+    quiet_gloo.enable()
     engine_kwargs["dtype"] = engine_dtype(engine_kwargs.get("dtype", "auto"))
     return LLM(model=model, **engine_kwargs)

@@ -1,5 +1,6 @@
 """The server's HTTP routes: health, generate, prefix cache, weight sync. OpenAI routes: openai_routes.py."""
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -21,7 +22,7 @@ from fastgrpo.serve.protocol import (
 )
 from fastgrpo.serve.replicas import EngineRejected, ReplicaDead, ReplicaPool, ServerSettings
 from fastgrpo.serve.specs import model_specs
-from fastgrpo.serve.state import ApiError, ServerState, error_response
+from fastgrpo.serve.state import ApiError, InFlight, ServerState, error_response
 
 log = logging.getLogger("fastgrpo.serve")
 
@@ -97,26 +98,43 @@ async def run_generation(state: ServerState, prompts: list[list[int]], fields: S
         raise ApiError(400, "invalid_request", f"vLLM refused the sampling parameters: {exc}",
                        getattr(exc, "parameter", None) or field_named_in(str(exc), SamplingFields.model_fields)) from exc
     costs = [len(p) + fields.n * fields.max_tokens for p in prompts]
-    async with state.lock.read():
+    async with state.lock.read():  # admission: a push waits for it, and it waits for a push
         # Read under the lock: a request that queued behind a push sees how that push ended.
         if not state.weights_consistent:
             raise ApiError(503, "weights_inconsistent", "the last weight push failed half-way, so the engines hold "
                            "a mix of old and new weights; push the whole model again (VLLMClient.update_weights).")
         version = state.weight_version
-        try:
-            outputs = await state.pool.generate([{"prompt_token_ids": p} for p in prompts], params, costs)
-        except ReplicaDead as exc:
-            raise ApiError(503, "replica_dead", str(exc)) from exc
-        except EngineRejected as exc:
-            raise ApiError(400, "invalid_request", f"the engine refused the request: {exc}",
-                           field_named_in(str(exc), SamplingFields.model_fields)) from exc
+        # Prefix-cache keys salted by weight version: no request reuses keys and values computed under
+        # other weights (with --kv_after_push keep, the cache is not reset at a push).
+        salt = f"fastgrpo-weights-{version}"
+        flight = InFlight([version])
+        state.inflight.append(flight)
+        running = asyncio.ensure_future(state.pool.generate(
+            [{"prompt_token_ids": p, "cache_salt": salt} for p in prompts], params, costs))
+        # Let it hand its requests to the engines before a push may pause them. One that is still on its way
+        # then waits in the engine's queue and runs on the new weights: versions[0] is a lower bound.
+        await asyncio.sleep(0)
+    try:
+        outputs = await running
+    except ReplicaDead as exc:
+        raise ApiError(503, "replica_dead", str(exc)) from exc
+    except EngineRejected as exc:
+        raise ApiError(400, "invalid_request", f"the engine refused the request: {exc}",
+                       field_named_in(str(exc), SamplingFields.model_fields)) from exc
+    finally:
+        state.inflight.remove(flight)
+    if flight.push_failed:
+        raise ApiError(503, "weights_inconsistent", "a weight push failed half-way while this request was "
+                       "generating, so it was stopped (its tokens could mix old and new weights); push the whole "
+                       "model again (VLLMClient.update_weights) and retry.")
+    versions = [flight.versions[0], flight.versions[-1]]
     results = []
     for (out, replica), ids in zip(outputs, prompts):
         completions = [
             Completion(
                 token_ids=list(c.token_ids),
                 logprobs=[lp[t].logprob for lp, t in zip(c.logprobs or [], c.token_ids)],
-                text=c.text, finish_reason=c.finish_reason,
+                text=c.text, finish_reason=c.finish_reason, weight_versions=versions,
             )
             for c in out.outputs
         ]

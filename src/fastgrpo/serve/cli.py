@@ -39,6 +39,9 @@ def add_parser(subparsers) -> None:
     add_flag(p, "--max_num_seqs", type=int, default=None, help="most sequences an engine runs at once")
     add_flag(p, "--kv_cache_space", type=int, default=None,
              help="GiB of KV cache per replica on vLLM's CPU build (default 1, or VLLM_CPU_KVCACHE_SPACE)")
+    add_flag(p, "--kv_after_push", default="recompute", choices=["recompute", "keep"],
+             help="requests in flight during a weight push: recompute their keys and values under the new "
+                  "weights (default), or keep those computed under the old ones (new requests never reuse them)")
     add_flag(p, "--api_key", default=None, help="if set, every route but /health needs 'Authorization: Bearer KEY'")
     add_flag(p, "--log_level", default="info", choices=["critical", "error", "warning", "info", "debug"],
              help="log level (default info)")
@@ -87,6 +90,7 @@ def run(args) -> int:
         gpu_memory_utilization=args.gpu_memory_utilization, dtype=args.dtype, max_model_len=args.max_model_len,
         enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
         max_num_seqs=args.max_num_seqs, kv_cache_space=args.kv_cache_space, seed=args.seed,
+        kv_after_push=args.kv_after_push,
     )
     from fastgrpo.serve.replicas import device_slices
 

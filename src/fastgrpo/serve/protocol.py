@@ -107,6 +107,9 @@ class Completion(BaseModel):
     logprobs: list[float]  # of each sampled token, under the sampling distribution
     text: str
     finish_reason: str | None  # "stop", "length", or None when aborted
+    # The weight versions it ran under: [first, last]. first is the version when the request was admitted,
+    # last the newest one a push loaded while it ran; equal unless a push landed in flight.
+    weight_versions: list[int]
 
 
 class PromptResult(BaseModel):

@@ -41,6 +41,17 @@ class PendingPush:
 
 
 @dataclass
+class InFlight:
+    """A generation request between admission and its last output: the weight versions it ran under.
+
+    `versions[0]` is the version at admission (a lower bound: a request still queued in the engine when a
+    push pauses it runs wholly on the new weights); each push that lands while it runs appends its version."""
+
+    versions: list[int]
+    push_failed: bool = False  # a push failed half-way while it ran: its tokens may mix weights
+
+
+@dataclass
 class ServerState:
     settings: ServerSettings
     pool: ReplicaPool
@@ -53,8 +64,11 @@ class ServerState:
     weights_consistent: bool = True
     last_push_error: str | None = None  # why the last push failed, until one succeeds
     group: WeightGroup | None = None
+    # Admission (not the whole generation): a push waits only for requests being handed to the engines,
+    # and requests that arrive during a push wait for it; running ones are paused in the engines.
     lock: RWLock = field(default_factory=RWLock)
     pending: PendingPush | None = None
+    inflight: list[InFlight] = field(default_factory=list)
 
     @property
     def push_phase(self) -> Literal["none", "announced", "loading"]:

@@ -2,11 +2,14 @@
 
 A push is two requests so that a bad one is refused before any collective starts:
 `/weights/start` validates the names, shapes and dtypes and announces the push;
-`/weights/update` drains in-flight generations (a batch never mixes weights) and
-runs vLLM's `start_weight_update` / `update_weights` / `finish_weight_update` on
-the workers of the group while the trainer sends. Generation waits only from
-that drain until the load has finished: an announcement alone holds nothing,
-and one whose data never starts expires after ANNOUNCE_TTL_S.
+`/weights/update` pauses the engines between two decode steps, keeping their
+requests in flight (vLLM's `pause_generation(mode="keep")`), runs vLLM's
+`start_weight_update` / `update_weights` / `finish_weight_update` on the workers
+of the group while the trainer sends, and resumes them. Running generations go
+on across a push (each reports the versions it ran under, see --kv_after_push
+for their keys and values); new ones wait until the load has finished. An
+announcement alone holds nothing, and one whose data never starts expires after
+ANNOUNCE_TTL_S.
 
 The guarantee: generation runs only on weights that one whole push left behind.
 From the moment a push touches the engines until it has finished on every
@@ -14,7 +17,8 @@ replica, `weights_consistent` is False; a push that fails half-way leaves it Fal
 (and each engine's layerwise reload cleaned up, so the next push starts clean),
 and only a push that names every weight sets it True again. Recovery needs no
 human: the trainer pushes again (GRPOTrainer retries a failed sync), and
-meanwhile /generate answers 503, so no completion comes from mixed weights.
+meanwhile /generate answers 503, so no completion comes from mixed weights;
+requests that were in flight when the push failed are aborted and answer 503.
 
 A group belongs to the trainer that opened it: the `group_id` that /weights/init
 returns must come with every push and with /weights/close. A second trainer gets
@@ -237,26 +241,40 @@ async def weights_update(req: FinishUpdateRequest, state: State):
     pending.phase = "loading"
     push, members = pending.request, state.group.members
     try:
-        # Drain in-flight generations (new ones queue behind the push): a batch never mixes weights.
+        # Wait for requests being admitted (new ones queue behind the push); running ones are paused below.
         await asyncio.wait_for(state.lock.acquire_write(), push.timeout_s)
     except TimeoutError:
         state.pending = None
-        raise ApiError(503, "busy", f"in-flight generations did not finish within {push.timeout_s:.0f} s; "
-                       "retry the push") from None
+        raise ApiError(503, "busy", f"requests being admitted did not reach the engines within "
+                       f"{push.timeout_s:.0f} s; retry the push") from None
     began = time.perf_counter()
     info = {"names": push.names, "dtype_names": push.dtype_names, "shapes": push.shapes}
     was_consistent, state.weights_consistent = state.weights_consistent, False
+    paused = []
     try:
+        # Between two decode steps, keeping the requests in flight; "recompute" also preempts them and
+        # resets the prefix cache, so that after the load every key and value is computed again.
+        for replica in members:
+            await asyncio.wait_for(replica.engine.pause_generation(
+                mode="keep", clear_cache=state.settings.kv_after_push == "recompute"), FINISH_TIMEOUT_S)
+            paused.append(replica)
         await state.pool.each("start_weight_update", replicas=members, timeout=FINISH_TIMEOUT_S)
         await state.pool.each_with("update_weights", [WeightTransferUpdateRequest(update_info=info)] * len(members),
                                    members, timeout=push.timeout_s + 10)
         await state.pool.each("finish_weight_update", replicas=members, timeout=FINISH_TIMEOUT_S)
-        await state.pool.each("reset_prefix_cache", replicas=members)
-        # Decided before the lock is released: a generation waiting for it must see the outcome.
+        # Decided before the engines resume and the lock is released: a generation waiting for it must
+        # see the outcome.
         state.weights_consistent = was_consistent or covers_all(state.specs, push.names)
         state.weight_version = push.weight_version if push.weight_version is not None else state.weight_version + 1
         state.last_push_error = None
+        for flight in state.inflight:
+            flight.versions.append(state.weight_version)
     except Exception as exc:
+        # Requests in flight would go on with mixed weights: stop them (they answer 503) before resuming.
+        for flight in state.inflight:
+            flight.push_failed = True
+        with contextlib.suppress(Exception):
+            await state.pool.abort_all([r for r in members if r.alive])
         await _finalize_after_failure(state, members)
         await close_group(state)
         if isinstance(exc, TimeoutError) or TRAINER_DID_NOT_SEND in str(exc):
@@ -269,6 +287,10 @@ async def weights_update(req: FinishUpdateRequest, state: State):
         state.last_push_error = error.message
         raise error from None
     finally:
+        for replica in paused:
+            if replica.alive:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(replica.engine.resume_generation(), FINISH_TIMEOUT_S)
         state.pending = None
         await state.lock.release_write()
     if not state.weights_consistent:

@@ -63,12 +63,14 @@ class Sampling:
 @dataclass
 class Completions:
     """For each prompt, its `n` completions: token ids, whether each ended on a stop condition (EOS, a
-    stop token or string) rather than the length limit, and (vLLM only) the sampler's logprobs."""
+    stop token or string) rather than the length limit, and (vLLM only) the sampler's logprobs and the
+    weight versions each ran under, (first, last): they differ where a push landed during generation."""
 
     token_ids: list[list[list[int]]]
     logprobs: list[list[list[float]]] | None
     weight_version: int | None
     stopped: list[list[bool]]
+    weight_versions: list[list[tuple[int, int]]] | None = None
 
 
 class GenerationBackend(ABC):
@@ -110,6 +112,7 @@ class ServerBackend(GenerationBackend):
             logprobs=[[c.logprobs for c in r.completions] for r in response.results],
             weight_version=response.weight_version,
             stopped=[[c.finish_reason == "stop" for c in r.completions] for r in response.results],
+            weight_versions=[[tuple(c.weight_versions) for c in r.completions] for r in response.results],
         )
 
     def sync_weights(self, weights, version) -> None:
@@ -187,7 +190,8 @@ class ColocateBackend(GenerationBackend):
         token_ids = [[list(c.token_ids) for c in o.outputs] for o in outputs]
         logprobs = [[[lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)] for c in o.outputs] for o in outputs]
         stopped = [[c.finish_reason == "stop" for c in o.outputs] for o in outputs]
-        return Completions(token_ids, logprobs, self.version, stopped)
+        versions = [[(self.version, self.version)] * len(o.outputs) for o in outputs]
+        return Completions(token_ids, logprobs, self.version, stopped, versions)
 
     def _open_group(self) -> None:
         from fastgrpo.serve.launcher import free_port

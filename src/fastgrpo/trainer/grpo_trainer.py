@@ -12,6 +12,8 @@ the middle of one is exact.
 """
 
 import atexit
+import contextlib
+import copy
 import logging
 import os
 import tempfile
@@ -22,7 +24,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback
 
 from fastgrpo.config import GRPOConfig
-from fastgrpo.trainer.batching import completion_token_cost, pad_rows, round_layout, split_round
+from fastgrpo.trainer.async_rounds import RoundProducer, first_step, staleness, too_stale
+from fastgrpo.trainer.batching import completion_token_cost, pad_rows, parts_of, round_layout, split_round
 from fastgrpo.trainer.forward import PromptSharingUnsupported, completion_logits, prompt_groups
 from fastgrpo.trainer.generation import (
     ColocateBackend,
@@ -68,6 +71,9 @@ class _SyncWeightsCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer.sync_weights()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.trainer._stop_producer()
 
 
 def _identity_collator(features):
@@ -145,6 +151,9 @@ class GRPOTrainer(Trainer):
         self._buffered: list[dict] | None = None
         self._step = 0
         self._synced_version: int | None = None
+        self._producer: RoundProducer | None = None  # async_generation: rounds generated ahead (main process)
+        self._producer_backend: ServerBackend | None = None
+        self._regenerated_rounds = 0
         self._pending_time = defaultdict(float)
         self._total_tokens = 0
         # Sharing needs the model's cache in training, which gradient checkpointing switches off.
@@ -165,9 +174,7 @@ class GRPOTrainer(Trainer):
         if a.vllm_mode == "server":
             if not self.accelerator.is_main_process:
                 return None  # only the main process talks to the server
-            return ServerBackend(a.vllm_server_base_url, a.vllm_server_host, a.vllm_server_port,
-                                 a.vllm_server_timeout, bucket_bytes=a.weight_sync_bucket_bytes,
-                                 api_key=a.vllm_server_api_key)
+            return self._server_backend()
         path = self.model_path
         if path is None or not isinstance(path, str):
             path = tempfile.mkdtemp(prefix="fastgrpo-colocate-")
@@ -176,6 +183,11 @@ class GRPOTrainer(Trainer):
         max_len = a.vllm_max_model_length or ((a.max_prompt_length or 1024) + a.max_completion_length)
         return ColocateBackend(path, a.vllm_gpu_memory_utilization, a.vllm_tensor_parallel_size, max_len,
                                seed=a.seed + self.accelerator.process_index, bucket_bytes=a.weight_sync_bucket_bytes)
+
+    def _server_backend(self) -> ServerBackend:
+        a = self.args
+        return ServerBackend(a.vllm_server_base_url, a.vllm_server_host, a.vllm_server_port, a.vllm_server_timeout,
+                             bucket_bytes=a.weight_sync_bucket_bytes, api_key=a.vllm_server_api_key)
 
     def _server_mode(self) -> bool:
         return self.args.use_vllm and self.args.vllm_mode == "server"
@@ -224,6 +236,8 @@ class GRPOTrainer(Trainer):
                 raise RuntimeError(f"pushing the weights of step {version} to the generator failed{tried}: "
                                    f"{failures[0][0]}")
         self._synced_version = version
+        if self._producer is not None:
+            self._producer.pushed(version)
         self._pending_time["time/weight_sync"] += time.perf_counter() - began
 
     # --- data --------------------------------------------------------------------------
@@ -256,16 +270,17 @@ class GRPOTrainer(Trainer):
 
     # --- one generation round -----------------------------------------------------
 
-    def _prompt_ids(self, prompts) -> list[list[int]]:
+    def _prompt_ids(self, prompts, tokenizer=None) -> list[list[int]]:
+        tokenizer = tokenizer or self.tokenizer
         conversational = isinstance(prompts[0], list)
         ids = []
         for prompt in prompts:
             if conversational:
-                row = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                row = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
                                                          return_dict=True,
                                                          **(self.args.chat_template_kwargs or {}))["input_ids"]
             else:
-                row = self.tokenizer(prompt)["input_ids"]
+                row = tokenizer(prompt)["input_ids"]
             if self.args.max_prompt_length is not None:
                 row = row[-self.args.max_prompt_length :]  # keep the end: the question and the turn marker
             ids.append(list(row))
@@ -277,9 +292,10 @@ class GRPOTrainer(Trainer):
                         repetition_penalty=a.repetition_penalty, max_tokens=a.max_completion_length,
                         extra=tuple(sorted((a.generation_kwargs or {}).items())))
 
-    def _generate(self, prompt_ids: list[list[int]], num_generations: int, round_index: int):
+    def _generate(self, prompt_ids: list[list[int]], num_generations: int, round_index: int, evaluating: bool):
         """Completions of this process's rows, in row order: (token ids, sampler logprobs or None, whether each
-        ended on a stop condition, weights version). Each prompt of the round samples with its own seed."""
+        ended on a stop condition, weights version, each completion's staleness or None when the round was
+        generated now). Each prompt of the round samples with its own seed."""
         from accelerate.utils import broadcast_object_list, gather_object
 
         a, acc = self.args, self.accelerator
@@ -291,23 +307,70 @@ class GRPOTrainer(Trainer):
                 comps = self.backend.generate(prompt_ids, self._sampling(1), seeds)
             ids = [c[0] for c in comps.token_ids]
             lps = [c[0] for c in comps.logprobs] if comps.logprobs is not None else None
-            return ids, lps, [s[0] for s in comps.stopped], comps.weight_version
+            return ids, lps, [s[0] for s in comps.stopped], comps.weight_version, None
         everyone = gather_object(prompt_ids)
-        payload = [None, None, None, None]
+        payload = [None, None, None, None, None]
         if acc.is_main_process:
             groups = [everyone[i : i + num_generations] for i in range(0, len(everyone), num_generations)]
             if any(any(row != group[0] for row in group) for group in groups):
                 raise RuntimeError("a generation batch is not made of whole groups of identical prompts; this is "
                                    "a sampler bug: please report it with your GRPOConfig")
-            comps = self.backend.generate([g[0] for g in groups], self._sampling(num_generations),
-                                          prompt_seeds(a.seed, round_index, len(groups)))
+            unique, behind = [g[0] for g in groups], None
+            if a.async_generation and not evaluating:
+                comps, behind = self._take_round(unique, round_index)
+            else:
+                comps = self.backend.generate(unique, self._sampling(num_generations),
+                                              prompt_seeds(a.seed, round_index, len(groups)))
             payload = [[c for group in comps.token_ids for c in group],
                        [lp for group in comps.logprobs for lp in group],
-                       [s for group in comps.stopped for s in group], comps.weight_version]
+                       [s for group in comps.stopped for s in group], comps.weight_version, behind]
         broadcast_object_list(payload, from_process=0)
         start = acc.process_index * len(prompt_ids)
         rows = slice(start, start + len(prompt_ids))
-        return payload[0][rows], payload[1][rows], payload[2][rows], payload[3]
+        return payload[0][rows], payload[1][rows], payload[2][rows], payload[3], payload[4]
+
+    def _take_round(self, prompt_ids: list[list[int]], round_index: int):
+        """async_generation: round `round_index` from the producer (started here at the first round), and
+        each completion's staleness. A round with other prompts than the trainer's (the look-ahead missed) or a
+        completion older than vllm_max_weight_staleness is generated again now, and counted."""
+        a = self.args
+        sampling, bound = self._sampling(a.num_generations), a.vllm_max_weight_staleness
+        if self._producer is None:
+            # Its own HTTP client and tokenizer: a Rust tokenizer used from two threads at once can fail.
+            sampler, backend = self._get_train_sampler(), self._server_backend()
+            tokenizer, every = copy.deepcopy(self.tokenizer), a.steps_per_generation * a.num_iterations
+            self._producer_backend = backend
+
+            def prompts_of(r: int) -> list[list[int]]:
+                return self._prompt_ids([self.train_dataset[i]["prompt"] for i in sampler.batch_prompts(r)], tokenizer)
+
+            self._producer = RoundProducer(
+                prompts_of=prompts_of,
+                generate=lambda ids, r: backend.generate(ids, sampling, prompt_seeds(a.seed, r, len(ids))),
+                trained_at=lambda r: first_step(r, every, a.gradient_accumulation_steps),
+                start=round_index, max_staleness=bound)
+            self._producer.pushed(self._synced_version)
+        generated = self._producer.take(round_index)
+        self._metrics["async/generation_seconds"].append(generated.seconds)
+        trained = self._synced_version
+        firsts = [v[0] for group in generated.completions.weight_versions for v in group]
+        if generated.prompt_ids != prompt_ids:
+            why = "its prompts are not this round's (the look-ahead over the dataset missed)"
+        elif too_stale(firsts, trained, bound):
+            why = (f"completions were generated by weights up to {max(staleness(firsts, trained))} steps older "
+                   f"than the trainer's (step {trained}), beyond vllm_max_weight_staleness={bound}")
+        else:
+            return generated.completions, staleness(firsts, trained)
+        logger.warning("round %d generated ahead is not trained on: %s; generating it again now", round_index, why)
+        self._regenerated_rounds += 1
+        comps = self.backend.generate(prompt_ids, sampling, prompt_seeds(a.seed, round_index, len(prompt_ids)))
+        return comps, staleness([v[0] for group in comps.weight_versions for v in group], trained)
+
+    def _stop_producer(self) -> None:
+        if self._producer is not None:
+            self._producer.close()
+            self._producer_backend.close()
+            self._producer = self._producer_backend = None
 
     def _check_version(self, version: int | None) -> None:
         if version is None or self._synced_version is None:
@@ -334,8 +397,8 @@ class GRPOTrainer(Trainer):
         prompt_ids = self._prompt_ids(prompts)
 
         began = time.perf_counter()
-        completion_ids, sampling_logps, terminated, version = self._generate(prompt_ids, num_generations,
-                                                                             round_index)
+        completion_ids, sampling_logps, terminated, version, behind = self._generate(
+            prompt_ids, num_generations, round_index, evaluating)
         generate_s = time.perf_counter() - began
         self._check_version(version)
 
@@ -365,13 +428,17 @@ class GRPOTrainer(Trainer):
                  "completion_mask": completion_mask, "advantages": local_advantages}
         if sampling_logps is not None and a.vllm_importance_sampling_correction and not evaluating:
             batch["sampling_logps"] = pad_rows(sampling_logps, 0.0).float()
+        elif a.async_generation and not evaluating:
+            # Generated ahead, by older weights: without the sampler correction, the ratio's denominator is
+            # the sampler's own logprobs, never the trainer's current ones (a ratio of 1 for stale data).
+            batch["old_logps"] = pad_rows(sampling_logps, 0.0).float()
 
         micro = [] if evaluating else self._split_round(batch, round_index)
         # A round that serves later optimizer steps (or several iterations) trains them off-policy: their
         # ratio is to the policy that generated, computed now, before the first step changes the weights.
         off_policy = a.num_iterations > 1 or a.steps_per_generation > a.gradient_accumulation_steps
-        for m in micro:
-            if off_policy:
+        for m in (p for m in micro for p in parts_of(m)):
+            if off_policy and "old_logps" not in m:
                 m["old_logps"] = self._per_token_logps(self.model, m)
             if a.beta != 0.0:
                 m["ref_logps"] = self._per_token_logps(self.ref_model, m)
@@ -402,6 +469,10 @@ class GRPOTrainer(Trainer):
         metrics["time/reward"].append(reward_s)
         self._round_seconds += generate_s + reward_s
         metrics["generate/tokens_per_second"].append(lengths.sum().item() / max(generate_s, 1e-9))
+        if behind is not None:
+            metrics["async/staleness_mean"].append(sum(behind) / len(behind))
+            metrics["async/staleness_max"].append(max(behind))
+            metrics["async/regenerated_rounds"].append(self._regenerated_rounds)
         if not evaluating:
             for key, value in self._pending_time.items():
                 metrics[key].append(value)
@@ -419,10 +490,11 @@ class GRPOTrainer(Trainer):
         steps, micro_per_step = round_layout(a.steps_per_generation, a.gradient_accumulation_steps)
         generator = torch.Generator().manual_seed(derived_seed(a.seed, round_index, -1 - acc.process_index))
         prompt_index = prompt_groups(batch["prompt_ids"], batch["prompt_mask"])[1] if self._share_prompts else None
-        by_step = split_round(batch, steps, micro_per_step, prompt_index, self._completion_token_cost, generator)
+        by_step = split_round(batch, steps, micro_per_step, prompt_index, self._completion_token_cost, generator,
+                              max_parts=self._max_parts())
         # The "dapo" normaliser: each optimizer step's completion tokens, all processes together.
-        local = torch.tensor([sum(int(m["completion_mask"].sum()) for m in step) for step in by_step],
-                             device=acc.device)
+        local = torch.tensor([sum(int(p["completion_mask"].sum()) for m in step for p in parts_of(m))
+                              for step in by_step], device=acc.device)
         step_tokens = acc.gather(local.reshape(1, -1)).sum(0).cpu()
         micro = []
         for step, tokens in zip(by_step, step_tokens.tolist()):
@@ -430,6 +502,19 @@ class GRPOTrainer(Trainer):
                 m["num_items_in_batch"] = torch.tensor(float(tokens))
                 micro.append(m)
         return micro
+
+    def _max_parts(self) -> int:
+        """How finely a micro-batch may be cut to pad less (batching.cut_for_padding). Not where a part's
+        loss is not a share of the micro-batch's: bnpo normalises by the micro-batch's tokens and the
+        entropy mask by its quantile; nor under DeepSpeed or FSDP, whose engines count backward calls."""
+        from accelerate.utils import DistributedType
+
+        a = self.args
+        if a.loss_type == "bnpo" or a.top_entropy_quantile < 1.0:
+            return 1
+        if self.accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+            return 1
+        return 8
 
     # --- completions, evaluation, checkpoints ------------------------------------
 
@@ -520,7 +605,8 @@ class GRPOTrainer(Trainer):
             logger.warning("prompt sharing is off for this run: %s", exc)
             self._share_prompts = False
             logits = completion_logits(model, *tensors, share_prompts=False)
-        logits = logits / self.args.temperature
+        if self.args.temperature != 1.0:  # a pass over [rows, width, vocab] each way: skipped when it is 1
+            logits = logits / self.args.temperature
         logps = selective_log_softmax(logits, tensors[2])
         if with_entropy:
             with torch.no_grad():
@@ -570,21 +656,35 @@ class GRPOTrainer(Trainer):
         on every transformers version: before 5.19 Trainer ignores `loss_is_scaled_for_ga` and divides the
         loss by the accumulation steps again (grpo, bnpo and dr_grpo then come out divided by GA^2).
         """
-        from accelerate.utils import DistributedType
-
         began, self._round_seconds = time.perf_counter(), 0.0
         model.train()
         if callable(getattr(self.optimizer, "train", None)):  # schedule-free optimizers
             self.optimizer.train()
-        inputs = self._prepare_inputs(inputs)
-        with self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
+        loss = self._forward_backward(model, self._prepare_inputs(inputs))
+        self._metrics["time/train"].append(time.perf_counter() - began - self._round_seconds)
+        return loss
+
+    def _forward_backward(self, model, inputs: dict) -> torch.Tensor:
+        """Loss and gradients of one micro-batch, part by part (see batching.cut_for_padding)."""
+        from accelerate.utils import DistributedType
+
         kwargs = {}
         if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
             kwargs["scale_wrt_gas"] = False  # DeepSpeed would divide by GA too
-        self.accelerator.backward(loss, **kwargs)
-        self._metrics["time/train"].append(time.perf_counter() - began - self._round_seconds)
-        return loss.detach()
+        parts, total = parts_of(inputs), 0.0
+        for i, part in enumerate(parts):
+            # A part's loss is its share of the micro-batch's: equal parts of a mean over rows (grpo, sapo,
+            # dr_grpo), or a sum over the step's tokens already (dapo, cispo).
+            part = {**part, "num_items_in_batch": inputs["num_items_in_batch"]}
+            last = i == len(parts) - 1
+            with self.compute_loss_context_manager(), \
+                    contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+                loss = self.compute_loss(model, part)
+                if self.args.loss_type not in GLOBALLY_NORMALISED:
+                    loss = loss / len(parts)
+                self.accelerator.backward(loss, **kwargs)
+            total = total + loss.detach()
+        return total
 
     def log(self, logs: dict, start_time=None) -> None:
         averaged = {k: sum(v) / len(v) for k, v in self._metrics.items() if v}
@@ -604,6 +704,7 @@ class GRPOTrainer(Trainer):
         shutdown can abort the process: gloo's worker threads outlive the interpreter (torch, seen here as
         "terminate called without an active exception" on the rank that finished first, failing the launch).
         """
+        self._stop_producer()
         if self.backend is not None:
             self.backend.close()
             self.backend = None

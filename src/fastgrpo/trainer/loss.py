@@ -151,6 +151,12 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+# Positions per chunk over the vocabulary: 32 x 49k float32 logits (6 MB) stay in the CPU's cache between
+# the passes over a chunk. On B1's 2,048 completion positions (a Zen 3 CPU, 2 threads) log-softmax forward,
+# backward and entropy took 3.0 s at 1,024 positions a chunk, 1.1 s at 32 (16 to 64 alike).
+CHUNK_TOKENS = 32
+
+
 class _SelectiveLogSoftmax(torch.autograd.Function):
     """log_softmax(logits)[token_id] without a [N, V] float32 tensor, forward or backward.
 
@@ -189,7 +195,7 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
         return grad_logits.view_as(logits), None, None
 
 
-def selective_log_softmax(logits: Tensor, token_ids: Tensor, chunk_tokens: int = 1024) -> Tensor:
+def selective_log_softmax(logits: Tensor, token_ids: Tensor, chunk_tokens: int = CHUNK_TOKENS) -> Tensor:
     """Log-probability of each chosen token: log_softmax(logits)[..., token_id].
 
     logits[B, T, V], token_ids[B, T] -> logprobs[B, T] (float32 for half-precision
@@ -209,7 +215,7 @@ def selective_log_softmax(logits: Tensor, token_ids: Tensor, chunk_tokens: int =
     return _SelectiveLogSoftmax.apply(logits, token_ids.long(), chunk_tokens)
 
 
-def entropy_from_logits(logits: Tensor, chunk_tokens: int = 1024) -> Tensor:
+def entropy_from_logits(logits: Tensor, chunk_tokens: int = CHUNK_TOKENS) -> Tensor:
     """Entropy of the next-token distribution at each position: logits[..., V] -> [...].
 
     H = logsumexp(x) - sum(softmax(x) * x), in float32 for half-precision

@@ -24,12 +24,21 @@ class RepeatSampler(Sampler):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __iter__(self):
+    def _order(self, epoch: int) -> list[int]:
         if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.num_rows, generator=generator).tolist()
-        else:
-            order = list(range(self.num_rows))
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            return torch.randperm(self.num_rows, generator=generator).tolist()
+        return list(range(self.num_rows))
+
+    def batch_prompts(self, batch_index: int) -> list[int]:
+        """The prompts of generation batch `batch_index` counted from the first epoch's first (epoch e is
+        the one iterated after set_epoch(e), as the Trainer does): asynchronous generation looks ahead."""
+        per_epoch = self.num_rows // self.prompts_per_batch
+        epoch, i = divmod(batch_index, per_epoch)
+        return self._order(epoch)[i * self.prompts_per_batch : (i + 1) * self.prompts_per_batch]
+
+    def __iter__(self):
+        order = self._order(self.epoch)
         for start in range(0, len(order) - self.prompts_per_batch + 1, self.prompts_per_batch):
             chunk = order[start : start + self.prompts_per_batch]
             for _ in range(self.repeat_count):

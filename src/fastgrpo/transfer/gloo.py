@@ -27,6 +27,7 @@ from vllm.distributed.weight_transfer.base import (
     WeightTransferUpdateInfo,
 )
 
+from fastgrpo.quiet_gloo import gloo_options
 from fastgrpo.transfer.base import DEFAULT_BUCKET_BYTES, DEFAULT_TIMEOUT_S, WeightSender
 from fastgrpo.transfer.bucketed import ReceiveBuffers, receive_buckets, send_buckets
 from fastgrpo.transfer.packing import TensorMeta, dtype_name, metas_from_info
@@ -51,7 +52,7 @@ def open_group(store, rank: int, world_size: int, timeout_s: float):
     """The gloo group over a rendezvous store; blocks until every rank has arrived (the store's timeout).
     Collectives then time out after `timeout_s`."""
     return dist.ProcessGroupGloo(dist.PrefixStore("fastgrpo-weights", store), rank, world_size,
-                                 datetime.timedelta(seconds=timeout_s))
+                                 gloo_options(datetime.timedelta(seconds=timeout_s)))
 
 
 def broadcaster(group):
