@@ -111,9 +111,14 @@ async def run_generation(state: ServerState, prompts: list[list[int]], fields: S
         state.inflight.append(flight)
         running = asyncio.ensure_future(state.pool.generate(
             [{"prompt_token_ids": p, "cache_salt": salt} for p in prompts], params, costs))
-        # Let it hand its requests to the engines before a push may pause them. One that is still on its way
-        # then waits in the engine's queue and runs on the new weights: versions[0] is a lower bound.
-        await asyncio.sleep(0)
+        try:
+            # Let it hand its requests to the engines before a push may pause them. One still on its way
+            # then waits in the engine's queue and runs on the new weights: versions[0] is a lower bound.
+            await asyncio.sleep(0)
+        except BaseException:  # the client went away: nothing waits for this generation
+            running.cancel()
+            state.inflight.remove(flight)
+            raise
     try:
         outputs = await running
     except ReplicaDead as exc:
