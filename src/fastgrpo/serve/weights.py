@@ -250,14 +250,11 @@ async def weights_update(req: FinishUpdateRequest, state: State):
     began = time.perf_counter()
     info = {"names": push.names, "dtype_names": push.dtype_names, "shapes": push.shapes}
     was_consistent, state.weights_consistent = state.weights_consistent, False
-    paused = []
     try:
         # Between two decode steps, keeping the requests in flight; "recompute" also preempts them and
         # resets the prefix cache, so that after the load every key and value is computed again.
-        for replica in members:
-            await asyncio.wait_for(replica.engine.pause_generation(
-                mode="keep", clear_cache=state.settings.kv_after_push == "recompute"), FINISH_TIMEOUT_S)
-            paused.append(replica)
+        await state.pool.each("pause_generation", replicas=members, timeout=FINISH_TIMEOUT_S, mode="keep",
+                              clear_cache=state.settings.kv_after_push == "recompute")
         await state.pool.each("start_weight_update", replicas=members, timeout=FINISH_TIMEOUT_S)
         await state.pool.each_with("update_weights", [WeightTransferUpdateRequest(update_info=info)] * len(members),
                                    members, timeout=push.timeout_s + 10)
@@ -287,10 +284,9 @@ async def weights_update(req: FinishUpdateRequest, state: State):
         state.last_push_error = error.message
         raise error from None
     finally:
-        for replica in paused:
-            if replica.alive:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(replica.engine.resume_generation(), FINISH_TIMEOUT_S)
+        with contextlib.suppress(Exception):  # resuming an engine that was not paused changes nothing
+            await state.pool.each("resume_generation", replicas=[r for r in members if r.alive],
+                                  timeout=FINISH_TIMEOUT_S)
         state.pending = None
         await state.lock.release_write()
     if not state.weights_consistent:
