@@ -6,13 +6,15 @@ Times forward + backward of the embedded SmolLM2-135M-Instruct (fp32, `--rows`
 completions of 64 tokens after a 40-token prompt) with no server, then next to an
 idle `fastgrpo vllm-serve` with torch's gloo device per process group
 (FASTGRPO_SHARED_GLOO_DEVICE=0, what vLLM does by itself), with no server again, next
-to one with one shared device (fastgrpo's default, see fastgrpo/quiet_gloo.py), and
-with none again. Counts the server's worker wake-ups per second and the trainer's
+to one with one shared device (fastgrpo's default, see fastgrpo/quiet_gloo.py), next to
+that server frozen (SIGSTOP: its memory stays, none of its threads runs), and with
+none again. Counts the server's worker wake-ups per second and the trainer's
 involuntary context switches from /proc. Medians of --reps.
 """
 
 import argparse
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -88,6 +90,14 @@ def main() -> None:
             time.sleep(10)  # past the engine's start-up work
             wakes = sum(wakeups_per_second(pid) for pid in worker_pids(server.proc.pid))
             results.append((label, *time_steps(model, args.rows, args.reps), wakes))
+            if shared == "1":
+                # The same server frozen: no thread of it runs, its memory stays. What this costs is not the
+                # server's activity.
+                os.killpg(server.proc.pid, signal.SIGSTOP)
+                try:
+                    results.append(("the same server frozen (SIGSTOP)", *time_steps(model, args.rows, args.reps), 0))
+                finally:
+                    os.killpg(server.proc.pid, signal.SIGCONT)
         finally:
             server.stop()
         results.append(("no server", *time_steps(model, args.rows, args.reps), None))

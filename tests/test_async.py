@@ -11,7 +11,8 @@ import pytest
 from test_trainer import base_config
 
 from fastgrpo.config import ConfigError
-from fastgrpo.trainer.async_rounds import RoundProducer, first_step, may_start, staleness, too_stale
+from fastgrpo.trainer.async_rounds import (RoundProducer, cores_shared_with_server, cpu_cores, first_step, may_start,
+                                            staleness, too_stale)
 from fastgrpo.trainer.generation import Completions
 
 
@@ -28,6 +29,17 @@ def test_a_round_may_start_once_the_weights_it_will_be_at_most_bound_steps_behin
     assert [first_step(r, 1, 2) for r in range(4)] == [0, 0, 1, 1]
     assert staleness([3, 4, 5], trained_version=5) == [2, 1, 0]
     assert too_stale([3, 4, 5, 6], trained_version=5, max_staleness=1) == [0, 3]  # too old, and from the future
+
+
+def test_the_cores_a_cpu_server_shares_with_the_trainer():
+    assert cpu_cores("0,1,2") == {0, 1, 2} and cpu_cores("0-3") == {0, 1, 2, 3}
+    assert cpu_cores("0-1|4-5") == {0, 1, 4, 5} and cpu_cores("") == set()
+    health = {"device_type": "cpu", "replicas": [{"devices": "0,1"}, {"devices": "2-3"}]}
+    assert cores_shared_with_server(health, {1, 2, 7}) == {1, 2}
+    assert cores_shared_with_server(health, {4, 5}) == set()
+    # GPU indices are not cores; a server that does not say where it runs shares nothing known.
+    assert cores_shared_with_server({**health, "device_type": "gpu"}, {0, 1}) == set()
+    assert cores_shared_with_server({"device_type": "cpu", "replicas": [{"devices": None}]}, {0}) == set()
 
 
 def test_the_producer_generates_each_round_once_in_order_and_only_when_allowed():

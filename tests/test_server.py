@@ -71,6 +71,7 @@ def test_health_reports_replicas_pinned_apart_and_world_size(client):
     assert health["world_size"] == 2 and health["weight_transfer_ranks"] == 2
     assert [r["state"] for r in health["replicas"]] == ["ready", "ready"]
     devices = [r["devices"] for r in health["replicas"]]
+    assert health["device_type"] == "cpu"  # so "devices" name cores
     assert devices[0] != devices[1]  # disjoint cores
     assert health["weight_transfer_backend"] == "gloo"
     assert health["dtype"] == "float32"

@@ -7,6 +7,7 @@ with both (server: prompt logprobs over HTTP; transformers: a forward pass).
 """
 
 import json
+import logging
 import subprocess
 import sys
 import time
@@ -574,10 +575,14 @@ def test_bf16_defaults_to_what_the_cpu_computes_fast(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def run_async(tmp_path, server, tiny_qwen2) -> list[dict]:
+def run_async(tmp_path, server, tiny_qwen2, on_loss=None, **overrides) -> list[dict]:
     # 3 prompts, one a round: the run crosses an epoch, which the look-ahead must predict.
-    config = server_config(tmp_path, server, async_generation=True, max_steps=4)
+    config = server_config(tmp_path, server, async_generation=True, max_steps=4, **overrides)
     trainer = GRPOTrainer(tiny_qwen2, reward_digits, args=config, train_dataset=tiny_dataset(3))
+    if on_loss is not None:  # sees each micro-batch as the loss gets it
+        compute_loss = trainer.compute_loss
+        trainer.compute_loss = lambda model, inputs, **kw: (on_loss(trainer, model, inputs),
+                                                            compute_loss(model, inputs, **kw))[1]
     try:
         trainer.train()
     finally:
@@ -586,8 +591,12 @@ def run_async(tmp_path, server, tiny_qwen2) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_an_async_run_trains_every_round_within_the_staleness_bound_and_says_so(server, tiny_qwen2, tmp_path):
-    logs = run_async(tmp_path, server, tiny_qwen2)
+def test_an_async_run_trains_every_round_within_the_staleness_bound_and_says_so(server, tiny_qwen2, tmp_path,
+                                                                                 caplog):
+    with caplog.at_level(logging.WARNING, logger="fastgrpo.trainer.grpo_trainer"):
+        logs = run_async(tmp_path, server, tiny_qwen2)
+    # The test server runs on this process's cores, which the trainer says (it slows async steps down).
+    assert "which this trainer runs on too" in caplog.text
     assert len(logs) == 4
     # Round 0 waits for the first push; every later one was generated while the previous step trained, by
     # the weights one step behind.
@@ -598,6 +607,28 @@ def test_an_async_run_trains_every_round_within_the_staleness_bound_and_says_so(
     # step of training at learning rate 5e-3 (measured: 0.27 to 0.84 nats at most).
     difference = [h["sampling/sampling_logp_difference/max"] for h in logs]
     assert difference[0] < PROBE_TOL and min(difference[1:]) > 10 * PROBE_TOL, difference
+
+
+@pytest.mark.slow
+def test_without_the_sampler_correction_stale_rounds_are_clipped_against_the_generators_logprobs(
+        server, tiny_qwen2, tmp_path):
+    # vllm_importance_sampling_correction=False: the ratio's denominator (old_logps) must be the server's
+    # logprobs, not the trainer's current ones (a ratio of 1 for data one step stale).
+    gaps = []
+
+    def on_loss(trainer, model, inputs):
+        assert "sampling_logps" not in inputs
+        with torch.no_grad():
+            current = trainer._per_token_logps(model, inputs)
+        mask = inputs["completion_mask"].bool()
+        gaps.append((current - inputs["old_logps"]).abs()[mask].max().item())
+
+    logs = run_async(tmp_path, server, tiny_qwen2, on_loss, vllm_importance_sampling_correction=False)
+    assert len(gaps) == 4
+    # Round 0 is on-policy: the server's and the trainer's logprobs of the same weights agree to kernel
+    # rounding; the later rounds are a step of training stale (0.27 to 0.84 nats measured with the correction on).
+    assert gaps[0] < PROBE_TOL and min(gaps[1:]) > 10 * PROBE_TOL, gaps
+    assert [h["async/staleness_max"] for h in logs] == [0, 1, 1, 1]
 
 
 @pytest.mark.slow

@@ -219,6 +219,7 @@ def create_app(settings: ServerSettings, api_key: str | None = None, body_timeou
             status = "ok"
         body = HealthResponse(
             status=status, model=settings.model, replicas=[r.describe() for r in state.pool.replicas],
+            device_type="cpu" if state.pool.on_cpu else "gpu",
             tensor_parallel_size=settings.tensor_parallel_size, data_parallel_size=settings.data_parallel_size,
             world_size=settings.world_size, weight_transfer_ranks=state.weight_transfer_ranks,
             weight_version=state.weight_version,

@@ -128,6 +128,7 @@ class HealthResponse(BaseModel):
     status: Literal["ok", "starting", "degraded", "failed"]
     model: str
     replicas: list[dict]
+    device_type: Literal["cpu", "gpu"]  # what each replica's "devices" name: CPU cores, or GPU indices
     tensor_parallel_size: int
     data_parallel_size: int
     world_size: int  # TP x DP, as configured

@@ -33,6 +33,25 @@ def may_start(trained_at: int, pushed_version: int | None, max_staleness: int) -
     return pushed_version is not None and pushed_version >= trained_at - max_staleness
 
 
+def cpu_cores(spec: str) -> set[int]:
+    """The cores of a vLLM CPU binding: "0,1,2", "0-3", TP ranks' sets joined by "|"."""
+    cores: set[int] = set()
+    for part in spec.replace("|", ",").split(","):
+        first, _, last = part.strip().partition("-")
+        if first.isdigit():
+            cores |= set(range(int(first), int(last) + 1)) if last.isdigit() else {int(first)}
+    return cores
+
+
+def cores_shared_with_server(health: dict, own_cores: set[int]) -> set[int]:
+    """The CPU cores that both this process and a CPU server's replicas run on (none for a GPU server,
+    or one that does not say where it runs)."""
+    if health.get("device_type") != "cpu":
+        return set()
+    server = set().union(*(cpu_cores(r["devices"]) for r in health.get("replicas", []) if r.get("devices")))
+    return server & own_cores
+
+
 def staleness(first_versions: list[int], trained_version: int) -> list[int]:
     """Versions behind, per completion: the trained weights' version minus the oldest its tokens saw."""
     return [trained_version - v for v in first_versions]

@@ -16,15 +16,18 @@ import contextlib
 import copy
 import logging
 import os
+import socket
 import tempfile
 import time
 from collections import defaultdict
+from urllib.parse import urlparse
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback
 
 from fastgrpo.config import GRPOConfig
-from fastgrpo.trainer.async_rounds import RoundProducer, first_step, staleness, too_stale
+from fastgrpo.trainer.async_rounds import (RoundProducer, cores_shared_with_server, first_step, staleness,
+                                            too_stale)
 from fastgrpo.trainer.batching import completion_token_cost, pad_rows, parts_of, round_layout, split_round
 from fastgrpo.trainer.forward import PromptSharingUnsupported, completion_logits, prompt_groups
 from fastgrpo.trainer.generation import (
@@ -174,7 +177,10 @@ class GRPOTrainer(Trainer):
         if a.vllm_mode == "server":
             if not self.accelerator.is_main_process:
                 return None  # only the main process talks to the server
-            return self._server_backend()
+            backend = self._server_backend()
+            if a.async_generation:
+                self._warn_if_sharing_cores(backend)
+            return backend
         path = self.model_path
         if path is None or not isinstance(path, str):
             path = tempfile.mkdtemp(prefix="fastgrpo-colocate-")
@@ -188,6 +194,23 @@ class GRPOTrainer(Trainer):
         a = self.args
         return ServerBackend(a.vllm_server_base_url, a.vllm_server_host, a.vllm_server_port, a.vllm_server_timeout,
                              bucket_bytes=a.weight_sync_bucket_bytes, api_key=a.vllm_server_api_key)
+
+    def _warn_if_sharing_cores(self, backend: ServerBackend) -> None:
+        """Async rounds overlap generation with training only where each has its own devices: a CPU server
+        on this trainer's cores makes every step slower instead (the demo's steps: 2-3x)."""
+        if self.accelerator.device.type != "cpu" or not hasattr(os, "sched_getaffinity"):
+            return
+        host = urlparse(backend.client.base_url).hostname
+        if host not in ("127.0.0.1", "localhost", "::1", socket.gethostname()):
+            return
+        shared = cores_shared_with_server(backend.client.info, os.sched_getaffinity(0))
+        if shared:
+            logger.warning(
+                "async_generation: the server at %s generates on CPU cores %s, which this trainer runs on too; "
+                "generation and training then compete for those cores and each step gets slower, not faster. "
+                "Give each its own cores (start the server with VLLM_CPU_OMP_THREADS_BIND=<its cores> and the "
+                "trainer under `taskset -c <the others>`), or train synchronously.",
+                backend.client.base_url, ",".join(map(str, sorted(shared))))
 
     def _server_mode(self) -> bool:
         return self.args.use_vllm and self.args.vllm_mode == "server"
