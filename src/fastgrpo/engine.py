@@ -33,15 +33,23 @@ def prepare_cpu_env(kv_cache_space_gib: int | None = None) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(DEFAULT_CPU_KVCACHE_GIB))
 
 
+# Engine arguments every CPU engine gets unless its caller says otherwise (server and in-process alike).
+CPU_ENGINE_DEFAULTS = {
+    # torch.compile costs 30-60 s of engine start on the CPU build and bought no throughput here
+    # (135M model, 16x8x128 tokens: 418 tok/s eager and compiled).
+    "enforce_eager": True,
+    # vLLM 0.32's CPU build kills the worker ("CPU Generator does not use offset") when a seeded request's
+    # prefill is chunked: it rewinds the sampler's generator, which CPU generators cannot do. Whole
+    # prefills never rewind.
+    "enable_chunked_prefill": False,
+}
+
+
 def make_llm(model: str, **engine_kwargs):
     """An in-process `vllm.LLM`. Callers must sit under `if __name__ == "__main__":` (vLLM spawns)."""
     if on_cpu():
         prepare_cpu_env(engine_kwargs.pop("kv_cache_space", None))
-        # On the CPU build, torch.compile costs 30-60 s of engine start and bought no
-        # throughput here (135M model, 16x8x128 tokens: 418 tok/s eager and compiled).
-        engine_kwargs.setdefault("enforce_eager", True)
-        # Seeded requests crash vLLM 0.32's CPU worker when a prefill is chunked (see serve/replicas.py).
-        engine_kwargs.setdefault("enable_chunked_prefill", False)
+        engine_kwargs = {**CPU_ENGINE_DEFAULTS, **engine_kwargs}
     from vllm import LLM
 
     from fastgrpo import quiet_gloo

@@ -167,7 +167,7 @@ class ReplicaPool:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         from fastgrpo import quiet_gloo
-        from fastgrpo.engine import engine_dtype, prepare_cpu_env
+        from fastgrpo.engine import CPU_ENGINE_DEFAULTS, engine_dtype, prepare_cpu_env
 
         s = self.settings
         dtype = engine_dtype(s.dtype)
@@ -180,6 +180,11 @@ class ReplicaPool:
             prepare_cpu_env(s.kv_cache_space)
         quiet_gloo.enable()
         env_key = "VLLM_CPU_OMP_THREADS_BIND" if self.on_cpu else "CUDA_VISIBLE_DEVICES"
+        chosen = dict(CPU_ENGINE_DEFAULTS) if self.on_cpu else {}
+        if s.enforce_eager is not None:
+            chosen["enforce_eager"] = s.enforce_eager
+        if s.max_num_seqs:
+            chosen["max_num_seqs"] = s.max_num_seqs
         saved = os.environ.get(env_key)
         try:
             for replica in self.replicas:
@@ -193,16 +198,11 @@ class ReplicaPool:
                     dtype=dtype,
                     max_model_len=s.max_model_len,
                     enable_prefix_caching=s.enable_prefix_caching,
-                    enforce_eager=self.on_cpu if s.enforce_eager is None else s.enforce_eager,
-                    # vLLM 0.32's CPU build kills the worker ("CPU Generator does not use offset") when a
-                    # seeded request's prefill is chunked: it rewinds the sampler's generator, which CPU
-                    # generators cannot do. Whole prefills never rewind.
-                    enable_chunked_prefill=False if self.on_cpu else None,
+                    **chosen,
                     seed=s.seed,
                     logprobs_mode="processed_logprobs",  # logprobs of what was sampled from
                     weight_transfer_config=WeightTransferConfig(backend=self.backend),
                     disable_log_stats=True,
-                    **({"max_num_seqs": s.max_num_seqs} if s.max_num_seqs else {}),
                 )
                 began = time.perf_counter()
                 try:
