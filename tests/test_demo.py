@@ -15,6 +15,7 @@ def test_demo_trains_in_server_mode_and_leaves_metrics_plot_and_model(tiny_qwen2
         [sys.executable, "-m", "fastgrpo.cli", "demo", "--model", tiny_qwen2, "--max-steps", "2",
          "--output-dir", str(out)], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
+    assert "devices: server on vLLM's CPU build, trainer on the CPU" in result.stdout  # no GPU here
     assert re.search(r"trained 2 steps in [\d.]+ s", result.stdout)
     assert re.search(r"mean reward, first 5 steps: [\d.]+ +last 5 steps: [\d.]+", result.stdout)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

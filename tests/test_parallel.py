@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from fastgrpo import parallel
+from fastgrpo.planner import model as parallel
 from fastgrpo.cli import main
 
 GIB = 1024**3

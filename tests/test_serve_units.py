@@ -3,7 +3,6 @@
 import random
 
 import pytest
-import torch
 
 from fastgrpo.serve.specs import ModelSpecs, check_push
 from fastgrpo.serve.replicas import ServerSettings, assign_by_load, device_slices
@@ -112,3 +111,19 @@ def test_the_group_address_must_be_the_requesters_own(address, peer, ok):
         assert error.value.status == 400 and error.value.field == "master_address"
         assert "--weight_transfer_any_address" in error.value.message
     check_group_address(address, peer, any_address=True)  # the escape hatch accepts anything
+
+
+def test_weight_transfer_backend_auto_follows_the_build_and_ipc_needs_a_gpu():
+    assert ServerSettings("m").engine_backend(on_cpu=True) == "gloo"
+    assert ServerSettings("m").engine_backend(on_cpu=False) == "nccl"
+    assert ServerSettings("m", weight_transfer_backend="ipc").engine_backend(on_cpu=False) == "ipc"
+    with pytest.raises(ValueError, match="needs GPUs.*leave it at auto"):
+        ServerSettings("m", weight_transfer_backend="ipc").engine_backend(on_cpu=True)
+
+
+@pytest.mark.parametrize("peer, loopback", [("127.0.0.1", True), ("::1", True), ("::ffff:127.0.0.1", True),
+                                            ("10.0.0.5", False), (None, False), ("testclient", False)])
+def test_ipc_pushes_are_taken_from_loopback_only(peer, loopback):
+    from fastgrpo.serve.weights import is_loopback
+
+    assert is_loopback(peer) is loopback

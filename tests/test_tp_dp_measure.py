@@ -1,16 +1,16 @@
 """`fastgrpo tp-dp --measure`: the real server in DP=1 and DP=2 on this CPU machine, with a tiny model."""
 
 import json
-import os
 
 import pytest
 
 from fastgrpo.cli import main
+from fastgrpo.hardware import usable_cores
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="DP=2 on CPU needs two cores")
+@pytest.mark.skipif(len(usable_cores()) < 2, reason="DP=2 on CPU needs two cores")
 def test_measure_dp1_and_dp2_on_cpu(tiny_llama, capsys, tmp_path):
     plot = tmp_path / "measure.png"
     # 8 x 1 x 1 / 2 = 4 prompts of 16 tokens, 2 completions each of 16 tokens.

@@ -86,6 +86,10 @@ def test_config_rejects_bad_combinations_with_a_fix(tmp_path):
         base_config(tmp_path, vllm_mode="remote")
     with pytest.raises(ConfigError, match="vllm_weight_sync_bucket_mb"):
         base_config(tmp_path, vllm_weight_sync_bucket_mb=0.001)
+    with pytest.raises(ConfigError, match="needs use_vllm=True and vllm_mode='colocate'"):
+        base_config(tmp_path, use_vllm=True, vllm_mode="server", vllm_enable_sleep_mode=True)
+    with pytest.raises(ConfigError, match="needs a GPU"):  # base_config trains on the CPU
+        base_config(tmp_path, use_vllm=True, vllm_mode="colocate", vllm_enable_sleep_mode=True)
     assert base_config(tmp_path, vllm_weight_sync_bucket_mb=0.046875).weight_sync_bucket_bytes == 48 << 10
     config = base_config(tmp_path, gradient_accumulation_steps=2)
     assert (config.steps_per_generation, config.generation_batch_size) == (2, 8)
@@ -566,6 +570,8 @@ def test_bf16_defaults_to_what_the_cpu_computes_fast(tmp_path, monkeypatch):
     for flags, fast in ((frozenset({"avx2", "amx_bf16"}), True), (frozenset({"avx2"}), False)):
         monkeypatch.setattr(hardware, "cpu_flags", lambda flags=flags: flags)
         assert base_config(tmp_path).bf16 is fast
+        if not torch.cuda.is_available():  # use_cpu=False without a GPU: transformers would refuse bf16
+            assert base_config(tmp_path, use_cpu=False).bf16 is False
     with pytest.warns(UserWarning, match="without a bf16 matrix unit"):
         assert base_config(tmp_path, bf16=True).bf16
 

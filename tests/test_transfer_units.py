@@ -250,3 +250,69 @@ def test_gloo_groups_share_one_device_and_its_polling_thread_where_asked(shared)
     # (1 + 2) doubled by each of the 3 later all-reduces: the groups really communicate.
     assert all(o["value"] == [24.0, 24.0, 24.0] for o in outs)
     assert all(o["loops"] == (1 if shared == "1" else 5) for o in outs)  # the world's group and 4 more
+
+
+class _HandleSender:
+    """A backend whose workers read the tensors themselves (CUDA IPC's shape, without a GPU)."""
+
+    backend, handles_in_update = "handles", True
+
+    def __init__(self, events):
+        self.events, self.kept = events, []
+
+    def share(self, metas, tensors):
+        self.kept = [t.clone() for t in tensors]
+        self.events.append("share")
+        return {"handles": [m.name for m in metas]}
+
+    def send(self, metas, tensors):
+        self.events.append("send")
+        assert next(iter(tensors), None) is None, "share consumed every tensor; send must not pull more"
+        return 0
+
+    def release(self):
+        self.events.append("release")
+        self.kept = []
+
+    def close(self):
+        self.events.append("close")
+
+
+class _RecordingControl:
+    def __init__(self, events, fail=False):
+        self.events, self.fail, self.received = events, fail, None
+
+    def start(self, info):
+        self.events.append("start")
+
+    def receive(self, info):
+        self.received = info
+        self.events.append("receive")
+        if self.fail:
+            raise RuntimeError("the worker could not map the handles")
+        return {"weight_version": 1}
+
+    def finish(self):
+        self.events.append("finish")
+
+    def abort(self):
+        self.events.append("abort")
+
+
+def test_a_push_whose_request_carries_handles_shares_them_before_receive_and_releases_after_finish():
+    from fastgrpo.transfer import push_weights
+
+    tensors = {"a": torch.ones(3), "b": torch.zeros(2, 2)}
+    metas = [wire_meta(n, t.shape, t.dtype, torch.float32) for n, t in tensors.items()]
+    events = []
+    control = _RecordingControl(events)
+    assert push_weights(control, _HandleSender(events), metas, iter(tensors.values()), 5) == {"weight_version": 1}
+    # The tensors must stay alive until the generator's finish (vLLM's layerwise reload may read them then).
+    assert events in (["start", "share", "receive", "send", "finish", "release"],
+                      ["start", "share", "send", "receive", "finish", "release"])  # receive runs on a thread
+    assert control.received["handles"] == ["a", "b"] and control.received["names"] == ["a", "b"]
+
+    events.clear()
+    with pytest.raises(RuntimeError, match="could not map"):  # the generator's own error, as it said it
+        push_weights(_RecordingControl(events, fail=True), _HandleSender(events), metas, iter(tensors.values()), 5)
+    assert events[-2:] == ["close", "abort"] and "finish" not in events

@@ -316,17 +316,24 @@ def test_an_fsdp2_sharded_model_streams_into_an_exact_push(server, tiny_qwen2, p
 # forward to about 1e-5 here too, and two perturbations of the weights differ by 0.1 nats and more, so
 # INFLIGHT_TOL tells under which weights each token was sampled.
 INFLIGHT_TOL = 1e-3
+# Generations that a push must land in the middle of run this many sequences at once (each decode step, and
+# the generation, longer): one sequence of the tiny model finished 240 tokens in 0.33 s on a Zen 4 core pair.
+BATCH = 32
 
 
-def wait_until_generating(server, thread: threading.Thread, timeout_s: float = 30.0) -> None:
-    """Until the server has a request in flight (the thread's), at most timeout_s."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and thread.is_alive():
-        replicas = httpx.get(server.base_url + "/health", timeout=10).json()["replicas"]
-        if any(r["load_tokens"] for r in replicas):
-            return
-        time.sleep(0.005)
-    raise AssertionError("the generation did not start, or ended before it was seen running")
+def decode_step_seconds(client, prompt) -> float:
+    """How long a decode step of BATCH sequences takes on this machine (an upper bound: the prefill counts
+    too), so that a push can land about 20 tokens into a generation on a fast CPU and a slow one alike."""
+    began = time.monotonic()
+    client.generate(prompt_token_ids=[prompt] * BATCH, max_tokens=32, ignore_eos=True, seed=4)
+    return (time.monotonic() - began) / 32
+
+
+def wait_until_generating(thread: threading.Thread, step_s: float) -> None:
+    """About 20 decode steps into the thread's generation. Not by polling /health: on 2 cores busy with
+    decoding, a poll sent as the generation began was answered only once it had ended (0.86 s later)."""
+    time.sleep(20 * step_s)
+    assert thread.is_alive(), "the generation ended before the push could start"
 
 
 def test_a_generation_runs_across_a_push_and_its_later_tokens_come_from_the_new_weights(server, tiny_qwen2,
@@ -336,16 +343,17 @@ def test_a_generation_runs_across_a_push_and_its_later_tokens_come_from_the_new_
     with VLLMClient(base_url=server.base_url, weight_transfer_timeout=30) as client:
         client.update_weights(old)
         client.generate(prompt_token_ids=[prompt] * 2, max_tokens=8)  # both replicas past their slow first steps
+        step_s = decode_step_seconds(client, prompt)
         version = client.health()["weight_version"]
         out = {}
 
         def generate():
-            out["response"] = client.generate(prompt_token_ids=[prompt], max_tokens=240, ignore_eos=True, seed=3)
+            out["response"] = client.generate(prompt_token_ids=[prompt] * BATCH, max_tokens=240, ignore_eos=True,
+                                              seed=3)
 
         thread = threading.Thread(target=generate)
         thread.start()
-        wait_until_generating(server, thread)
-        time.sleep(0.3)  # some tokens in (about 10 ms each here)
+        wait_until_generating(thread, step_s)
         client.update_weights(new)
         thread.join(120)
     completion = out["response"].results[0].completions[0]
@@ -368,15 +376,16 @@ def test_a_push_that_fails_during_a_generation_stops_it_rather_than_finish_it_on
     good = perturbed(tiny_qwen2, seed=13)
     with VLLMClient(base_url=server.base_url, weight_transfer_timeout=10) as client:
         client.update_weights(good)
+        step_s = decode_step_seconds(client, probe_ids[:12])
         out = {}
 
         def generate():
             out["response"] = httpx.post(server.base_url + "/generate", timeout=120, json={
-                "prompt_token_ids": [probe_ids[:12]], "max_tokens": 240, "ignore_eos": True})
+                "prompt_token_ids": [probe_ids[:12]] * BATCH, "max_tokens": 240, "ignore_eos": True})
 
         thread = threading.Thread(target=generate)
         thread.start()
-        wait_until_generating(server, thread)
+        wait_until_generating(thread, step_s)
         with pytest.raises(WeightTransferError, match="broke half-way"):
             client.update_weights(FailingWeights(list(good.named_parameters()), 10))
         thread.join(120)

@@ -17,7 +17,7 @@ SUBCOMMANDS = {
     "demo": "fastgrpo.demo",
     "vllm-serve": "fastgrpo.serve.cli",
     "grpo": "fastgrpo.train_cli",
-    "tp-dp": "fastgrpo.tp_dp",
+    "tp-dp": "fastgrpo.planner.cli",
 }
 
 

@@ -2,7 +2,8 @@
 
 Control messages go over HTTP (httpx); weights go over a collective (gloo for
 CPU tensors, NCCL for CUDA tensors) in packed buckets, never one request per
-tensor and never pickled. Only requests that cannot have changed server state
+tensor and never pickled; or, for a server on the trainer's own GPU, as CUDA IPC
+handles in the update request (transfer/ipc.py). Only requests that cannot have changed server state
 are retried (connection refused, health polling).
 """
 
@@ -64,8 +65,9 @@ class _ServerControl(WeightControl):
         self.transfer_id = started["transfer_id"]
 
     def receive(self, info: dict) -> dict:
+        handles = {k: info[k] for k in ("ipc_handles_pickled",) if k in info}  # CUDA IPC: the data itself
         return self.client._request("POST", "/weights/update", retry_connect=False,
-                                    json={"transfer_id": self.transfer_id})
+                                    json={"transfer_id": self.transfer_id, **handles})
 
 
 class VLLMClient:
@@ -196,7 +198,7 @@ class VLLMClient:
             raise ValueError(
                 f"the tensors call for {backend!r} but the server's engines use "
                 f"{self.info['weight_transfer_backend']!r}: send CPU tensors to a CPU server and CUDA tensors "
-                "to a GPU server"
+                "to a GPU server (nccl; ipc where the server runs on the trainer's own GPU)"
             )
         self._request("GET", "/v1/models")  # a wrong API key fails here at once, whatever the backend
         world_size = self.info["weight_transfer_ranks"] + 1
@@ -220,7 +222,7 @@ class VLLMClient:
         weights = as_weights(weights)
         if not len(weights):
             raise ValueError("update_weights got no tensors")
-        backend = "nccl" if weights.device.type == "cuda" else "gloo"
+        backend = self._backend_for(weights.device.type)
         for attempt in range(2):
             if self.sender is None or self.sender.backend != backend:
                 self.close_weight_transfer()
@@ -241,6 +243,14 @@ class VLLMClient:
                 self.close_weight_transfer()
                 raise
         raise AssertionError("unreachable")
+
+    def _backend_for(self, device_type: str) -> str:
+        """gloo for CPU tensors; for CUDA tensors the server's GPU backend (nccl, or ipc on our own GPU)."""
+        if device_type != "cuda":
+            return "gloo"
+        if self.sender is not None and self.sender.backend in ("nccl", "ipc"):
+            return self.sender.backend
+        return "ipc" if self.health()["weight_transfer_backend"] == "ipc" else "nccl"
 
     def close_weight_transfer(self) -> None:
         if self.sender is not None:

@@ -25,7 +25,6 @@ UNSUPPORTED_TRL_FIELDS = {
     "pad_to_multiple_of": (None, "micro-batches are trimmed to their longest row instead"),
     "cache_implementation": (None, "generation without vLLM uses the model's default cache"),
     "vllm_model_impl": ("vllm", "start `fastgrpo vllm-serve` with the implementation you want"),
-    "vllm_enable_sleep_mode": (False, "colocate mode keeps the engine awake"),
     "vllm_structured_outputs_regex": (None, "score the format with a reward function"),
     "vllm_group_port": (51216, "fastgrpo picks a free port for the weight group itself"),
     "vespo_k_pos": (2.0, "loss_type='vespo' is not implemented"),
@@ -95,6 +94,8 @@ class GRPOConfig(TrainingArguments):
     vllm_server_api_key: str | None = field(
         default=None, metadata={"help": "the server's --api_key, if it was started with one (ours)"})
     vllm_gpu_memory_utilization: float = 0.3
+    vllm_enable_sleep_mode: bool = field(default=False, metadata={
+        "help": "colocate on a GPU: free the engine's KV cache and offload its weights while the trainer trains"})
     vllm_tensor_parallel_size: int = 1
     vllm_max_model_length: int | None = field(default=None, metadata={"help": "colocate engine's context length"})
     vllm_max_model_len: int | None = field(default=None, metadata={"help": "alias of vllm_max_model_length"})
@@ -147,7 +148,6 @@ class GRPOConfig(TrainingArguments):
     pad_to_multiple_of: int | None = None
     cache_implementation: str | None = None
     vllm_model_impl: str = "vllm"
-    vllm_enable_sleep_mode: bool = False
     vllm_structured_outputs_regex: str | None = None
     vllm_group_port: int = 51216
     vespo_k_pos: float = 2.0
@@ -250,6 +250,11 @@ class GRPOConfig(TrainingArguments):
                  "needs at least 2")
         if self.vllm_mode not in VLLM_MODES:
             fail(f"vllm_mode={self.vllm_mode!r}: use 'server' (a `fastgrpo vllm-serve` process) or 'colocate'")
+        if self.vllm_enable_sleep_mode and not (self.use_vllm and self.vllm_mode == "colocate"):
+            fail("vllm_enable_sleep_mode=True puts a colocated engine to sleep while the trainer trains: it needs "
+                 "use_vllm=True and vllm_mode='colocate' (a server's engines are on devices of their own)")
+        if self.vllm_enable_sleep_mode and self.use_cpu:
+            fail("vllm_enable_sleep_mode=True needs a GPU: vLLM's CPU build has no sleep mode")
         if self.max_completion_length < 1:
             fail(f"max_completion_length={self.max_completion_length}: must be >= 1")
         if self.num_iterations < 1:

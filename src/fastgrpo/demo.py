@@ -1,5 +1,9 @@
 """`fastgrpo demo`: GRPO on the embedded SmolLM2-135M-Instruct, learning arithmetic, in server mode.
 
+Runs where the machine computes fastest: with no GPU, the server on vLLM's CPU build
+and the trainer on the CPU; with two or more GPUs, the server on the first and the
+trainer on the second; with one, both share it (weights over CUDA IPC).
+
 Starts `fastgrpo vllm-serve` as a subprocess, waits for it, trains, stops it, and
 leaves in the output folder the metrics (metrics.jsonl), a plot of reward and
 completion length per step (reward.png) and the trained model (model/).
@@ -23,9 +27,16 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fastgrpo.run import DEMO_SPEC, print_summary, train
+    from fastgrpo.placement import PlacementError, detect_placement, use_trainer_device
+    from fastgrpo.run import demo_spec, print_summary, train
 
-    spec = dict(DEMO_SPEC, model=args.model)
+    try:
+        placement = detect_placement()
+    except PlacementError as exc:
+        raise SystemExit(f"fastgrpo demo: error: {exc}") from None
+    print(f"devices: {placement.describe()}")
+    use_trainer_device(placement)
+    spec = dict(demo_spec(placement), model=args.model)
     if args.max_steps is not None:
         spec["max_steps"] = args.max_steps
     if args.output_dir is not None:

@@ -1,6 +1,7 @@
 """What the machine's processors can do fast, where a setting depends on it (bf16 autocast on CPU)."""
 
 import functools
+import os
 import sys
 
 # x86 flags of a bf16 matrix unit. Without one, torch computes a bf16 matmul in a slow generic path:
@@ -32,6 +33,26 @@ def bf16_is_fast(use_cpu: bool) -> bool:
     """Whether bf16 autocast speeds up training on the device the trainer uses."""
     import torch
 
-    if not use_cpu and torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
+    if not use_cpu:
+        # Without a GPU the trainer runs on the CPU anyway, but transformers refuses bf16 there unless
+        # use_cpu=True ("Your setup doesn't support bf16/gpu"): float32, and the config still constructs.
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return cpu_has_fast_bf16()
+
+
+def usable_cores() -> list[int]:
+    """The CPU cores this process may run on. Linux says which (its affinity mask, which containers and
+    `taskset` narrow); elsewhere (macOS, Windows) there is no such call, and every core counts."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
+def pin_to_cores(cores: list[int]) -> list[int] | None:
+    """Pin this process to `cores` (children inherit it); returns the previous cores, to restore. Linux only."""
+    if not hasattr(os, "sched_setaffinity"):
+        raise RuntimeError(f"pinning to CPU cores {cores} needs Linux (os.sched_setaffinity); on {sys.platform} "
+                           "run without cpu_cores")
+    previous = usable_cores()
+    os.sched_setaffinity(0, cores)
+    return previous

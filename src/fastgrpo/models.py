@@ -164,11 +164,19 @@ def build_tiny_tokenizer(vocab_size: int = 384):
     return fast
 
 
-def build_tiny_model(path: str | os.PathLike, arch: str = "qwen2", seed: int = 0) -> str:
+# Qwen2.5-0.5B's transformer (config.json of Qwen/Qwen2.5-0.5B-Instruct) for build_tiny_model(**shape):
+# its layers, heads and MLP; the vocabulary stays the test tokenizer's (no hub tokenizer here), so the
+# embedding is 384 rows instead of 151,936 (358M parameters instead of 494M).
+QWEN25_05B_SHAPE = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                        num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1000000.0)
+
+
+def build_tiny_model(path: str | os.PathLike, arch: str = "qwen2", seed: int = 0, **shape_overrides) -> str:
     """Write a tiny random causal LM (a few MB) with a trained tokenizer to `path`.
 
     `arch` is "qwen2" or "llama". Head size 64 is one the CPU attention kernels
     support; 2 layers keep vLLM's engine start and the trainer's steps fast.
+    `shape_overrides` change the config (e.g. QWEN25_05B_SHAPE for benchmarks).
     """
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
@@ -188,6 +196,7 @@ def build_tiny_model(path: str | os.PathLike, arch: str = "qwen2", seed: int = 0
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
     )
+    shape.update(shape_overrides)
     if arch == "qwen2":
         config = Qwen2Config(**shape)
     elif arch == "llama":

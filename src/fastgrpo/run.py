@@ -6,7 +6,8 @@ A spec is a dict:
     task: {name: arithmetic, num_examples: 512}   # a built-in task, or:
     dataset: {path: data.jsonl}         # a JSON/JSONL/Parquet/CSV file with a `prompt` column
     rewards: [number_match_reward, format_reward]   # built-in names or "module:function"; default: the task's
-    start_server: {data_parallel_size: 1}           # start `fastgrpo vllm-serve` for this run (server mode)
+    start_server: {data_parallel_size: 1}           # start `fastgrpo vllm-serve` for this run (server mode):
+                                                    # its flags, and `devices` (its CUDA_VISIBLE_DEVICES)
     ...every other key is a GRPOConfig field (output_dir, max_steps, learning_rate, use_vllm, ...)
 
 Everything is checked before any work starts: unknown keys, a bad GRPOConfig, a missing file.
@@ -48,11 +49,24 @@ DEMO_SPEC = {
     "save_strategy": "no",
     "report_to": [],
     "seed": 0,
+    # The CPU machine's devices; demo_spec places it on GPUs where there are some.
     "use_cpu": True,
     # bf16 autocast where the CPU has a bf16 matrix unit (AMX: about 4x its float32 rate), else float32:
     # without one torch emulates bf16, about 100x slower (fastgrpo.hardware). Master weights stay float32.
     "bf16": None,
 }
+
+
+def demo_spec(placement) -> dict:
+    """The demo's spec on a `fastgrpo.placement.Placement`: where its server and trainer run."""
+    server = {"max_model_len": DEMO_SPEC["start_server"]["max_model_len"]}
+    if placement.server_gpus is None:
+        server["kv_cache_space"] = DEMO_SPEC["start_server"]["kv_cache_space"]
+    else:
+        server["devices"] = placement.server_gpus
+    if placement.shares_gpu:  # NCCL refuses two ranks on one GPU: weights go over CUDA IPC
+        server.update(gpu_memory_utilization=placement.server_gpu_memory_utilization, weight_transfer_backend="ipc")
+    return dict(DEMO_SPEC, start_server=server, use_cpu=placement.use_cpu, bf16=placement.bf16)
 
 
 class SpecError(ValueError):
@@ -173,10 +187,12 @@ def train(spec: dict, log=print) -> dict:
         if spec.get("start_server") is not None and config.use_vllm and config.vllm_mode == "server":
             from fastgrpo.serve.launcher import ServerProcess
 
-            flags = ["--model", model]
-            for key, value in (spec["start_server"] or {}).items():
+            flags, server_flags = ["--model", model], dict(spec["start_server"] or {})
+            devices = server_flags.pop("devices", None)
+            for key, value in server_flags.items():
                 flags += [f"--{key}", str(value)]
-            server = ServerProcess(flags, out / "server.log")
+            env = {"CUDA_VISIBLE_DEVICES": str(devices)} if devices is not None else None
+            server = ServerProcess(flags, out / "server.log", env=env)
             log(f"starting `fastgrpo vllm-serve` on port {server.port} (log: {out / 'server.log'}) ...")
             server.wait_ready()
             config.vllm_server_host, config.vllm_server_port, config.vllm_server_base_url = "127.0.0.1", server.port, None

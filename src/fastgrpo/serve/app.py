@@ -87,14 +87,14 @@ def check_lengths(state: ServerState, prompts: list[list[int]], max_tokens: int,
 
 async def run_generation(state: ServerState, prompts: list[list[int]], fields: SamplingFields,
                          prompt_logprobs: bool = False, seeds: list[int] | None = None) -> tuple[list[PromptResult], int]:
-    from vllm.exceptions import VLLMClientError
+    from fastgrpo.vllm_compat import request_error_types
 
     try:
         if seeds is None:
             params = sampling_params(fields, prompt_logprobs)
         else:
             params = [sampling_params(fields, prompt_logprobs, seed) for seed in seeds]
-    except (VLLMClientError, ValueError) as exc:  # vLLM's own limits, where ours let a value through
+    except request_error_types() as exc:  # vLLM's own limits, where ours let a value through
         raise ApiError(400, "invalid_request", f"vLLM refused the sampling parameters: {exc}",
                        getattr(exc, "parameter", None) or field_named_in(str(exc), SamplingFields.model_fields)) from exc
     costs = [len(p) + fields.n * fields.max_tokens for p in prompts]
@@ -159,7 +159,7 @@ def create_app(settings: ServerSettings, api_key: str | None = None, body_timeou
     from fastgrpo.engine import on_cpu
 
     cpu = on_cpu()
-    state = ServerState(settings, ReplicaPool(settings, cpu, backend="gloo" if cpu else "nccl"))
+    state = ServerState(settings, ReplicaPool(settings, cpu, backend=settings.engine_backend(cpu)))
 
     def start_engines() -> None:
         try:

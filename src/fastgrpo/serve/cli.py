@@ -42,6 +42,10 @@ def add_parser(subparsers) -> None:
     add_flag(p, "--kv_after_push", default="recompute", choices=["recompute", "keep"],
              help="requests in flight during a weight push: recompute their keys and values under the new "
                   "weights (default), or keep those computed under the old ones (new requests never reuse them)")
+    add_flag(p, "--weight_transfer_backend", default="auto", choices=["auto", "nccl", "ipc"],
+             help="how pushed weights reach the engines: auto (gloo on vLLM's CPU build, NCCL on GPUs) or ipc "
+                  "(CUDA IPC, for a trainer on this server's own GPU, where NCCL refuses two ranks on one device; "
+                  "pushes are then taken from this machine only)")
     add_flag(p, "--api_key", default=None, help="if set, every route but /health needs 'Authorization: Bearer KEY'")
     add_flag(p, "--log_level", default="info", choices=["critical", "error", "warning", "info", "debug"],
              help="log level (default info)")
@@ -90,12 +94,13 @@ def run(args) -> int:
         gpu_memory_utilization=args.gpu_memory_utilization, dtype=args.dtype, max_model_len=args.max_model_len,
         enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
         max_num_seqs=args.max_num_seqs, kv_cache_space=args.kv_cache_space, seed=args.seed,
-        kv_after_push=args.kv_after_push,
+        kv_after_push=args.kv_after_push, weight_transfer_backend=args.weight_transfer_backend,
     )
     from fastgrpo.serve.replicas import device_slices
 
-    try:  # a layout the machine cannot hold fails here, before any engine starts
+    try:  # a layout the machine cannot hold, or a backend it has not, fails here, before any engine starts
         device_slices(settings, on_cpu())
+        settings.engine_backend(on_cpu())
     except ValueError as exc:
         raise SystemExit(f"fastgrpo vllm-serve: error: {exc}") from None
     app = create_app(settings, api_key=args.api_key, body_timeout_s=args.request_body_timeout,

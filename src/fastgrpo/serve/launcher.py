@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from fastgrpo.hardware import pin_to_cores
+
 
 def free_port() -> int:
     """A port free on every interface (a TCPStore master binds them all)."""
@@ -35,14 +37,13 @@ class ServerProcess:
             # Give the server exactly these cores (the child inherits our affinity) and name
             # them, so that a single replica is pinned to all of them too.
             env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cpu_cores))
-            saved_affinity = os.sched_getaffinity(0)
-            os.sched_setaffinity(0, cpu_cores)
+            saved_affinity = pin_to_cores(cpu_cores)
         try:
             self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, env=env, start_new_session=True)
         finally:
             if saved_affinity is not None:
-                os.sched_setaffinity(0, saved_affinity)
+                pin_to_cores(saved_affinity)
 
     def wait_ready(self, timeout: float = 300) -> dict:
         import httpx

@@ -146,7 +146,7 @@ class InitTransferRequest(BaseModel):
     master_address: str
     master_port: int = Field(ge=1, le=65535)
     world_size: int = Field(ge=2)
-    backend: Literal["gloo", "nccl"] | None = None  # default: the server's (gloo on CPU, nccl on GPU)
+    backend: Literal["gloo", "nccl", "ipc"] | None = None  # default: the server's (gloo on CPU, nccl on GPU)
     bucket_bytes: int = Field(DEFAULT_BUCKET_BYTES, ge=MIN_BUCKET_BYTES, multiple_of=ALIGN,
                               description="bytes per broadcast; the trainer packs and the workers unpack by it")
     timeout_s: float = Field(120.0, gt=0, le=3600)
@@ -189,6 +189,9 @@ class StartUpdateResponse(BaseModel):
 
 class FinishUpdateRequest(BaseModel):
     transfer_id: str
+    # CUDA IPC only (--weight_transfer_backend ipc): the tensors' handles, pickled and base64-encoded as
+    # vLLM's HTTP weight-sync client sends them.
+    ipc_handles_pickled: str | None = None
 
 
 class OkResponse(BaseModel):

@@ -13,6 +13,9 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from fastgrpo.hardware import usable_cores
+from fastgrpo.vllm_compat import request_error_types
+
 log = logging.getLogger("fastgrpo.serve")
 
 
@@ -34,6 +37,16 @@ class ServerSettings:
     # preempts them and resets the prefix cache), or "keep" theirs, and new requests' prefix-cache keys are
     # salted by weight version so that no other request reuses keys computed under old weights.
     kv_after_push: str = "recompute"
+    # "auto": gloo on vLLM's CPU build, NCCL on GPUs; "ipc": CUDA IPC, for a trainer on the server's GPU.
+    weight_transfer_backend: str = "auto"
+
+    def engine_backend(self, on_cpu: bool) -> str:
+        if self.weight_transfer_backend == "auto":
+            return "gloo" if on_cpu else "nccl"
+        if on_cpu and self.weight_transfer_backend != "gloo":
+            raise ValueError(f"--weight_transfer_backend {self.weight_transfer_backend} needs GPUs; vLLM's CPU "
+                             "build moves weights over gloo: leave it at auto")
+        return self.weight_transfer_backend
 
     @property
     def world_size(self) -> int:
@@ -48,7 +61,7 @@ def device_slices(settings: ServerSettings, on_cpu: bool) -> list[str | None]:
         # Cores are always named here. vLLM's own binding ("auto") refuses TP > 1 on a single-NUMA-node
         # machine ("Not enough allowed NUMA nodes"), and keeps a core per worker for its scheduler: on 2
         # cores its one worker generated on 1, B1's round in 30.8 s against 20.1 s on both.
-        cores = sorted(os.sched_getaffinity(0))
+        cores = usable_cores()
         if len(cores) < tp * dp:
             raise ValueError(
                 f"--data_parallel_size {dp} x --tensor_parallel_size {tp} needs {tp * dp} CPU cores, "
@@ -178,6 +191,10 @@ class ReplicaPool:
         self.replicas = [Replica(i, d) for i, d in enumerate(slices)]
         if self.on_cpu:
             prepare_cpu_env(s.kv_cache_space)
+        if self.backend == "ipc":  # the workers unpickle the trainer's CUDA IPC handles (transfer/ipc.py)
+            from fastgrpo.transfer.ipc import INSECURE_SERIALIZATION_ENV
+
+            os.environ[INSECURE_SERIALIZATION_ENV] = "1"
         quiet_gloo.enable()
         env_key = "VLLM_CPU_OMP_THREADS_BIND" if self.on_cpu else "CUDA_VISIBLE_DEVICES"
         chosen = dict(CPU_ENGINE_DEFAULTS) if self.on_cpu else {}
@@ -254,7 +271,7 @@ class ReplicaPool:
             # vLLM's input validation; AsyncLLM wraps what fails while it hands a request to the engine (an
             # int that does not serialize, say) in an EngineGenerateError without a message.
             cause = exc.__cause__ if type(exc).__name__ == "EngineGenerateError" else exc
-            if isinstance(cause, (ValueError, TypeError, OverflowError)):
+            if isinstance(cause, (*request_error_types(), TypeError, OverflowError)):
                 raise EngineRejected(str(cause)) from exc
             raise
         finally:

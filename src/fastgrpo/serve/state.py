@@ -30,6 +30,7 @@ class WeightGroup:
     master_address: str
     master_port: int
     members: list[Replica]  # the replicas whose workers joined
+    bucket_bytes: int = 0  # the trainer's bucket size (vLLM 0.26's NCCL engine wants it with every update)
 
 
 @dataclass

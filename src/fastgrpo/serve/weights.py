@@ -53,6 +53,7 @@ from fastgrpo.transfer import sender_class
 from fastgrpo.transfer.gloo import TRAINER_DID_NOT_SEND
 from fastgrpo.transfer.packing import metas_from_info
 from fastgrpo.transfer.push import RELOAD_CLEANUP_STEPS
+from fastgrpo.vllm_compat import has_engine_method
 
 log = logging.getLogger("fastgrpo.serve")
 router = APIRouter(prefix="/weights", tags=["weight sync"], responses={
@@ -61,6 +62,14 @@ State = Annotated[ServerState, Depends(server_state)]
 FINISH_TIMEOUT_S = 60.0
 ANNOUNCE_TTL_S = 10.0  # from /weights/start to /weights/update; the client sends them back to back
 PROBE_TIMEOUT_S = 3.0
+
+
+def is_loopback(address: str | None) -> bool:
+    try:
+        ip = ipaddress.ip_address(address or "")
+    except ValueError:
+        return False
+    return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback
 
 
 def check_group_address(address: str, peer: str | None, any_address: bool) -> None:
@@ -123,7 +132,9 @@ def end_pending(state: ServerState) -> None:
 async def close_group(state: ServerState) -> None:
     """Leave the group on every live member (best effort); the trainer opens a new one."""
     group, state.group = state.group, None
-    live = [r for r in group.members if r.alive] if group is not None else []
+    # vLLM 0.26's engines cannot leave a group (a new init replaces it): they are skipped.
+    live = [r for r in group.members if r.alive and has_engine_method(r.engine, "shutdown_weight_transfer_engine")] \
+        if group is not None else []
     if live:
         try:
             await state.pool.each("shutdown_weight_transfer_engine", replicas=live, timeout=FINISH_TIMEOUT_S)
@@ -146,8 +157,12 @@ async def weights_init(req: InitTransferRequest, request: Request, state: State)
         raise ApiError(400, "invalid_request", f"backend {req.backend!r} requested, but the engines were "
                        f"built with {state.pool.backend!r} (gloo on the CPU build, nccl on GPUs); send "
                        "tensors from the matching device", "backend")
-    check_group_address(req.master_address, request.client.host if request.client else None,
-                        request.app.state.weight_transfer_any_address)
+    peer = request.client.host if request.client else None
+    check_group_address(req.master_address, peer, request.app.state.weight_transfer_any_address)
+    if state.pool.backend == "ipc" and not is_loopback(peer):
+        raise ApiError(403, "forbidden", f"this server takes CUDA IPC pushes (--weight_transfer_backend ipc) from "
+                       f"this machine only, and {peer} is not loopback: CUDA IPC maps the trainer's GPU memory, "
+                       "so the trainer must run here, on the server's GPU", "master_address")
     # A push that just failed on the trainer may still be failing here (its workers wait out their timeout).
     deadline = time.monotonic() + req.timeout_s
     while state.pending is not None and state.pending.phase == "loading":
@@ -185,7 +200,7 @@ async def weights_init(req: InitTransferRequest, request: Request, state: State)
         raise ApiError(502, "weight_transfer", f"joining the weight-transfer group failed on the server: "
                        f"{exc}. Check master_address/master_port and that both sides run the same "
                        "torch and vLLM versions.") from exc
-    state.group = WeightGroup(uuid.uuid4().hex, req.master_address, req.master_port, members)
+    state.group = WeightGroup(uuid.uuid4().hex, req.master_address, req.master_port, members, req.bucket_bytes)
     return InitTransferResponse(group_id=state.group.group_id, world_size=req.world_size, backend=state.pool.backend)
 
 
@@ -237,6 +252,9 @@ async def weights_update(req: FinishUpdateRequest, state: State):
     if pending is None or pending.transfer_id != req.transfer_id or pending.phase != "announced" or state.group is None:
         raise ApiError(409, "weight_transfer", f"transfer {req.transfer_id!r} is unknown, expired or already "
                        "loading: call /weights/start again", "transfer_id")
+    if (state.pool.backend == "ipc") != (req.ipc_handles_pickled is not None):
+        raise ApiError(400, "invalid_request", "ipc_handles_pickled comes with a CUDA IPC push and only with one: "
+                       f"this server's engines take {state.pool.backend!r} pushes", "ipc_handles_pickled")
     pending.expiry.cancel()
     pending.phase = "loading"
     push, members = pending.request, state.group.members
@@ -249,6 +267,9 @@ async def weights_update(req: FinishUpdateRequest, state: State):
                        f"{push.timeout_s:.0f} s; retry the push") from None
     began = time.perf_counter()
     info = {"names": push.names, "dtype_names": push.dtype_names, "shapes": push.shapes}
+    if req.ipc_handles_pickled is not None:
+        info["ipc_handles_pickled"] = req.ipc_handles_pickled
+    info.update(sender_class(state.pool.backend).worker_update_fields(state.group.bucket_bytes))
     was_consistent, state.weights_consistent = state.weights_consistent, False
     try:
         # Between two decode steps, keeping the requests in flight; "recompute" also preempts them and

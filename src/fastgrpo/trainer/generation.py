@@ -8,6 +8,7 @@ sees only its share (the server backend: all unique prompts, on the main process
 only).
 """
 
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -150,27 +151,56 @@ class ColocateBackend(GenerationBackend):
     """An in-process vLLM engine sharing the trainer's devices.
 
     Weights reach it through vLLM's weight-transfer API (init / start / update /
-    finish on its workers) with fastgrpo's gloo backend over loopback: the same
-    sender, push and receiver as server mode, so the layerwise reload
-    re-processes them exactly as there.
+    finish on its workers): on the CPU build with fastgrpo's gloo backend over
+    loopback, on a GPU with CUDA IPC (the workers map the trainer's tensors; NCCL
+    refuses two ranks on one device). The same sender, push and receiver as server
+    mode, so the layerwise reload re-processes them exactly as there.
+
+    With `sleep_mode` (GPU only, TRL's vllm_enable_sleep_mode) the engine frees its
+    KV cache and moves its weights to host memory after each generation, so the
+    trainer has the GPU to itself while it trains; it wakes the weights for a push
+    and the KV cache for the next generation.
     """
 
     has_sampling_logprobs = True
 
     def __init__(self, model: str, gpu_memory_utilization: float, tensor_parallel_size: int,
                  max_model_len: int | None, seed: int, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-                 timeout_s: float = DEFAULT_TIMEOUT_S, dtype: str = "auto"):
+                 timeout_s: float = DEFAULT_TIMEOUT_S, dtype: str = "auto", sleep_mode: bool = False):
         from vllm.config import WeightTransferConfig
 
-        from fastgrpo.engine import make_llm
-        from fastgrpo.transfer.gloo import GlooSender
+        from fastgrpo.engine import make_llm, on_cpu
+        from fastgrpo.transfer import sender_class
 
-        self.llm = make_llm(model, gpu_memory_utilization=gpu_memory_utilization,
-                            tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len, seed=seed,
-                            dtype=dtype, logprobs_mode="processed_logprobs",
-                            weight_transfer_config=WeightTransferConfig(backend="gloo"))
+        backend = "gloo" if on_cpu() else "ipc"
+        if sleep_mode and backend == "gloo":
+            raise ValueError("vllm_enable_sleep_mode needs a GPU: vLLM's CPU build has no sleep mode")
+        saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if backend == "ipc":
+            from fastgrpo.placement import visible_gpu_names
+            from fastgrpo.transfer.ipc import INSECURE_SERIALIZATION_ENV
+
+            if tensor_parallel_size != 1:
+                raise ValueError(f"vllm_tensor_parallel_size={tensor_parallel_size}: colocate mode on GPUs runs one "
+                                 "engine per trainer process on that process's GPU (TP 1); for TP > 1 use server "
+                                 "mode (`fastgrpo vllm-serve --tensor_parallel_size N`)")
+            os.environ[INSECURE_SERIALIZATION_ENV] = "1"  # the workers unpickle our IPC handles; they are our children
+            # The engine's processes inherit this: each trainer process's engine on that process's own GPU.
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible_gpu_names()[torch.cuda.current_device()]
+        try:
+            self.llm = make_llm(model, gpu_memory_utilization=gpu_memory_utilization,
+                                tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len, seed=seed,
+                                dtype=dtype, logprobs_mode="processed_logprobs", enable_sleep_mode=sleep_mode,
+                                weight_transfer_config=WeightTransferConfig(backend=backend))
+        finally:
+            if backend == "ipc":
+                if saved is None:
+                    os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+                else:
+                    os.environ["CUDA_VISIBLE_DEVICES"] = saved
         self.world_size = tensor_parallel_size + 1
-        self.sender = GlooSender(bucket_bytes)
+        self.sender = sender_class(backend)(bucket_bytes)
+        self.sleep_mode, self.asleep = sleep_mode, set()  # asleep: what sleeps ("weights", "kv_cache")
         self.timeout_s = timeout_s
         self.version = 0
         self.consistent = True  # False after a push that failed half-way, until a whole one lands
@@ -186,12 +216,22 @@ class ColocateBackend(GenerationBackend):
                                  repetition_penalty=sampling.repetition_penalty, max_tokens=sampling.max_tokens,
                                  logprobs=0, seed=seed, **dict(sampling.extra))
                   for seed in seeds]
+        self._wake("weights", "kv_cache")
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=False)
+        if self.sleep_mode:  # level 1: the KV cache is freed, the weights wait in host memory
+            self.llm.sleep(level=1)
+            self.asleep = {"weights", "kv_cache"}
         token_ids = [[list(c.token_ids) for c in o.outputs] for o in outputs]
         logprobs = [[[lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)] for c in o.outputs] for o in outputs]
         stopped = [[c.finish_reason == "stop" for c in o.outputs] for o in outputs]
         versions = [[(self.version, self.version)] * len(o.outputs) for o in outputs]
         return Completions(token_ids, logprobs, self.version, stopped, versions)
+
+    def _wake(self, *tags: str) -> None:
+        tags = [t for t in tags if t in self.asleep]
+        if tags:
+            self.llm.wake_up(tags=tags)
+            self.asleep -= set(tags)
 
     def _open_group(self) -> None:
         from fastgrpo.serve.launcher import free_port
@@ -207,6 +247,7 @@ class ColocateBackend(GenerationBackend):
     def sync_weights(self, weights, version) -> None:
         from fastgrpo.transfer import push_weights
 
+        self._wake("weights")  # the KV cache stays asleep until the next generation
         if self.sender.group is None:
             self._open_group()
         self.consistent = False

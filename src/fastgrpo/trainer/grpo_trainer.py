@@ -26,6 +26,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback
 
 from fastgrpo.config import GRPOConfig
+from fastgrpo.hardware import usable_cores
 from fastgrpo.trainer.async_rounds import (RoundProducer, cores_shared_with_server, first_step, staleness,
                                             too_stale)
 from fastgrpo.trainer.batching import completion_token_cost, pad_rows, parts_of, round_layout, split_round
@@ -188,7 +189,8 @@ class GRPOTrainer(Trainer):
             self.tokenizer.save_pretrained(path)
         max_len = a.vllm_max_model_length or ((a.max_prompt_length or 1024) + a.max_completion_length)
         return ColocateBackend(path, a.vllm_gpu_memory_utilization, a.vllm_tensor_parallel_size, max_len,
-                               seed=a.seed + self.accelerator.process_index, bucket_bytes=a.weight_sync_bucket_bytes)
+                               seed=a.seed + self.accelerator.process_index, bucket_bytes=a.weight_sync_bucket_bytes,
+                               sleep_mode=a.vllm_enable_sleep_mode)
 
     def _server_backend(self) -> ServerBackend:
         a = self.args
@@ -198,12 +200,12 @@ class GRPOTrainer(Trainer):
     def _warn_if_sharing_cores(self, backend: ServerBackend) -> None:
         """Async rounds overlap generation with training only where each has its own devices: a CPU server
         on this trainer's cores makes every step slower instead (the demo's steps: 2-3x)."""
-        if self.accelerator.device.type != "cpu" or not hasattr(os, "sched_getaffinity"):
+        if self.accelerator.device.type != "cpu":
             return
         host = urlparse(backend.client.base_url).hostname
         if host not in ("127.0.0.1", "localhost", "::1", socket.gethostname()):
             return
-        shared = cores_shared_with_server(backend.client.info, os.sched_getaffinity(0))
+        shared = cores_shared_with_server(backend.client.info, set(usable_cores()))
         if shared:
             logger.warning(
                 "async_generation: the server at %s generates on CPU cores %s, which this trainer runs on too; "

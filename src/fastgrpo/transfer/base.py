@@ -1,7 +1,9 @@
-"""The sender's interface, and the registry of backends (one file each: gloo.py, nccl.py).
+"""The sender's interface, and the registry of backends (one file each: gloo.py, nccl.py, ipc.py).
 
 A sender is rank 0 of a group that every inference worker joins at
-`rank_offset + its rank`; it broadcasts the packed weights. The worker side of each
+`rank_offset + its rank`; it broadcasts the packed weights. A backend whose
+workers map the trainer's memory instead (CUDA IPC) broadcasts nothing: its
+`share` returns fields that the update request carries (`handles_in_update`). The worker side of each
 backend is a vLLM `WeightTransferEngine` (ours for gloo, vLLM's own for NCCL),
 whose init info the sender describes with `worker_init_info`, so the server, the
 colocate backend and the client all build it in one place.
@@ -21,6 +23,7 @@ DEFAULT_TIMEOUT_S = 120.0
 
 class WeightSender(ABC):
     backend: str
+    handles_in_update = False  # True: `share` hands out the tensors' handles, and `send` moves no bytes
 
     def __init__(self, bucket_bytes: int = DEFAULT_BUCKET_BYTES):
         self.bucket_bytes = check_bucket_bytes(bucket_bytes)
@@ -30,6 +33,11 @@ class WeightSender(ABC):
     def worker_init_info(master_address: str, master_port: int, rank_offset: int, world_size: int,
                          bucket_bytes: int, timeout_s: float) -> dict:
         """The init info of this backend's worker engine (vLLM's `init_weight_transfer_engine`)."""
+
+    @staticmethod
+    def worker_update_fields(bucket_bytes: int) -> dict:
+        """What every update request of this backend adds for the workers (vLLM 0.26's NCCL packing)."""
+        return {}
 
     def listen(self, master_address: str, master_port: int, world_size: int, timeout_s: float) -> None:
         """Start hosting the rendezvous without waiting for anyone, where the backend can (gloo); see open_sender."""
@@ -46,6 +54,13 @@ class WeightSender(ABC):
     def send(self, metas: list[TensorMeta], tensors: Iterator[torch.Tensor]) -> int:
         """Broadcast one tensor per meta, in order, pulled lazily. Returns bytes sent."""
 
+    def share(self, metas: list[TensorMeta], tensors: Iterator[torch.Tensor]) -> dict:
+        """Fields for the update request that let the workers read the tensors themselves (IPC handles)."""
+        raise NotImplementedError(f"the {self.backend} backend broadcasts; it shares no handles")
+
+    def release(self) -> None:
+        """After a push: drop what `share` kept alive for the workers."""
+
     def close(self) -> None:
         pass
 
@@ -54,6 +69,7 @@ class WeightSender(ABC):
 SENDERS = {
     "gloo": "fastgrpo.transfer.gloo:GlooSender",
     "nccl": "fastgrpo.transfer.nccl:NcclSender",
+    "ipc": "fastgrpo.transfer.ipc:IpcSender",
 }
 
 

@@ -27,6 +27,7 @@ from vllm.distributed.weight_transfer.base import (
     WeightTransferUpdateInfo,
 )
 
+from fastgrpo import vllm_compat
 from fastgrpo.quiet_gloo import gloo_options
 from fastgrpo.transfer.base import DEFAULT_BUCKET_BYTES, DEFAULT_TIMEOUT_S, WeightSender
 from fastgrpo.transfer.bucketed import ReceiveBuffers, receive_buckets, send_buckets
@@ -222,6 +223,10 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, 
     def shutdown(self) -> None:
         self.group = None
 
+    @staticmethod
+    def trainer_send_weights(iterator, trainer_args) -> None:  # abstract in vLLM 0.26's base class only
+        raise NotImplementedError("the gloo trainer side is GlooSender (VLLMClient) or GlooTrainerWeightTransferEngine")
+
 
 # ---------------------------------------------------------------------------
 # The trainer engine for vLLM's own clients (`WeightTransferTrainerFactory`): lets a plain
@@ -240,21 +245,23 @@ class GlooTrainerInitInfo(TrainerInitInfo):
     timeout_s: float = DEFAULT_TIMEOUT_S
 
 
-class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerInitInfo]):
+class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine):  # unparametrised: 0.26 and 0.32 differ
     init_info_cls = GlooTrainerInitInfo
 
     def __init__(self, *, client, source=None, is_sender=True, bucket_bytes=DEFAULT_BUCKET_BYTES,
-                 timeout_s=DEFAULT_TIMEOUT_S):
-        super().__init__(client=client, source=source, is_sender=is_sender)
+                 timeout_s=DEFAULT_TIMEOUT_S, config=None):
+        super().__init__(client=client, source=source, is_sender=is_sender,
+                         **vllm_compat.trainer_engine_base_kwargs(config))
         self.sender = GlooSender(bucket_bytes)
         self.timeout_s = timeout_s
 
     @classmethod
-    def trainer_init(cls, init_info: GlooTrainerInitInfo, *, client, source=None):
+    def trainer_init(cls, *args, client, source=None, **kwargs):
+        init_info, config = vllm_compat.trainer_init_arguments(args, kwargs)
         if source is None:
             raise ValueError("gloo trainer weight transfer needs a WeightSource")
         engine = cls(client=client, source=source, is_sender=init_info.is_sender,
-                     bucket_bytes=init_info.bucket_bytes, timeout_s=init_info.timeout_s)
+                     bucket_bytes=init_info.bucket_bytes, timeout_s=init_info.timeout_s, config=config)
         if engine.is_sender:
             from fastgrpo.transfer.push import open_sender
 

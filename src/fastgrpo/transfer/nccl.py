@@ -7,12 +7,19 @@ chunks by the same rule from the same metadata and `packed_buffer_size_bytes`,
 which is our bucket size.
 """
 
+import torch
 from vllm.distributed.weight_transfer.nccl_common import trainer_init
 from vllm.distributed.weight_transfer.packed_tensor import packed_nccl_broadcast_producer
 
+from fastgrpo import vllm_compat
 from fastgrpo.transfer.base import WeightSender
 
 NUM_BUFFERS = 2
+
+
+def packing(bucket_bytes: int) -> dict:
+    """The packed wire parameters both sides must agree on (chunks cut at `bucket_bytes`)."""
+    return {"packed": True, "packed_buffer_size_bytes": bucket_bytes, "packed_num_buffers": NUM_BUFFERS}
 
 
 class NcclSender(WeightSender):
@@ -20,9 +27,13 @@ class NcclSender(WeightSender):
 
     @staticmethod
     def worker_init_info(master_address, master_port, rank_offset, world_size, bucket_bytes, timeout_s) -> dict:
-        return {"master_address": master_address, "master_port": master_port, "rank_offset": rank_offset,
-                "world_size": world_size, "packed": True, "packed_buffer_size_bytes": bucket_bytes,
-                "packed_num_buffers": NUM_BUFFERS}
+        info = {"master_address": master_address, "master_port": master_port, "rank_offset": rank_offset,
+                "world_size": world_size}
+        return {**info, **packing(bucket_bytes)} if vllm_compat.nccl_packed_in_init() else info
+
+    @staticmethod
+    def worker_update_fields(bucket_bytes: int) -> dict:
+        return {} if vllm_compat.nccl_packed_in_init() else packing(bucket_bytes)
 
     def open(self, master_address, master_port, world_size, timeout_s) -> None:
         self.group = trainer_init({"master_address": master_address, "master_port": master_port,
@@ -34,6 +45,7 @@ class NcclSender(WeightSender):
         pairs = ((m.name, t.detach().to(m.torch_dtype, copy=True)) for m, t in zip(metas, tensors, strict=True))
         packed_nccl_broadcast_producer(iterator=pairs, group=self.group, src=0, post_iter_func=lambda item: item[1],
                                        buffer_size_bytes=self.bucket_bytes, num_buffers=NUM_BUFFERS)
+        torch.cuda.synchronize()  # vLLM 0.26's producer returns with its side streams still running
         return sum(m.nbytes for m in metas)
 
     def close(self) -> None:

@@ -1,4 +1,5 @@
-"""vLLM general plugin: registers fastgrpo's gloo weight-transfer backend.
+"""vLLM general plugin: registers fastgrpo's gloo weight-transfer backend (and loads vLLM 0.26's IPC
+engine without ray, which that module imports but vLLM does not install: fastgrpo.vllm_compat).
 
 vLLM calls every `vllm.general_plugins` entry point in each of its processes
 (API server, engine core, workers), so the backend exists wherever
@@ -18,3 +19,6 @@ def register() -> None:
         WeightTransferEngineFactory.register_engine("gloo", MODULE, "GlooWeightTransferEngine")
     if "gloo" not in WeightTransferTrainerFactory._registry:
         WeightTransferTrainerFactory.register_engine("gloo", MODULE, "GlooTrainerWeightTransferEngine")
+    from fastgrpo import vllm_compat
+
+    WeightTransferEngineFactory._registry["ipc"] = vllm_compat.ipc_engine_loader()

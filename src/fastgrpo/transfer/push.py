@@ -133,6 +133,16 @@ def push_weights(control: WeightControl, sender: WeightSender, metas: list[Tenso
     """
     info = update_info(metas)
     control.start(info)
+    if sender.handles_in_update:  # the update request carries the tensors' handles; nothing is broadcast
+        try:
+            info = {**info, **sender.share(metas, tensors)}
+        except BaseException as exc:
+            sender.release()
+            control.abort()
+            if not isinstance(exc, Exception):
+                raise
+            raise WeightTransferError(f"sharing the weights failed ({type(exc).__name__}: {exc}) before the "
+                                      "generator saw any of them; the next push starts afresh") from exc
     received = Background(control.receive, info)
     try:
         try:
@@ -149,5 +159,8 @@ def push_weights(control: WeightControl, sender: WeightSender, metas: list[Tenso
         sender.close()
         control.abort()
         raise
-    control.finish()
+    try:
+        control.finish()
+    finally:
+        sender.release()  # only now: vLLM's layerwise reload may read shared tensors until the finish
     return result

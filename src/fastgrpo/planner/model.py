@@ -29,7 +29,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 
-from fastgrpo.parallel_tables import GPU_ALIASES, KNOWN_GPUS, KNOWN_MODELS, MODEL_ALIASES
+from fastgrpo.planner.tables import GPU_ALIASES, KNOWN_GPUS, KNOWN_MODELS, MODEL_ALIASES
 
 GIB = 1024**3
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
-from fastgrpo import parallel
+from fastgrpo.hardware import usable_cores
+from fastgrpo.planner import model as parallel
 from fastgrpo.cliutil import add_flag
 
 # Built-in defaults for the batch figures, used when neither the command line
@@ -179,9 +179,9 @@ def resolve_num_server_gpus(args: argparse.Namespace, gpu: parallel.GPUSpec, on_
     if args.num_server_gpus is not None:
         return args.num_server_gpus
     if on_cpu or (on_cpu is None and parallel.is_cpu(gpu.name)):
-        return len(os.sched_getaffinity(0))
+        return len(usable_cores())
     if on_cpu is False:
-        from fastgrpo.tp_dp_measure import detect_devices
+        from fastgrpo.planner.measure import detect_devices
 
         count = detect_devices(on_cpu=False)
         if count:
@@ -373,7 +373,7 @@ def plan_from(args: argparse.Namespace, inputs: dict, gpu, num_devices: int):
 
 def run_measure(args: argparse.Namespace) -> int:
     """--measure: predict, then start the real server in every candidate layout and time it."""
-    from fastgrpo import tp_dp_measure
+    from fastgrpo.planner import measure as tp_dp_measure
     from fastgrpo.engine import on_cpu as engine_on_cpu
 
     def progress(message: str) -> None:

@@ -26,7 +26,8 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
-from fastgrpo import parallel
+from fastgrpo.hardware import usable_cores
+from fastgrpo.planner import model as parallel
 from fastgrpo.serve.launcher import ServerProcess
 
 DEFAULT_MEASURE_TIMEOUT = 300  # seconds for one layout's server to become healthy
@@ -331,7 +332,7 @@ def recommend_measured(candidates: list[Candidate], predicted: parallel.Recommen
 
 def detect_devices(on_cpu: bool) -> int:
     if on_cpu:
-        return len(os.sched_getaffinity(0))
+        return len(usable_cores())
     import torch
 
     return torch.cuda.device_count()
@@ -362,7 +363,7 @@ def measure(plan: parallel.TPDPPlan, model: str, *, on_cpu: bool, timeout: float
     if on_cpu:
         kv = kv_cache_space or DEFAULT_CPU_KV_CACHE_GIB
         candidates, notes = cpu_candidates(plan, num_devices, kv)
-        cpu_cores = sorted(os.sched_getaffinity(0))[:num_devices]
+        cpu_cores = usable_cores()[:num_devices]
         plan = parallel.TPDPPlan(
             plan.model, parallel.cpu_device(1, kv), plan.workload, num_devices, plan.gpu_memory_utilization,
             plan.max_num_seqs, [c.estimate for c in candidates],
@@ -376,7 +377,7 @@ def measure(plan: parallel.TPDPPlan, model: str, *, on_cpu: bool, timeout: float
             f"and leaves out most of the engine's per-step CPU work, which on a CPU competes with the matmuls "
             f"for the same cores: expect it to be optimistic (docs/tp-dp.md, Measuring)."
         )
-        if sorted(os.sched_getaffinity(0)) != cpu_cores:
+        if usable_cores() != cpu_cores:
             notes.append(f"Servers ran on cores {','.join(map(str, cpu_cores))} of the {available} this process may use.")
     else:
         candidates = gpu_candidates(plan)
