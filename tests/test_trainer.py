@@ -23,7 +23,8 @@ from fastgrpo.config import ConfigError
 from fastgrpo.trainer.generation import Sampling, ServerBackend, prompt_seeds
 from fastgrpo.transfer import Weights
 
-# Server and trainer both compute in float32 here; differences are kernel rounding.
+# Server and trainer both compute in float32 here (bf16=False: on a CPU with a bf16 unit GRPOConfig's default
+# would train in bf16 autocast, whose logprobs differ from float32 by a few 1e-3); differences are kernel rounding.
 PROBE_TOL = 2e-3
 
 
@@ -49,7 +50,7 @@ def base_config(tmp_path, **overrides) -> GRPOConfig:
     settings = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, gradient_accumulation_steps=1,
                     num_generations=4, max_completion_length=16, max_prompt_length=64, learning_rate=5e-3,
                     max_steps=3, logging_steps=1, save_strategy="no", report_to=[], seed=0, use_cpu=True,
-                    dataloader_num_workers=0, disable_tqdm=True, temperature=1.0)
+                    bf16=False, dataloader_num_workers=0, disable_tqdm=True, temperature=1.0)
     settings.update(overrides)
     return GRPOConfig(**settings)
 
@@ -569,9 +570,9 @@ def test_bf16_defaults_to_what_the_cpu_computes_fast(tmp_path, monkeypatch):
 
     for flags, fast in ((frozenset({"avx2", "amx_bf16"}), True), (frozenset({"avx2"}), False)):
         monkeypatch.setattr(hardware, "cpu_flags", lambda flags=flags: flags)
-        assert base_config(tmp_path).bf16 is fast
+        assert base_config(tmp_path, bf16=None).bf16 is fast
         if not torch.cuda.is_available():  # use_cpu=False without a GPU: transformers would refuse bf16
-            assert base_config(tmp_path, use_cpu=False).bf16 is False
+            assert base_config(tmp_path, bf16=None, use_cpu=False).bf16 is False
     with pytest.warns(UserWarning, match="without a bf16 matrix unit"):
         assert base_config(tmp_path, bf16=True).bf16
 

@@ -39,7 +39,7 @@ def main() -> None:
     data = Dataset.from_dict({"prompt": [[{"role": "user", "content": f"What is {a} + {a + 3}?"}] for a in range(16)]})
     config = GRPOConfig(output_dir=out, per_device_train_batch_size=per_device, num_generations=4,
                         max_completion_length=16, max_prompt_length=64, learning_rate=5e-3, max_steps=2,
-                        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, use_vllm=True,
+                        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=False, use_vllm=True,
                         vllm_server_host="127.0.0.1", vllm_server_port=port, disable_tqdm=True, max_grad_norm=0.0,
                         seed=3)
     trainer = GRPOTrainer(model, [reward_length, reward_digits], args=config, train_dataset=data)
