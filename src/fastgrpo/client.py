@@ -3,8 +3,8 @@
 Control messages go over HTTP (httpx); weights go over a collective (gloo for
 CPU tensors, NCCL for CUDA tensors) in packed buckets, never one request per
 tensor and never pickled; or, for a server on the trainer's own GPU, as CUDA IPC
-handles in the update request (transfer/ipc.py). Only requests that cannot have changed server state
-are retried (connection refused, health polling).
+handles in the update request (transfer/ipc.py). Only requests that cannot have
+changed server state are retried (connection refused, health polling).
 """
 
 import logging
