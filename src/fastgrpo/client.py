@@ -186,6 +186,23 @@ class VLLMClient:
         """Chat conversations (a list of message lists); the server applies the chat template."""
         return self.generate(messages=messages, **kwargs)
 
+    # --- LoRA adapters (a server started with --enable_lora) ----------------------
+
+    def push_adapter(self, name: str, tensors: dict, config: dict, weight_version: int) -> dict:
+        """Load or replace adapter `name` (peft's tensor names and config) at `weight_version`; one request, the
+        adapter's tensors only. Generations that name it (`generate(adapter=name)`) use the new version."""
+        from fastgrpo.transfer.adapters import pack_adapter
+
+        payload = pack_adapter(tensors, config, weight_version)
+        return self._request("PUT", f"/adapters/{name}", retry_connect=False, content=payload,
+                             headers={"content-type": "application/octet-stream"})
+
+    def delete_adapter(self, name: str) -> None:
+        self._request("DELETE", f"/adapters/{name}", retry_connect=False)
+
+    def adapters(self) -> list[dict]:
+        return self._request("GET", "/adapters")["adapters"]
+
     def reset_prefix_cache(self) -> None:
         self._request("POST", "/reset_prefix_cache")
 

@@ -23,12 +23,14 @@ def add_parser(subparsers) -> None:
     add_flag(parser, "--output_dir", default=None, help="where results go (default outputs/demo)")
     add_flag(parser, "--async", dest="async_generation", action="store_true",
              help="generate the next round while training on this one (async_generation, staleness 1)")
+    add_flag(parser, "--lora", action="store_true",
+             help="train LoRA adapters (rank 16, attention and MLP projections) and push only them")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from fastgrpo.placement import PlacementError, detect_placement, use_trainer_device
-    from fastgrpo.run import demo_spec, print_summary, train
+    from fastgrpo.run import DEMO_LORA, demo_spec, print_summary, train
 
     try:
         placement = detect_placement()
@@ -43,5 +45,9 @@ def run(args: argparse.Namespace) -> int:
         spec["output_dir"] = args.output_dir
     if args.async_generation:
         spec["async_generation"] = True
+    if args.lora:
+        spec.update(DEMO_LORA)
+        if args.output_dir is None:
+            spec["output_dir"] = "outputs/demo-lora"
     print_summary(train(spec))
     return 0

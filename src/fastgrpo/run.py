@@ -8,6 +8,7 @@ A spec is a dict:
     rewards: [number_match_reward, format_reward]   # built-in names or "module:function"; default: the task's
     start_server: {data_parallel_size: 1}           # start `fastgrpo vllm-serve` for this run (server mode):
                                                     # its flags, and `devices` (its CUDA_VISIBLE_DEVICES)
+    peft: {r: 16, lora_alpha: 32, target_modules: [q_proj, v_proj]}   # train LoRA adapters (peft.LoraConfig)
     ...every other key is a GRPOConfig field (output_dir, max_steps, learning_rate, use_vllm, ...)
 
 Everything is checked before any work starts: unknown keys, a bad GRPOConfig, a missing file.
@@ -22,7 +23,13 @@ import time
 import typing
 from pathlib import Path
 
-SPEC_KEYS = {"model", "task", "dataset", "rewards", "start_server"}  # the rest are GRPOConfig fields
+SPEC_KEYS = {"model", "task", "dataset", "rewards", "start_server", "peft"}  # the rest are GRPOConfig fields
+
+# `fastgrpo demo --lora`: rank 16 on every attention and MLP projection, at 10x the full fine-tuning rate (adapters
+# start at zero and move only a small subspace; 2e-4 is the usual LoRA rate for a model this size).
+DEMO_LORA = {"peft": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0,
+                      "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
+             "learning_rate": 2e-4}
 
 DEMO_SPEC = {
     "model": "default",
@@ -156,6 +163,32 @@ def resolve_rewards(spec: dict):
     return funcs, spec.get("reward_weights")
 
 
+def build_peft_config(spec: dict):
+    """The spec's `peft` section as a peft.LoraConfig (None without one)."""
+    if spec.get("peft") is None:
+        return None
+    from peft import LoraConfig
+
+    try:
+        return LoraConfig(**spec["peft"])
+    except (TypeError, ValueError) as exc:
+        raise SpecError(f"peft: {exc} (the section takes peft.LoraConfig's fields: r, lora_alpha, target_modules, "
+                        "lora_dropout, ...)") from None
+
+
+def server_flags(spec: dict) -> tuple[dict, str | None]:
+    """The started server's flags, and its CUDA_VISIBLE_DEVICES; a LoRA run's server serves its adapter."""
+    flags = dict(spec["start_server"] or {})
+    devices = flags.pop("devices", None)
+    peft = build_peft_config(spec)
+    if peft is not None:
+        from fastgrpo.transfer.adapters import rank_limit
+
+        flags.setdefault("enable_lora", True)
+        flags.setdefault("max_lora_rank", rank_limit(peft.r))
+    return flags, devices
+
+
 def rewards_and_config(spec: dict):
     """The reward functions and the GRPOConfig of a spec; a task's own reward weights unless the spec sets them."""
     funcs, weights = resolve_rewards(spec)
@@ -172,6 +205,7 @@ def train(spec: dict, log=print) -> dict:
 
     spec = dict(spec)
     funcs, config = rewards_and_config(spec)
+    peft_config = build_peft_config(spec)
     dataset = build_dataset(spec)
     model = resolve_model(spec.get("model"))
     out = Path(config.output_dir)
@@ -187,17 +221,17 @@ def train(spec: dict, log=print) -> dict:
         if spec.get("start_server") is not None and config.use_vllm and config.vllm_mode == "server":
             from fastgrpo.serve.launcher import ServerProcess
 
-            flags, server_flags = ["--model", model], dict(spec["start_server"] or {})
-            devices = server_flags.pop("devices", None)
-            for key, value in server_flags.items():
-                flags += [f"--{key}", str(value)]
+            extra, devices = server_flags(spec)
+            flags = ["--model", model]
+            for key, value in extra.items():
+                flags += [f"--{key}"] if value is True else [f"--{key}", str(value)]
             env = {"CUDA_VISIBLE_DEVICES": str(devices)} if devices is not None else None
             server = ServerProcess(flags, out / "server.log", env=env)
             log(f"starting `fastgrpo vllm-serve` on port {server.port} (log: {out / 'server.log'}) ...")
             server.wait_ready()
             config.vllm_server_host, config.vllm_server_port, config.vllm_server_base_url = "127.0.0.1", server.port, None
         trainer = GRPOTrainer(model, funcs, args=config, train_dataset=dataset,
-                              callbacks=[MetricsFileCallback(metrics_path)])
+                              callbacks=[MetricsFileCallback(metrics_path)], peft_config=peft_config)
         trainer.train()
         trainer.save_model(str(out / "model"))
         trainer.close()

@@ -5,6 +5,7 @@ import contextlib
 import logging
 import os
 import re
+import shutil
 import threading
 
 from fastapi import FastAPI, Request
@@ -86,7 +87,8 @@ def check_lengths(state: ServerState, prompts: list[list[int]], max_tokens: int,
 
 
 async def run_generation(state: ServerState, prompts: list[list[int]], fields: SamplingFields,
-                         prompt_logprobs: bool = False, seeds: list[int] | None = None) -> tuple[list[PromptResult], int]:
+                         prompt_logprobs: bool = False, seeds: list[int] | None = None,
+                         adapter: str | None = None) -> tuple[list[PromptResult], int]:
     from fastgrpo.vllm_compat import request_error_types
 
     try:
@@ -107,10 +109,18 @@ async def run_generation(state: ServerState, prompts: list[list[int]], fields: S
         # Prefix-cache keys salted by weight version: no request reuses keys and values computed under
         # other weights (with --kv_after_push keep, the cache is not reset at a push).
         salt = f"fastgrpo-weights-{version}"
+        lora = None
+        if adapter is not None:  # the adapter's version, kept to the end (a push loads a new one beside it)
+            if not state.settings.enable_lora:
+                raise ApiError(400, "invalid_request", f"adapter {adapter!r} asked for, but this server serves no "
+                               "LoRA adapters: start it with --enable_lora", "adapter")
+            lora = state.adapters.acquire(adapter)
+            version, salt = lora.version, f"{salt}-lora-{lora.request.lora_int_id}"
         flight = InFlight([version])
         state.inflight.append(flight)
         running = asyncio.ensure_future(state.pool.generate(
-            [{"prompt_token_ids": p, "cache_salt": salt} for p in prompts], params, costs))
+            [{"prompt_token_ids": p, "cache_salt": salt} for p in prompts], params, costs,
+            lora.request if lora is not None else None))
         try:
             # Let it hand its requests to the engines before a push may pause them. One still on its way
             # then waits in the engine's queue and runs on the new weights: versions[0] is a lower bound.
@@ -118,6 +128,8 @@ async def run_generation(state: ServerState, prompts: list[list[int]], fields: S
         except BaseException:  # the client went away: nothing waits for this generation
             running.cancel()
             state.inflight.remove(flight)
+            if lora is not None:
+                await state.adapters.release(lora, state.pool)
             raise
     try:
         outputs = await running
@@ -128,11 +140,13 @@ async def run_generation(state: ServerState, prompts: list[list[int]], fields: S
                        field_named_in(str(exc), SamplingFields.model_fields)) from exc
     finally:
         state.inflight.remove(flight)
+        if lora is not None:
+            await state.adapters.release(lora, state.pool)
     if flight.push_failed:
         raise ApiError(503, "weights_inconsistent", "a weight push failed half-way while this request was "
                        "generating, so it was stopped (its tokens could mix old and new weights); push the whole "
                        "model again (VLLMClient.update_weights) and retry.")
-    versions = [flight.versions[0], flight.versions[-1]]
+    versions = [flight.versions[0], flight.versions[-1]] if lora is None else [version, version]
     results = []
     for (out, replica), ids in zip(outputs, prompts):
         completions = [
@@ -184,6 +198,7 @@ def create_app(settings: ServerSettings, api_key: str | None = None, body_timeou
         thread.start()
         yield
         state.pool.shutdown()
+        shutil.rmtree(state.adapters.root, ignore_errors=True)
 
     app = FastAPI(title="fastgrpo generation server", lifespan=lifespan,
                   responses={code: {"model": ErrorResponse} for code in (400, 401, 404, 405, 408, 500, 503)})
@@ -237,7 +252,7 @@ def create_app(settings: ServerSettings, api_key: str | None = None, body_timeou
         check_lengths(state, prompts, req.max_tokens, field_name)
         if req.stop_token_ids:
             check_vocabulary(state, [req.stop_token_ids], "stop_token_ids")
-        results, version = await run_generation(state, prompts, req, req.prompt_logprobs, req.seeds)
+        results, version = await run_generation(state, prompts, req, req.prompt_logprobs, req.seeds, req.adapter)
         return GenerateResponse(results=results, weight_version=version)
 
     @app.post("/reset_prefix_cache")
@@ -248,9 +263,13 @@ def create_app(settings: ServerSettings, api_key: str | None = None, body_timeou
         await state.pool.each("reset_prefix_cache")  # the live replicas
         return {"ok": True}
 
+    from fastgrpo.serve.adapters import AdapterRegistry
+    from fastgrpo.serve.adapters import router as adapters_router
     from fastgrpo.serve.weights import router as weights_router
 
+    state.adapters = AdapterRegistry()
     app.include_router(weights_router)
+    app.include_router(adapters_router)
 
     from fastgrpo.serve.openai_routes import add_openai_routes
 

@@ -3,6 +3,7 @@
 import argparse
 
 from fastgrpo.cliutil import add_flag
+from fastgrpo.transfer.adapters import LORA_RANKS
 
 
 def _optional_bool(value: str) -> bool:
@@ -46,6 +47,12 @@ def add_parser(subparsers) -> None:
              help="how pushed weights reach the engines: auto (gloo on vLLM's CPU build, NCCL on GPUs) or ipc "
                   "(CUDA IPC, for a trainer on this server's own GPU, where NCCL refuses two ranks on one device; "
                   "pushes are then taken from this machine only)")
+    add_flag(p, "--enable_lora", action="store_true",
+             help="serve LoRA adapters that trainers push (PUT /adapters/NAME): one per run, beside the base model")
+    add_flag(p, "--max_lora_rank", type=int, default=16, choices=LORA_RANKS,
+             help="the largest adapter rank served (vLLM's; default 16)")
+    add_flag(p, "--max_loras", type=int, default=4,
+             help="adapters one batch mixes (vLLM's; default 4): runs sharing the server at once")
     add_flag(p, "--api_key", default=None, help="if set, every route but /health needs 'Authorization: Bearer KEY'")
     add_flag(p, "--log_level", default="info", choices=["critical", "error", "warning", "info", "debug"],
              help="log level (default info)")
@@ -69,6 +76,7 @@ def validate(args) -> None:
         (args.kv_cache_space is None or args.kv_cache_space >= 1, "--kv_cache_space must be a whole number of GiB >= 1"),
         (args.max_num_seqs is None or args.max_num_seqs >= 1, "--max_num_seqs must be >= 1"),
         (args.request_body_timeout > 0, "--request_body_timeout must be > 0 seconds"),
+        (args.max_loras >= 1, "--max_loras must be >= 1"),
     ]
     for ok, message in checks:
         if not ok:
@@ -95,6 +103,7 @@ def run(args) -> int:
         enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
         max_num_seqs=args.max_num_seqs, kv_cache_space=args.kv_cache_space, seed=args.seed,
         kv_after_push=args.kv_after_push, weight_transfer_backend=args.weight_transfer_backend,
+        enable_lora=args.enable_lora, max_lora_rank=args.max_lora_rank, max_loras=args.max_loras,
     )
     from fastgrpo.serve.replicas import device_slices
 

@@ -57,6 +57,10 @@ def add_openai_routes(app: FastAPI, state) -> None:
     def served_name(requested: str | None) -> str:
         return requested or state.settings.model
 
+    def adapter_named(model: str | None) -> str | None:
+        """`model` names an adapter pushed to this server, or else (any other name, none) the base model."""
+        return model if model is not None and model in state.adapters.current else None
+
     def no_streaming(req) -> None:
         if req.stream:
             raise ApiError(400, "invalid_request", "stream=true is not supported by this server; "
@@ -64,8 +68,11 @@ def add_openai_routes(app: FastAPI, state) -> None:
 
     @app.get("/v1/models")
     async def models():
+        adapters = [{"id": name, "object": "model", "created": 0, "owned_by": "fastgrpo",
+                     "parent": state.settings.model, "weight_version": a.version}
+                    for name, a in state.adapters.current.items()]
         return {"object": "list", "data": [{"id": state.settings.model, "object": "model", "created": 0,
-                                            "owned_by": "fastgrpo"}]}
+                                            "owned_by": "fastgrpo"}, *adapters]}
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
@@ -85,7 +92,8 @@ def add_openai_routes(app: FastAPI, state) -> None:
                            "token ids or a list of such lists, and not empty", "prompt")
         check_vocabulary(state, prompts, "prompt")
         check_lengths(state, prompts, req.max_tokens, "prompt")
-        results, version = await run_generation(state, prompts, req.sampling(req.max_tokens))
+        results, version = await run_generation(state, prompts, req.sampling(req.max_tokens),
+                                                adapter=adapter_named(req.model))
         choices = [{"index": i * req.n + j, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}
                    for i, r in enumerate(results) for j, c in enumerate(r.completions)]
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
@@ -100,7 +108,8 @@ def add_openai_routes(app: FastAPI, state) -> None:
                                                   add_generation_prompt=True, tokenize=True,
                                                   return_dict=True)["input_ids"]
         check_lengths(state, [ids], max_tokens, "messages")
-        results, version = await run_generation(state, [ids], req.sampling(max_tokens))
+        results, version = await run_generation(state, [ids], req.sampling(max_tokens),
+                                                adapter=adapter_named(req.model))
         choices = [{"index": j, "message": {"role": "assistant", "content": c.text},
                     "finish_reason": c.finish_reason, "logprobs": None}
                    for j, c in enumerate(results[0].completions)]

@@ -80,6 +80,8 @@ class GenerateRequest(SamplingFields):
     prompt_logprobs: bool = Field(False, description="also return each prompt token's logprob")
     seeds: list[Seed] | None = Field(None, description="one seed per prompt (completion j of prompt i samples with "
                                      "seeds[i] + j); instead of `seed`, which seeds every prompt alike")
+    adapter: str | None = Field(None, description="a LoRA adapter pushed to this server (PUT /adapters/{name}); "
+                                "none: the base model. weight_versions then count the adapter's versions")
 
     @model_validator(mode="after")
     def _one_prompt_kind(self):
@@ -185,6 +187,19 @@ class StartUpdateResponse(BaseModel):
     transfer_id: str
     num_tensors: int
     bytes: int
+
+
+class AdapterInfo(BaseModel):
+    name: str
+    weight_version: int
+    lora_id: int  # vLLM's id of this version
+    rank: int
+    bytes: int  # the pushed payload
+    seconds: float | None = None  # a push's time on the server (write + load on every replica)
+
+
+class AdapterListResponse(BaseModel):
+    adapters: list[AdapterInfo]
 
 
 class FinishUpdateRequest(BaseModel):

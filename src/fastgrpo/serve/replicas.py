@@ -39,6 +39,10 @@ class ServerSettings:
     kv_after_push: str = "recompute"
     # "auto": gloo on vLLM's CPU build, NCCL on GPUs; "ipc": CUDA IPC, for a trainer on the server's GPU.
     weight_transfer_backend: str = "auto"
+    # LoRA adapters (serve/adapters.py): vLLM's limits on their rank and on how many one batch mixes.
+    enable_lora: bool = False
+    max_lora_rank: int = 16
+    max_loras: int = 4
 
     def engine_backend(self, on_cpu: bool) -> str:
         if self.weight_transfer_backend == "auto":
@@ -202,6 +206,9 @@ class ReplicaPool:
             chosen["enforce_eager"] = s.enforce_eager
         if s.max_num_seqs:
             chosen["max_num_seqs"] = s.max_num_seqs
+        if s.enable_lora:  # a run's current and previous versions, for max_loras runs, stay loaded in host memory
+            chosen.update(enable_lora=True, max_lora_rank=s.max_lora_rank, max_loras=s.max_loras,
+                          max_cpu_loras=4 * s.max_loras)
         saved = os.environ.get(env_key)
         try:
             for replica in self.replicas:
@@ -252,14 +259,14 @@ class ReplicaPool:
             if replica.engine is not None and replica.engine.errored and replica.error is None:
                 replica.error = "engine process died (see the server log for its last words)"
 
-    async def generate_one(self, replica: Replica, prompt, params, cost: int):
+    async def generate_one(self, replica: Replica, prompt, params, cost: int, lora_request=None):
         """One prompt (with its n completions) on one replica; returns the final RequestOutput."""
         request_id = uuid.uuid4().hex
         replica.load_tokens += cost
         replica.requests.add(request_id)
         final = None
         try:
-            async for output in replica.engine.generate(prompt, params, request_id):
+            async for output in replica.engine.generate(prompt, params, request_id, lora_request=lora_request):
                 final = output
         except Exception as exc:
             self.check_dead()
@@ -279,9 +286,9 @@ class ReplicaPool:
             replica.requests.discard(request_id)
         return final
 
-    async def generate(self, prompts: list, params, costs: list[int]):
+    async def generate(self, prompts: list, params, costs: list[int], lora_request=None):
         """Run prompts across live replicas, split by load; results in input order with replica indices.
-        `params`: one SamplingParams for every prompt, or a list of one per prompt."""
+        `params`: one SamplingParams for every prompt, or a list of one per prompt; `lora_request`: an adapter."""
         self.check_dead()
         if not isinstance(params, list):
             params = [params] * len(prompts)
@@ -289,7 +296,7 @@ class ReplicaPool:
         if not live:
             raise ReplicaDead("no replica is alive: " + "; ".join(f"{r.index}: {r.error}" for r in self.replicas))
         owners = assign_by_load(costs, [r.load_tokens for r in live])
-        tasks = [self.generate_one(live[o], p, sp, c) for p, sp, o, c in zip(prompts, params, owners, costs)]
+        tasks = [self.generate_one(live[o], p, sp, c, lora_request) for p, sp, o, c in zip(prompts, params, owners, costs)]
         outputs = await asyncio.gather(*tasks)
         return [(out, live[o].index) for out, o in zip(outputs, owners)]
 

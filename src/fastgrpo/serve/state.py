@@ -70,6 +70,7 @@ class ServerState:
     lock: RWLock = field(default_factory=RWLock)
     pending: PendingPush | None = None
     inflight: list[InFlight] = field(default_factory=list)
+    adapters: object = None  # serve.adapters.AdapterRegistry (LoRA runs), set by create_app
 
     @property
     def push_phase(self) -> Literal["none", "announced", "loading"]:

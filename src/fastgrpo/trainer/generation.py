@@ -84,6 +84,10 @@ class GenerationBackend(ABC):
     @abstractmethod
     def sync_weights(self, weights: Weights, version: int) -> None: ...
 
+    def sync_adapter(self, name: str, tensors: dict, config: dict, version: int) -> None:
+        """LoRA: load adapter `name` at `version`; later generations sample with it."""
+        raise NotImplementedError(f"{type(self).__name__} takes whole models only")
+
     def close(self) -> None:
         pass
 
@@ -94,9 +98,10 @@ class ServerBackend(GenerationBackend):
     has_sampling_logprobs = True
 
     def __init__(self, base_url: str | None, host: str, port: int, timeout: float,
-                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, api_key: str | None = None):
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, api_key: str | None = None, adapter: str | None = None):
         from fastgrpo.client import VLLMClient
 
+        self.adapter = adapter  # LoRA: generations sample with this adapter (this run's)
         if base_url is None and host == "0.0.0.0":
             host = "127.0.0.1"  # the server binds 0.0.0.0; the trainer connects locally
         self.client = VLLMClient(base_url=base_url, host=host, port=port, timeout=timeout, bucket_bytes=bucket_bytes,
@@ -107,7 +112,7 @@ class ServerBackend(GenerationBackend):
             prompt_token_ids=prompt_ids, n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
             top_k=sampling.top_k if sampling.top_k > 0 else -1, min_p=sampling.min_p,
             repetition_penalty=sampling.repetition_penalty, max_tokens=sampling.max_tokens, seeds=seeds,
-            **dict(sampling.extra))
+            adapter=self.adapter, **dict(sampling.extra))
         return Completions(
             token_ids=[[c.token_ids for c in r.completions] for r in response.results],
             logprobs=[[c.logprobs for c in r.completions] for r in response.results],
@@ -118,6 +123,9 @@ class ServerBackend(GenerationBackend):
 
     def sync_weights(self, weights, version) -> None:
         self.client.update_weights(weights, weight_version=version)
+
+    def sync_adapter(self, name, tensors, config, version) -> None:
+        self.client.push_adapter(name, tensors, config, version)
 
     def close(self) -> None:
         self.client.close()
@@ -166,7 +174,8 @@ class ColocateBackend(GenerationBackend):
 
     def __init__(self, model: str, gpu_memory_utilization: float, tensor_parallel_size: int,
                  max_model_len: int | None, seed: int, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-                 timeout_s: float = DEFAULT_TIMEOUT_S, dtype: str = "auto", sleep_mode: bool = False):
+                 timeout_s: float = DEFAULT_TIMEOUT_S, dtype: str = "auto", sleep_mode: bool = False,
+                 lora_rank: int | None = None):
         from vllm.config import WeightTransferConfig
 
         from fastgrpo.engine import make_llm, on_cpu
@@ -187,11 +196,16 @@ class ColocateBackend(GenerationBackend):
             os.environ[INSECURE_SERIALIZATION_ENV] = "1"  # the workers unpickle our IPC handles; they are our children
             # The engine's processes inherit this: each trainer process's engine on that process's own GPU.
             os.environ["CUDA_VISIBLE_DEVICES"] = visible_gpu_names()[torch.cuda.current_device()]
+        lora = {}
+        if lora_rank is not None:  # LoRA: the adapter is served beside the frozen base (sync_adapter)
+            from fastgrpo.transfer.adapters import rank_limit
+
+            lora = dict(enable_lora=True, max_lora_rank=rank_limit(lora_rank), max_loras=1)
         try:
             self.llm = make_llm(model, gpu_memory_utilization=gpu_memory_utilization,
                                 tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len, seed=seed,
                                 dtype=dtype, logprobs_mode="processed_logprobs", enable_sleep_mode=sleep_mode,
-                                weight_transfer_config=WeightTransferConfig(backend=backend))
+                                weight_transfer_config=WeightTransferConfig(backend=backend), **lora)
         finally:
             if backend == "ipc":
                 if saved is None:
@@ -201,6 +215,7 @@ class ColocateBackend(GenerationBackend):
         self.world_size = tensor_parallel_size + 1
         self.sender = sender_class(backend)(bucket_bytes)
         self.sleep_mode, self.asleep = sleep_mode, set()  # asleep: what sleeps ("weights", "kv_cache")
+        self.lora_request, self.adapter_dir, self.lora_ids = None, None, 0  # LoRA: the adapter's current version
         self.timeout_s = timeout_s
         self.version = 0
         self.consistent = True  # False after a push that failed half-way, until a whole one lands
@@ -217,7 +232,8 @@ class ColocateBackend(GenerationBackend):
                                  logprobs=0, seed=seed, **dict(sampling.extra))
                   for seed in seeds]
         self._wake("weights", "kv_cache")
-        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=False)
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=False,
+                                    lora_request=self.lora_request)
         if self.sleep_mode:  # level 1: the KV cache is freed, the weights wait in host memory
             self.llm.sleep(level=1)
             self.asleep = {"weights", "kv_cache"}
@@ -226,6 +242,26 @@ class ColocateBackend(GenerationBackend):
         stopped = [[c.finish_reason == "stop" for c in o.outputs] for o in outputs]
         versions = [[(self.version, self.version)] * len(o.outputs) for o in outputs]
         return Completions(token_ids, logprobs, self.version, stopped, versions)
+
+    def sync_adapter(self, name, tensors, config, version) -> None:
+        import shutil
+        import tempfile
+
+        from vllm.lora.request import LoRARequest
+
+        from fastgrpo.transfer.adapters import write_adapter_dir
+
+        if self.adapter_dir is None:
+            self.adapter_dir = tempfile.mkdtemp(prefix="fastgrpo-colocate-adapter-")
+        previous = self.lora_request
+        path = write_adapter_dir(f"{self.adapter_dir}/v{version}", tensors, config)
+        self.lora_ids += 1  # a new id per push: vLLM loads it afresh (and a retried push is a new one too)
+        request = LoRARequest(name, self.lora_ids, str(path))
+        self.llm.llm_engine.add_lora(request)
+        self.lora_request, self.version = request, version
+        if previous is not None:
+            self.llm.llm_engine.remove_lora(previous.lora_int_id)
+            shutil.rmtree(previous.lora_path, ignore_errors=True)
 
     def _wake(self, *tags: str) -> None:
         tags = [t for t in tags if t in self.asleep]
@@ -257,8 +293,12 @@ class ColocateBackend(GenerationBackend):
         self.version = version
 
     def close(self) -> None:
+        import shutil
+
         self.sender.close()
         self.llm.llm_engine.engine_core.shutdown()
+        if self.adapter_dir is not None:
+            shutil.rmtree(self.adapter_dir, ignore_errors=True)
 
 
 class TransformersBackend(GenerationBackend):

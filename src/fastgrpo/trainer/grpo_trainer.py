@@ -49,9 +49,11 @@ from fastgrpo.trainer.loss import (
     selective_log_softmax,
     weighted_rewards,
 )
+from fastgrpo.trainer.lora import LoraSync, adapter_config, adapter_tensors, default_adapter_name
 from fastgrpo.trainer.reporting import report_completions
 from fastgrpo.trainer.rewards import compute_rewards, prepare_reward_funcs, reward_func_name
 from fastgrpo.trainer.sampler import RepeatSampler
+from fastgrpo.transfer import ModelWeights
 
 logger = logging.getLogger(__name__)
 
@@ -88,9 +90,6 @@ class GRPOTrainer(Trainer):
     def __init__(self, model, reward_funcs, args: GRPOConfig | None = None, train_dataset=None, eval_dataset=None,
                  processing_class=None, reward_processing_classes=None, callbacks=None, optimizers=(None, None),
                  peft_config=None):
-        if peft_config is not None:
-            raise NotImplementedError("peft_config is not supported by fastgrpo yet: merge adapters or train the "
-                                      "full model")
         args = args or GRPOConfig(output_dir="grpo-output")
         if not isinstance(args, GRPOConfig):
             raise TypeError("args must be a fastgrpo.GRPOConfig")
@@ -110,6 +109,18 @@ class GRPOTrainer(Trainer):
         if processing_class.pad_token is None:
             processing_class.pad_token = processing_class.eos_token
         self.tokenizer = processing_class
+        self.lora = None
+        if peft_config is not None:  # TRL's meaning: train these adapters on the (frozen) model
+            from peft import PeftModel, get_peft_model
+
+            if isinstance(model, PeftModel):
+                raise ValueError("peft_config was given with a model that already has adapters: pass the base "
+                                 "model, or the PeftModel without peft_config")
+            if args.gradient_checkpointing:
+                model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need grads
+            model = get_peft_model(model, peft_config)
+            if args.use_vllm:
+                self.lora = LoraSync(model, args.vllm_lora_name or default_adapter_name(args.output_dir))
 
         self.reward_funcs = prepare_reward_funcs(reward_funcs, reward_processing_classes)
         if not self.reward_funcs:
@@ -131,7 +142,7 @@ class GRPOTrainer(Trainer):
                                  f"generation takes {TransformersBackend.GENERATION_KWARGS}")
 
         self.ref_model = None
-        if args.beta != 0.0:
+        if args.beta != 0.0 and peft_config is None:  # LoRA: the reference is the base, the adapter disabled
             self.ref_model = AutoModelForCausalLM.from_pretrained(self.model_path, **init_kwargs).eval()
             self.ref_model.requires_grad_(False)
         if args.disable_dropout:
@@ -188,14 +199,20 @@ class GRPOTrainer(Trainer):
             self.accelerator.unwrap_model(self.model).save_pretrained(path)
             self.tokenizer.save_pretrained(path)
         max_len = a.vllm_max_model_length or ((a.max_prompt_length or 1024) + a.max_completion_length)
+        lora_rank = self.lora and self.lora.adapter_only and adapter_config(self.model)["r"]
         return ColocateBackend(path, a.vllm_gpu_memory_utilization, a.vllm_tensor_parallel_size, max_len,
                                seed=a.seed + self.accelerator.process_index, bucket_bytes=a.weight_sync_bucket_bytes,
-                               sleep_mode=a.vllm_enable_sleep_mode)
+                               sleep_mode=a.vllm_enable_sleep_mode, lora_rank=lora_rank or None)
 
     def _server_backend(self) -> ServerBackend:
         a = self.args
         return ServerBackend(a.vllm_server_base_url, a.vllm_server_host, a.vllm_server_port, a.vllm_server_timeout,
-                             bucket_bytes=a.weight_sync_bucket_bytes, api_key=a.vllm_server_api_key)
+                             bucket_bytes=a.weight_sync_bucket_bytes, api_key=a.vllm_server_api_key,
+                             adapter=self._adapter_name())
+
+    def _adapter_name(self) -> str | None:
+        """The adapter this run's generations use: its own, when only adapters are pushed."""
+        return self.lora.name if self.lora is not None and self.lora.adapter_only else None
 
     def _warn_if_sharing_cores(self, backend: ServerBackend) -> None:
         """Async rounds overlap generation with training only where each has its own devices: a CPU server
@@ -233,8 +250,6 @@ class GRPOTrainer(Trainer):
         """
         from accelerate.utils import gather_object
 
-        from fastgrpo.transfer import ModelWeights
-
         if isinstance(self.backend, TransformersBackend):
             return
         version = self.state.global_step
@@ -242,17 +257,22 @@ class GRPOTrainer(Trainer):
             return
         began = time.perf_counter()
         for attempt in range(1, WEIGHT_SYNC_ATTEMPTS + 1):
-            weights = ModelWeights(self.accelerator.unwrap_model(self.model))
+            model = self.accelerator.unwrap_model(self.model)
             failure = None
-            try:
-                if self.backend is not None:
-                    self.backend.sync_weights(weights, version)
-            except Exception as exc:
-                failure = (f"{type(exc).__name__}: {exc}", _may_pass(exc))
-                logger.error("weight sync of step %d failed on process %d (attempt %d of %d): %s", version,
-                             self.accelerator.process_index, attempt, WEIGHT_SYNC_ATTEMPTS, failure[0])
-            finally:
-                weights.drain()
+            with self._weights_to_push(model) as weights:
+                try:
+                    if self.backend is not None and weights is None:  # LoRA: the adapter alone
+                        self.backend.sync_adapter(self.lora.name, adapter_tensors(model), adapter_config(model),
+                                                  version)
+                    elif self.backend is not None:
+                        self.backend.sync_weights(weights, version)
+                except Exception as exc:
+                    failure = (f"{type(exc).__name__}: {exc}", _may_pass(exc))
+                    logger.error("weight sync of step %d failed on process %d (attempt %d of %d): %s", version,
+                                 self.accelerator.process_index, attempt, WEIGHT_SYNC_ATTEMPTS, failure[0])
+                finally:
+                    if weights is not None:
+                        weights.drain()
             failures = [f for f in gather_object([failure]) if f is not None]
             if not failures:
                 break
@@ -264,6 +284,17 @@ class GRPOTrainer(Trainer):
         if self._producer is not None:
             self._producer.pushed(version)
         self._pending_time["time/weight_sync"] += time.perf_counter() - began
+
+    @contextlib.contextmanager
+    def _weights_to_push(self, model):
+        """None for an adapter-only LoRA push; else the tensors a full push sends (LoRA: merged into the base)."""
+        if self.lora is None:
+            yield ModelWeights(model)
+        elif self.lora.adapter_only:
+            yield None
+        else:
+            with LoraSync.merged(model) as weights:
+                yield weights
 
     # --- data --------------------------------------------------------------------------
 
@@ -466,7 +497,7 @@ class GRPOTrainer(Trainer):
             if off_policy and "old_logps" not in m:
                 m["old_logps"] = self._per_token_logps(self.model, m)
             if a.beta != 0.0:
-                m["ref_logps"] = self._per_token_logps(self.ref_model, m)
+                m["ref_logps"] = self._reference_logps(m)
 
         # Metrics, TRL's names.
         lengths = acc.gather(torch.tensor([len(c) for c in completion_ids], device=device)).cpu()
@@ -619,6 +650,12 @@ class GRPOTrainer(Trainer):
                              ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
 
     # --- the loss ------------------------------------------------------------------------
+
+    def _reference_logps(self, m: dict):
+        if self.ref_model is not None:
+            return self._per_token_logps(self.ref_model, m)
+        with self.accelerator.unwrap_model(self.model).disable_adapter():  # LoRA: the base model itself
+            return self._per_token_logps(self.model, m)
 
     def _per_token_logps(self, model, m: dict, with_entropy: bool = False):
         """Log-probs of the completion tokens under `model`; logits only over the completion."""

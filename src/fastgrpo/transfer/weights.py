@@ -45,6 +45,9 @@ class Weights:
     def __len__(self) -> int:
         return len(self.names)
 
+    def drain(self) -> None:
+        """Finish what an iteration owes the other ranks (gathers, see ModelWeights); whole tensors owe nothing."""
+
 
 class ModelWeights(Weights):
     """A module's parameters (tied weights once), streamed and gathered one at a time."""
