@@ -69,3 +69,22 @@ def test_the_specs_peft_section_is_a_lora_config_and_its_server_serves_adapters(
     assert server_flags({"start_server": {"max_model_len": 512}}) == ({"max_model_len": 512}, None)
     with pytest.raises(SpecError, match="peft: .*rank.*LoraConfig's fields"):
         build_peft_config({"peft": {"rank": 8}})
+
+
+def test_cpu_lora_ops_compute_vllms_per_token_products_with_one_matmul_per_adapter():
+    from fastgrpo import cpu_lora
+
+    torch.manual_seed(0)
+    tokens, loras, rank, hidden = 7, 3, 4, 16
+    a = torch.randn(loras, 1, rank, hidden)  # vLLM's layout: [loras, 1, out, in]
+    x = torch.randn(tokens, hidden)
+    for indices in (torch.tensor([1] * tokens), torch.tensor([0, 2, 2, -1, 0, 1, -1])):
+        reference = torch.einsum("bi, boi -> bo", x, a[indices].squeeze(1))  # vLLM's formula
+        shrunk = torch.zeros(tokens, rank)
+        cpu_lora.bgmv_shrink(x, a, shrunk, indices, scaling=0.5)
+        assert torch.allclose(shrunk, 0.5 * reference, atol=1e-5)
+        b = torch.randn(loras, 1, hidden, rank)
+        out = torch.ones(tokens, hidden + 3)
+        cpu_lora.bgmv_expand_slice(shrunk, b, out, indices, 3, hidden, add_inputs=True)
+        expected = torch.einsum("bi, boi -> bo", shrunk, b[indices].squeeze(1))
+        assert torch.allclose(out[:, 3:], 1 + expected, atol=1e-5) and torch.equal(out[:, :3], torch.ones(tokens, 3))

@@ -52,8 +52,9 @@ def make_llm(model: str, **engine_kwargs):
         engine_kwargs = {**CPU_ENGINE_DEFAULTS, **engine_kwargs}
     from vllm import LLM
 
-    from fastgrpo import quiet_gloo
+    from fastgrpo import cpu_lora, quiet_gloo
 
     quiet_gloo.enable()
+    cpu_lora.enable()
     engine_kwargs["dtype"] = engine_dtype(engine_kwargs.get("dtype", "auto"))
     return LLM(model=model, **engine_kwargs)

@@ -183,7 +183,7 @@ class ReplicaPool:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        from fastgrpo import quiet_gloo
+        from fastgrpo import cpu_lora, quiet_gloo
         from fastgrpo.engine import CPU_ENGINE_DEFAULTS, engine_dtype, prepare_cpu_env
 
         s = self.settings
@@ -200,6 +200,7 @@ class ReplicaPool:
 
             os.environ[INSECURE_SERIALIZATION_ENV] = "1"
         quiet_gloo.enable()
+        cpu_lora.enable()
         env_key = "VLLM_CPU_OMP_THREADS_BIND" if self.on_cpu else "CUDA_VISIBLE_DEVICES"
         chosen = dict(CPU_ENGINE_DEFAULTS) if self.on_cpu else {}
         if s.enforce_eager is not None:
