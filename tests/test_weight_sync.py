@@ -329,6 +329,16 @@ def decode_step_seconds(client, prompt) -> float:
     return (time.monotonic() - began) / 32
 
 
+def set_when_loading(server, event: threading.Event, timeout_s: float = 30.0) -> None:
+    """Set `event` once the server's push is loading (GET /health's weight_push), at most timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if httpx.get(server.base_url + "/health", timeout=10).json()["weight_push"] == "loading":
+            event.set()
+            return
+        time.sleep(0.01)
+
+
 def wait_until_generating(thread: threading.Thread, step_s: float) -> None:
     """About 20 decode steps into the thread's generation. Not by polling /health: on 2 cores busy with
     decoding, a poll sent as the generation began was answered only once it had ended (0.86 s later)."""
@@ -386,8 +396,13 @@ def test_a_push_that_fails_during_a_generation_stops_it_rather_than_finish_it_on
         thread = threading.Thread(target=generate)
         thread.start()
         wait_until_generating(thread, step_s)
+        # The trainer breaks only once the server is loading (its engines paused): a client that failed sooner
+        # would withdraw the announced push before the server touched the engines, and nothing would fail there.
+        loading = threading.Event()
+        threading.Thread(target=set_when_loading, args=(server, loading), daemon=True).start()
         with pytest.raises(WeightTransferError, match="broke half-way"):
-            client.update_weights(FailingWeights(list(good.named_parameters()), 10))
+            client.update_weights(FailingWeights(list(good.named_parameters()), 10, wait_for=loading))
+        assert loading.is_set()
         thread.join(120)
         assert out["response"].status_code == 503, out["response"].text
         assert "failed half-way while this request was generating" in out["response"].json()["error"]
