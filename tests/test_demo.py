@@ -90,3 +90,28 @@ def test_cli_version_and_help():
     listed = subprocess.run([sys.executable, "-m", "fastgrpo.cli", "--help"], capture_output=True, text=True).stdout
     for command in ("demo", "vllm-serve", "grpo", "tp-dp"):
         assert command in listed
+
+
+def test_a_multi_turn_task_runs_from_a_spec_and_logs_its_turns(tiny_llama, tmp_path):
+    """The feedback task (an environment: the model answers again when wrong) through `fastgrpo grpo`."""
+    spec = tmp_path / "run.yaml"
+    spec.write_text(f"""
+model: {tiny_llama}
+task: {{name: feedback, num_examples: 16}}
+output_dir: {tmp_path / 'out'}
+max_steps: 1
+per_device_train_batch_size: 8
+num_generations: 4
+max_completion_length: 160
+generation_kwargs: {{stop_token_ids: [{", ".join(str(t) for t in range(100, 140))}]}}
+use_cpu: true
+bf16: false
+report_to: []
+save_strategy: "no"
+""")
+    result = subprocess.run([sys.executable, "-m", "fastgrpo.cli", "grpo", "--config", str(spec)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    (row,) = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+              if "reward" in json.loads(line)]
+    assert "rewards/env_reward/mean" in row and row["multi_turn/turns_max"] > 1

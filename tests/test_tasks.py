@@ -109,3 +109,23 @@ def test_default_rewards_on_model_replies(text, solution, match, fmt):
     completion = [[{"role": "assistant", "content": text}]]
     assert number_match_reward(completion, solution=[solution]) == [match]
     assert format_reward(completion) == [fmt]
+
+
+def test_the_feedback_task_tells_high_or_low_and_halves_the_reward_per_attempt():
+    from fastgrpo.tasks import load_task, task_environment
+
+    row = load_task("feedback", 1, seed=3)[0]
+    target = int(row["solution"])
+    env = task_environment("feedback")()
+    assert env.reset(**{k: v for k, v in row.items() if k != "prompt"}) is None
+    first = env.step(f"It is {target + 2}.")
+    assert (first.reward, first.done) == (0.0, False) and first.messages.startswith(f"{target + 2} is too high.")
+    second = env.step("no idea")
+    assert (second.reward, second.done) == (0.0, False) and second.messages.startswith("That is not a number.")
+    third = env.step(str(target))
+    assert (third.reward, third.done) == (0.25, True)
+    env.reset(solution=row["solution"])
+    assert env.step(str(target - 1)).messages.startswith(f"{target - 1} is too low.")
+    assert env.step(str(target)).reward == 0.5
+    env.reset(solution=row["solution"])
+    assert [env.step("0").done for _ in range(3)] == [False, False, True]  # three wrong answers end it, reward 0

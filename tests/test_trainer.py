@@ -502,21 +502,23 @@ def test_a_completion_ending_on_another_stop_token_is_terminated_not_truncated(s
 
 
 @pytest.mark.slow
-def test_two_processes_with_half_the_batch_each_equal_one_process_with_all(server, tiny_qwen2, tmp_path):
+@pytest.mark.parametrize("rollouts", ["single_turn", "environment"])
+def test_two_processes_with_half_the_batch_each_equal_one_process_with_all(server, tiny_qwen2, tmp_path, rollouts):
     """accelerate launch --num_processes 2 (4 rows each) against one process with 8: the same advantages,
-    losses and gradients, step by step."""
+    losses and gradients, step by step. With an environment each process runs its own rows' episodes (the
+    second through a server client of its own), seeded by the row's place in the whole round."""
     script = Path(__file__).parent / "scripts" / "train_layout.py"
     port = server.base_url.rsplit(":", 1)[1]
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
-    single = subprocess.run([sys.executable, str(script), tiny_qwen2, port, str(one), "8"], capture_output=True,
-                            text=True, timeout=600)
+    single = subprocess.run([sys.executable, str(script), tiny_qwen2, port, str(one), "8", rollouts],
+                            capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-4000:]
     # torchrun-style launch; the config's use_cpu=True makes accelerate use gloo between the processes.
     double = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-         "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script), tiny_qwen2, port, str(two), "4"],
-        capture_output=True, text=True, timeout=900)
+         "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script), tiny_qwen2, port, str(two), "4",
+         rollouts], capture_output=True, text=True, timeout=900)
     assert double.returncode == 0, double.stderr[-4000:]
 
     summary_one = json.loads((one / "summary.json").read_text())
@@ -536,6 +538,8 @@ def test_two_processes_with_half_the_batch_each_equal_one_process_with_all(serve
     gradients_two = torch.load(two / "gradients.pt")
     for step in range(2):
         assert relative_difference(gradients_two[step], gradients_one[step]) < GRAD_RTOL, step
+    if rollouts == "environment":
+        assert all(log["multi_turn/turns_max"] == 2 for log in summary_two["logs"])
 
 
 def test_gspo_cispo_with_an_eval_dataset_trains_and_logs_eval_rewards(server, tiny_qwen2, tmp_path):

@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 import httpx
 
 from fastgrpo.serve.launcher import free_port
-from fastgrpo.serve.protocol import GenerateResponse
+from fastgrpo.serve.protocol import GenerateResponse, RolloutRecording
 from fastgrpo.transfer import (
     DEFAULT_BUCKET_BYTES,
     WeightControl,
@@ -172,13 +172,15 @@ class VLLMClient:
                  repetition_penalty: float = 1.0, max_tokens: int = 16, seed: int | None = None,
                  seeds: list[int] | None = None, stop: list[str] | None = None, ignore_eos: bool = False,
                  prompt_logprobs: bool = False, messages: list[list[dict]] | None = None,
-                 **sampling) -> GenerateResponse:
-        """`seed` seeds every prompt alike; `seeds` gives one per prompt. `sampling`: the server's other sampling
-        fields (min_tokens, stop_token_ids, presence_penalty, frequency_penalty)."""
+                 max_tokens_per_prompt: list[int] | None = None, **sampling) -> GenerateResponse:
+        """`seed` seeds every prompt alike; `seeds` gives one per prompt; `max_tokens_per_prompt` caps each prompt's
+        completion on its own. `sampling`: the server's other sampling fields (min_tokens, stop_token_ids,
+        presence_penalty, frequency_penalty)."""
         payload = dict(prompts=prompts, prompt_token_ids=prompt_token_ids, messages=messages, n=n,
                        temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                        repetition_penalty=repetition_penalty, max_tokens=max_tokens, seed=seed, seeds=seeds,
-                       stop=stop, ignore_eos=ignore_eos, prompt_logprobs=prompt_logprobs, **sampling)
+                       stop=stop, ignore_eos=ignore_eos, prompt_logprobs=prompt_logprobs,
+                       max_tokens_per_prompt=max_tokens_per_prompt, **sampling)
         payload = {k: v for k, v in payload.items() if v is not None}
         return GenerateResponse.model_validate(self._request("POST", "/generate", json=payload))
 
@@ -202,6 +204,19 @@ class VLLMClient:
 
     def adapters(self) -> list[dict]:
         return self._request("GET", "/adapters")["adapters"]
+
+    # --- agents recorded through the OpenAI chat route -----------------------------
+
+    def rollout_url(self, rollout_id: str) -> str:
+        """The OpenAI base URL that records an agent's chat calls under `rollout_id`."""
+        return f"{self.base_url}/rollouts/{rollout_id}/v1"
+
+    def rollout(self, rollout_id: str) -> RolloutRecording:
+        """What the server recorded under `rollout_id`: its token sequences (usually one)."""
+        return RolloutRecording.model_validate(self._request("GET", f"/rollouts/{rollout_id}"))
+
+    def delete_rollout(self, rollout_id: str) -> None:
+        self._request("DELETE", f"/rollouts/{rollout_id}")
 
     def reset_prefix_cache(self) -> None:
         self._request("POST", "/reset_prefix_cache")

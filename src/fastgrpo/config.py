@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from fastgrpo.rollouts.tools import DEFAULT_MAX_TOOL_RESULT_CHARS, DEFAULT_TOOL_TIMEOUT_S
 from fastgrpo.serve.protocol import GENERATION_KWARGS
 from fastgrpo.trainer.loss import (
     GLOBALLY_NORMALISED,
@@ -41,7 +42,6 @@ UNSUPPORTED_TRL_FIELDS = {
     "entropy_coef_max": (1.0, "no entropy bonus"),
     "entropy_coef_delta": (0.005, "no entropy bonus"),
     "entropy_target": (0.2, "no entropy bonus"),
-    "max_tool_calling_iterations": (None, "tool calling is not implemented yet"),
     "use_bias_correction_kl": (False, "the KL term is the plain k3 estimator"),
     "log_unique_prompts": (False, "the completions table has every row"),
     "log_completions_hub_repo": (None, "completions are logged to report_to's table integrations"),
@@ -140,6 +140,15 @@ class GRPOConfig(TrainingArguments):
                                 "completions (same logprobs and gradients, fewer tokens); off with gradient "
                                 "checkpointing"})
 
+    # --- multi-turn rollouts (GRPOTrainer's tools / environment_factory) ------------------
+    max_tool_calling_iterations: int | None = field(default=None, metadata={
+        "help": "rounds of tool results an episode may get; a turn that calls tools after that ends it (None: until "
+                "max_completion_length, which bounds the whole episode: turns, tool results and messages)"})
+    tool_timeout: float = field(default=DEFAULT_TOOL_TIMEOUT_S, metadata={
+        "help": "seconds a tool call may run; past that the model gets an error result and the episode goes on"})
+    max_tool_result_length: int = field(default=DEFAULT_MAX_TOOL_RESULT_CHARS, metadata={
+        "help": "characters a tool result may have; a longer one is replaced by an error result"})
+
     # --- logging ----------------------------------------------------------------------
     log_completions: bool = False
     num_completions_to_print: int | None = None
@@ -167,7 +176,6 @@ class GRPOConfig(TrainingArguments):
     entropy_coef_max: float = 1.0
     entropy_coef_delta: float = 0.005
     entropy_target: float = 0.2
-    max_tool_calling_iterations: int | None = None
     use_bias_correction_kl: bool = False
     log_unique_prompts: bool = False
     log_completions_hub_repo: str | None = None
@@ -258,6 +266,12 @@ class GRPOConfig(TrainingArguments):
                  "use_vllm=True and vllm_mode='colocate' (a server's engines are on devices of their own)")
         if self.vllm_enable_sleep_mode and self.use_cpu:
             fail("vllm_enable_sleep_mode=True needs a GPU: vLLM's CPU build has no sleep mode")
+        if self.max_tool_calling_iterations is not None and self.max_tool_calling_iterations < 0:
+            fail(f"max_tool_calling_iterations={self.max_tool_calling_iterations}: must be >= 0 (None: no limit)")
+        if self.tool_timeout <= 0:
+            fail(f"tool_timeout={self.tool_timeout}: must be > 0 seconds")
+        if self.max_tool_result_length < 1:
+            fail(f"max_tool_result_length={self.max_tool_result_length}: must be >= 1 character")
         if self.max_completion_length < 1:
             fail(f"max_completion_length={self.max_completion_length}: must be >= 1")
         if self.num_iterations < 1:

@@ -23,6 +23,11 @@ def add_parser(subparsers) -> None:
     add_flag(parser, "--output_dir", default=None, help="where results go (default outputs/demo)")
     add_flag(parser, "--async", dest="async_generation", action="store_true",
              help="generate the next round while training on this one (async_generation, staleness 1)")
+    from fastgrpo.run import DEMO_TASKS
+
+    add_flag(parser, "--task", default="arithmetic", choices=sorted(DEMO_TASKS),
+             help="arithmetic: one answer per question (default); feedback: multi-turn, the model is told 'too "
+                  "high' or 'too low' and tries again, up to 3 times")
     add_flag(parser, "--lora", action="store_true",
              help="train LoRA adapters (rank 16, attention and MLP projections) and push only them")
     parser.set_defaults(func=run)
@@ -30,7 +35,7 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fastgrpo.placement import PlacementError, detect_placement, use_trainer_device
-    from fastgrpo.run import DEMO_LORA, demo_spec, print_summary, train
+    from fastgrpo.run import DEMO_LORA, DEMO_TASKS, demo_spec, print_summary, train
 
     try:
         placement = detect_placement()
@@ -39,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"devices: {placement.describe()}")
     use_trainer_device(placement)
     spec = dict(demo_spec(placement), model=args.model)
+    spec.update(DEMO_TASKS[args.task])
     if args.max_steps is not None:
         spec["max_steps"] = args.max_steps
     if args.output_dir is not None:
@@ -48,6 +54,6 @@ def run(args: argparse.Namespace) -> int:
     if args.lora:
         spec.update(DEMO_LORA)
         if args.output_dir is None:
-            spec["output_dir"] = "outputs/demo-lora"
+            spec["output_dir"] = spec["output_dir"] + "-lora"
     print_summary(train(spec))
     return 0

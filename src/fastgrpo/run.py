@@ -9,6 +9,8 @@ A spec is a dict:
     start_server: {data_parallel_size: 1}           # start `fastgrpo vllm-serve` for this run (server mode):
                                                     # its flags, and `devices` (its CUDA_VISIBLE_DEVICES)
     peft: {r: 16, lora_alpha: 32, target_modules: [q_proj, v_proj]}   # train LoRA adapters (peft.LoraConfig)
+    tools: ["mymodule:search"]          # multi-turn: functions the model may call (GRPOTrainer's tools), or
+    environment: "mymodule:MyEnv"       # an environment factory (a built-in multi-turn task brings its own)
     ...every other key is a GRPOConfig field (output_dir, max_steps, learning_rate, use_vllm, ...)
 
 Everything is checked before any work starts: unknown keys, a bad GRPOConfig, a missing file.
@@ -23,7 +25,7 @@ import time
 import typing
 from pathlib import Path
 
-SPEC_KEYS = {"model", "task", "dataset", "rewards", "start_server", "peft"}  # the rest are GRPOConfig fields
+SPEC_KEYS = {"model", "task", "dataset", "rewards", "start_server", "peft", "tools", "environment"}  # the rest are GRPOConfig fields
 
 # `fastgrpo demo --lora`: rank 16 on every attention and MLP projection, at 10x the full fine-tuning rate (adapters
 # start at zero and move only a small subspace; 2e-4 is the usual LoRA rate for a model this size).
@@ -62,6 +64,13 @@ DEMO_SPEC = {
     # without one torch emulates bf16, about 100x slower (fastgrpo.hardware). Master weights stay float32.
     "bf16": None,
 }
+
+
+# `fastgrpo demo --task NAME`: what a multi-turn task changes in the demo. feedback: up to 3 answers and 2
+# feedback messages share max_completion_length.
+DEMO_TASKS = {"arithmetic": {},
+              "feedback": {"task": {"name": "feedback", "num_examples": 1024, "seed": 0},
+                           "max_completion_length": 128, "output_dir": "outputs/demo-feedback"}}
 
 
 def demo_spec(placement) -> dict:
@@ -163,6 +172,30 @@ def resolve_rewards(spec: dict):
     return funcs, spec.get("reward_weights")
 
 
+def _resolve(name: str, what: str):
+    if not isinstance(name, str) or ":" not in name:
+        raise SpecError(f"{what} {name!r}: give it as 'module:attribute' (an importable module)")
+    module, attr = name.split(":", 1)
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise SpecError(f"{what} {name!r} cannot be imported: {exc}") from None
+
+
+def multi_turn_args(spec: dict) -> dict:
+    """GRPOTrainer's tools / environment_factory from the spec (a built-in task's environment unless it names one)."""
+    from fastgrpo.tasks import task_environment
+
+    out = {}
+    if spec.get("tools"):
+        out["tools"] = [_resolve(t, "tool") for t in spec["tools"]]
+    if spec.get("environment"):
+        out["environment_factory"] = _resolve(spec["environment"], "environment")
+    elif "task" in spec and task_environment(spec["task"].get("name", "arithmetic")) is not None:
+        out["environment_factory"] = task_environment(spec["task"].get("name", "arithmetic"))
+    return out
+
+
 def build_peft_config(spec: dict):
     """The spec's `peft` section as a peft.LoraConfig (None without one)."""
     if spec.get("peft") is None:
@@ -206,6 +239,7 @@ def train(spec: dict, log=print) -> dict:
     spec = dict(spec)
     funcs, config = rewards_and_config(spec)
     peft_config = build_peft_config(spec)
+    multi_turn = multi_turn_args(spec)
     dataset = build_dataset(spec)
     model = resolve_model(spec.get("model"))
     out = Path(config.output_dir)
@@ -231,7 +265,7 @@ def train(spec: dict, log=print) -> dict:
             server.wait_ready()
             config.vllm_server_host, config.vllm_server_port, config.vllm_server_base_url = "127.0.0.1", server.port, None
         trainer = GRPOTrainer(model, funcs, args=config, train_dataset=dataset,
-                              callbacks=[MetricsFileCallback(metrics_path)], peft_config=peft_config)
+                              callbacks=[MetricsFileCallback(metrics_path)], peft_config=peft_config, **multi_turn)
         trainer.train()
         trainer.save_model(str(out / "model"))
         trainer.close()

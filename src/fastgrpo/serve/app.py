@@ -1,4 +1,5 @@
-"""The server's HTTP routes: health, generate, prefix cache, weight sync. OpenAI routes: openai_routes.py."""
+"""The server's HTTP routes: health, generate, prefix cache. Routers: weights.py (weight sync), adapters.py (LoRA),
+openai_routes.py (OpenAI's API), recordings.py (agents' rollouts recorded through it)."""
 
 import asyncio
 import contextlib
@@ -21,6 +22,7 @@ from fastgrpo.serve.protocol import (
     PromptResult,
     SamplingFields,
 )
+from fastgrpo.serve import DEFAULT_MAX_ROLLOUTS
 from fastgrpo.serve.replicas import EngineRejected, ReplicaDead, ReplicaPool, ServerSettings
 from fastgrpo.serve.specs import model_specs
 from fastgrpo.serve.state import ApiError, InFlight, ServerState, error_response
@@ -32,7 +34,8 @@ log = logging.getLogger("fastgrpo.serve")
 # Building prompts and sampling parameters.
 
 
-def sampling_params(fields: SamplingFields, prompt_logprobs: bool = False, seed: int | None = None):
+def sampling_params(fields: SamplingFields, prompt_logprobs: bool = False, seed: int | None = None,
+                    max_tokens: int | None = None):
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -41,7 +44,8 @@ def sampling_params(fields: SamplingFields, prompt_logprobs: bool = False, seed:
         n=fields.n, temperature=fields.temperature, top_p=fields.top_p,
         top_k=0 if fields.top_k in (-1, 0) else fields.top_k, min_p=fields.min_p,
         repetition_penalty=fields.repetition_penalty, presence_penalty=fields.presence_penalty,
-        frequency_penalty=fields.frequency_penalty, max_tokens=fields.max_tokens, min_tokens=fields.min_tokens,
+        frequency_penalty=fields.frequency_penalty, max_tokens=max_tokens or fields.max_tokens,
+        min_tokens=fields.min_tokens,
         seed=fields.seed if seed is None else seed, stop=fields.stop, stop_token_ids=fields.stop_token_ids,
         ignore_eos=fields.ignore_eos, logprobs=0, prompt_logprobs=0 if prompt_logprobs else None,
     )
@@ -73,33 +77,37 @@ def check_vocabulary(state: ServerState, prompts: list[list[int]], field_name: s
                            f"{bad[:5]}", field_name)
 
 
-def check_lengths(state: ServerState, prompts: list[list[int]], max_tokens: int, field_name: str) -> None:
+def check_lengths(state: ServerState, prompts: list[list[int]], max_tokens: int | list[int], field_name: str) -> None:
     limit = state.max_model_len
     if limit is None:
         return
-    for i, ids in enumerate(prompts):
-        if len(ids) + max_tokens > limit:
+    caps = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
+    for i, (ids, cap) in enumerate(zip(prompts, caps)):
+        if len(ids) + cap > limit:
             raise ApiError(
                 400, "invalid_request",
-                f"prompt {i} has {len(ids)} tokens; with max_tokens={max_tokens} that is "
-                f"{len(ids) + max_tokens} > max_model_len={limit}. Shorten the prompt, lower max_tokens, "
+                f"prompt {i} has {len(ids)} tokens; with max_tokens={cap} that is "
+                f"{len(ids) + cap} > max_model_len={limit}. Shorten the prompt, lower max_tokens, "
                 f"or start the server with a larger --max_model_len.", field_name)
 
 
 async def run_generation(state: ServerState, prompts: list[list[int]], fields: SamplingFields,
                          prompt_logprobs: bool = False, seeds: list[int] | None = None,
-                         adapter: str | None = None) -> tuple[list[PromptResult], int]:
+                         adapter: str | None = None,
+                         max_tokens: list[int] | None = None) -> tuple[list[PromptResult], int]:
+    """Generate under the admission lock; `seeds` and `max_tokens` (one per prompt) override the fields'."""
     from fastgrpo.vllm_compat import request_error_types
 
     try:
-        if seeds is None:
+        if seeds is None and max_tokens is None:
             params = sampling_params(fields, prompt_logprobs)
         else:
-            params = [sampling_params(fields, prompt_logprobs, seed) for seed in seeds]
+            params = [sampling_params(fields, prompt_logprobs, seed, cap) for seed, cap in
+                      zip(seeds or [None] * len(prompts), max_tokens or [None] * len(prompts))]
     except request_error_types() as exc:  # vLLM's own limits, where ours let a value through
         raise ApiError(400, "invalid_request", f"vLLM refused the sampling parameters: {exc}",
                        getattr(exc, "parameter", None) or field_named_in(str(exc), SamplingFields.model_fields)) from exc
-    costs = [len(p) + fields.n * fields.max_tokens for p in prompts]
+    costs = [len(p) + fields.n * cap for p, cap in zip(prompts, max_tokens or [fields.max_tokens] * len(prompts))]
     async with state.lock.read():  # admission: a push waits for it, and it waits for a push
         # Read under the lock: a request that queued behind a push sees how that push ended.
         if not state.weights_consistent:
@@ -169,7 +177,7 @@ async def run_generation(state: ServerState, prompts: list[list[int]], fields: S
 
 
 def create_app(settings: ServerSettings, api_key: str | None = None, body_timeout_s: float = 30.0,
-               weight_transfer_any_address: bool = False) -> FastAPI:
+               weight_transfer_any_address: bool = False, max_recorded_rollouts: int = DEFAULT_MAX_ROLLOUTS) -> FastAPI:
     from fastgrpo.engine import on_cpu
 
     cpu = on_cpu()
@@ -249,10 +257,12 @@ def create_app(settings: ServerSettings, api_key: str | None = None, body_timeou
         field_name = "prompts" if req.prompts is not None else (
             "prompt_token_ids" if req.prompt_token_ids is not None else "messages")
         prompts = tokenize_prompts(state, req)
-        check_lengths(state, prompts, req.max_tokens, field_name)
+        caps = req.max_tokens_of(len(prompts))
+        check_lengths(state, prompts, caps, field_name)
         if req.stop_token_ids:
             check_vocabulary(state, [req.stop_token_ids], "stop_token_ids")
-        results, version = await run_generation(state, prompts, req, req.prompt_logprobs, req.seeds, req.adapter)
+        results, version = await run_generation(state, prompts, req, req.prompt_logprobs, req.seeds, req.adapter,
+                                                max_tokens=req.max_tokens_per_prompt)
         return GenerateResponse(results=results, weight_version=version)
 
     @app.post("/reset_prefix_cache")
@@ -265,15 +275,17 @@ def create_app(settings: ServerSettings, api_key: str | None = None, body_timeou
 
     from fastgrpo.serve.adapters import AdapterRegistry
     from fastgrpo.serve.adapters import router as adapters_router
+    from fastgrpo.serve.openai_routes import router as openai_router
+    from fastgrpo.serve.recordings import Recorder
+    from fastgrpo.serve.recordings import router as recordings_router
     from fastgrpo.serve.weights import router as weights_router
 
     state.adapters = AdapterRegistry()
+    state.recorder = Recorder(max_recorded_rollouts)
     app.include_router(weights_router)
     app.include_router(adapters_router)
-
-    from fastgrpo.serve.openai_routes import add_openai_routes
-
-    add_openai_routes(app, state)
+    app.include_router(openai_router)
+    app.include_router(recordings_router)
     return app
 
 

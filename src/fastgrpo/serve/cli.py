@@ -3,6 +3,7 @@
 import argparse
 
 from fastgrpo.cliutil import add_flag
+from fastgrpo.serve import DEFAULT_MAX_ROLLOUTS
 from fastgrpo.transfer.adapters import LORA_RANKS
 
 
@@ -62,6 +63,9 @@ def add_parser(subparsers) -> None:
     add_flag(p, "--weight_transfer_any_address", action="store_true",
              help="let /weights/init name any master_address, not only the requester's own IP (for trainers "
                   "behind NAT or a proxy)")
+    add_flag(p, "--max_recorded_rollouts", type=int, default=DEFAULT_MAX_ROLLOUTS,
+             help="agent rollouts recorded through /rollouts/{id}/v1 kept at once; the oldest are dropped beyond "
+                  f"(default {DEFAULT_MAX_ROLLOUTS})")
     p.set_defaults(func=run)
 
 
@@ -77,6 +81,7 @@ def validate(args) -> None:
         (args.max_num_seqs is None or args.max_num_seqs >= 1, "--max_num_seqs must be >= 1"),
         (args.request_body_timeout > 0, "--request_body_timeout must be > 0 seconds"),
         (args.max_loras >= 1, "--max_loras must be >= 1"),
+        (args.max_recorded_rollouts >= 1, "--max_recorded_rollouts must be >= 1"),
     ]
     for ok, message in checks:
         if not ok:
@@ -113,6 +118,7 @@ def run(args) -> int:
     except ValueError as exc:
         raise SystemExit(f"fastgrpo vllm-serve: error: {exc}") from None
     app = create_app(settings, api_key=args.api_key, body_timeout_s=args.request_body_timeout,
-                     weight_transfer_any_address=args.weight_transfer_any_address)
+                     weight_transfer_any_address=args.weight_transfer_any_address,
+                     max_recorded_rollouts=args.max_recorded_rollouts)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_keep_alive=60)
     return 0

@@ -82,6 +82,9 @@ class GenerateRequest(SamplingFields):
                                      "seeds[i] + j); instead of `seed`, which seeds every prompt alike")
     adapter: str | None = Field(None, description="a LoRA adapter pushed to this server (PUT /adapters/{name}); "
                                 "none: the base model. weight_versions then count the adapter's versions")
+    max_tokens_per_prompt: list[MaxTokens] | None = Field(
+        None, description="one max_tokens per prompt, instead of max_tokens for all (multi-turn episodes: what "
+                          "each has left of its budget)")
 
     @model_validator(mode="after")
     def _one_prompt_kind(self):
@@ -101,7 +104,16 @@ class GenerateRequest(SamplingFields):
                 raise ValueError("give 'seed' (one for every prompt) or 'seeds' (one per prompt), not both")
             if len(self.seeds) != len(batch):
                 raise ValueError(f"'seeds' has {len(self.seeds)} entries for {len(batch)} prompts: give one per prompt")
+        if self.max_tokens_per_prompt is not None:
+            if len(self.max_tokens_per_prompt) != len(batch):
+                raise ValueError(f"'max_tokens_per_prompt' has {len(self.max_tokens_per_prompt)} entries for "
+                                 f"{len(batch)} prompts: give one per prompt")
+            if self.min_tokens > min(self.max_tokens_per_prompt):
+                raise ValueError(f"min_tokens={self.min_tokens} is more than the smallest max_tokens_per_prompt")
         return self
+
+    def max_tokens_of(self, count: int) -> list[int]:
+        return list(self.max_tokens_per_prompt) if self.max_tokens_per_prompt is not None else [self.max_tokens] * count
 
 
 class Completion(BaseModel):
@@ -216,3 +228,20 @@ class OkResponse(BaseModel):
 class WeightVersionResponse(BaseModel):
     weight_version: int
     seconds: float | None = None
+
+
+class RecordedSequence(BaseModel):
+    """One token sequence of a recorded rollout: its first prompt, then everything after it. completion_mask is 1
+    on the tokens the model generated (logprobs: the sampler's there, 0.0 elsewhere)."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    completion_mask: list[int]
+    logprobs: list[float]
+    calls: int  # chat calls it holds
+    weight_versions: list[int]  # [oldest, newest] its calls ran under
+
+
+class RolloutRecording(BaseModel):
+    rollout_id: str
+    sequences: list[RecordedSequence]  # one, unless a call did not continue the previous one

@@ -71,6 +71,8 @@ class ServerState:
     pending: PendingPush | None = None
     inflight: list[InFlight] = field(default_factory=list)
     adapters: object = None  # serve.adapters.AdapterRegistry (LoRA runs), set by create_app
+    recorder: object = None  # serve.recordings.Recorder (agents' chat calls by rollout id), set by create_app
+    chats: dict = field(default_factory=dict)  # rollouts.chat.ChatTokens per tool set (the OpenAI chat route)
 
     @property
     def push_phase(self) -> Literal["none", "announced", "loading"]:

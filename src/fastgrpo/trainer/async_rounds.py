@@ -65,8 +65,8 @@ def too_stale(first_versions: list[int], trained_version: int, max_staleness: in
 @dataclass
 class GeneratedRound:
     index: int
-    prompt_ids: list[list[int]]  # the round's unique prompts, in order
-    completions: Completions | None = None
+    prompt_ids: list  # the round's unique prompts, in order (multi-turn: this process's rows)
+    completions: Completions | None = None  # (multi-turn: a trainer.multi_turn.RoundRollout)
     error: BaseException | None = None
     seconds: float = 0.0  # spent generating
 

@@ -8,6 +8,7 @@ sees only its share (the server backend: all unique prompts, on the main process
 only).
 """
 
+import dataclasses
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -78,8 +79,11 @@ class GenerationBackend(ABC):
     has_sampling_logprobs = False
 
     @abstractmethod
-    def generate(self, prompt_ids: list[list[int]], sampling: Sampling, seeds: list[int]) -> Completions:
-        """`sampling.n` completions of each prompt; prompt i samples with seeds[i] (see prompt_seeds)."""
+    def generate(self, prompt_ids: list[list[int]], sampling: Sampling, seeds: list[int],
+                 max_tokens: list[int] | None = None) -> Completions:
+        """`sampling.n` completions of each prompt; prompt i samples with seeds[i] (see prompt_seeds) and, given
+        max_tokens, generates at most max_tokens[i] tokens (a backend that cannot cap each prompt may return more:
+        the first max_tokens[i] of them are what a cap would have given)."""
 
     @abstractmethod
     def sync_weights(self, weights: Weights, version: int) -> None: ...
@@ -107,12 +111,12 @@ class ServerBackend(GenerationBackend):
         self.client = VLLMClient(base_url=base_url, host=host, port=port, timeout=timeout, bucket_bytes=bucket_bytes,
                                  api_key=api_key)
 
-    def generate(self, prompt_ids, sampling, seeds) -> Completions:
+    def generate(self, prompt_ids, sampling, seeds, max_tokens=None) -> Completions:
         response = self.client.generate(
             prompt_token_ids=prompt_ids, n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
             top_k=sampling.top_k if sampling.top_k > 0 else -1, min_p=sampling.min_p,
             repetition_penalty=sampling.repetition_penalty, max_tokens=sampling.max_tokens, seeds=seeds,
-            adapter=self.adapter, **dict(sampling.extra))
+            adapter=self.adapter, max_tokens_per_prompt=max_tokens, **dict(sampling.extra))
         return Completions(
             token_ids=[[c.token_ids for c in r.completions] for r in response.results],
             logprobs=[[c.logprobs for c in r.completions] for r in response.results],
@@ -220,7 +224,7 @@ class ColocateBackend(GenerationBackend):
         self.version = 0
         self.consistent = True  # False after a push that failed half-way, until a whole one lands
 
-    def generate(self, prompt_ids, sampling, seeds) -> Completions:
+    def generate(self, prompt_ids, sampling, seeds, max_tokens=None) -> Completions:
         from vllm import SamplingParams
 
         if not self.consistent:
@@ -228,9 +232,9 @@ class ColocateBackend(GenerationBackend):
                                "old and new weights; push the weights again before generating")
         params = [SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
                                  top_k=sampling.top_k, min_p=sampling.min_p,
-                                 repetition_penalty=sampling.repetition_penalty, max_tokens=sampling.max_tokens,
+                                 repetition_penalty=sampling.repetition_penalty, max_tokens=cap,
                                  logprobs=0, seed=seed, **dict(sampling.extra))
-                  for seed in seeds]
+                  for seed, cap in zip(seeds, max_tokens or [sampling.max_tokens] * len(seeds))]
         self._wake("weights", "kv_cache")
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=False,
                                     lora_request=self.lora_request)
@@ -312,7 +316,9 @@ class TransformersBackend(GenerationBackend):
         self.stop_token_ids = stop_token_ids  # the generation config's EOS ids, and generation_kwargs' stop ids
 
     @torch.no_grad()
-    def generate(self, prompt_ids, sampling, seeds) -> Completions:
+    def generate(self, prompt_ids, sampling, seeds, max_tokens=None) -> Completions:
+        if max_tokens is not None:  # one generate call caps every row alike: generate the most, callers cut
+            sampling = dataclasses.replace(sampling, max_tokens=max(max_tokens))
         model = self.get_model()
         pad = self.tokenizer.pad_token_id
         extra = dict(sampling.extra)

@@ -50,8 +50,9 @@ from fastgrpo.trainer.loss import (
     weighted_rewards,
 )
 from fastgrpo.trainer.lora import LoraSync, adapter_config, adapter_tensors, default_adapter_name
+from fastgrpo.trainer.multi_turn import MultiTurn, RoundRollout, turn_generator
 from fastgrpo.trainer.reporting import report_completions
-from fastgrpo.trainer.rewards import compute_rewards, prepare_reward_funcs, reward_func_name
+from fastgrpo.trainer.rewards import compute_rewards, env_reward, prepare_reward_funcs, reward_func_name
 from fastgrpo.trainer.sampler import RepeatSampler
 from fastgrpo.transfer import ModelWeights
 
@@ -59,6 +60,7 @@ logger = logging.getLogger(__name__)
 
 
 ROUND_STATE = "fastgrpo_round_state_{rank}.pt"  # in each checkpoint folder, one per process
+COMPLETION_SEEDS = -7  # generate_completions' seeds: apart from the rounds' (indices >= 0) and evaluation's
 WEIGHT_SYNC_ATTEMPTS = 3  # a push that fails for a reason that may pass is tried again (see sync_weights)
 
 
@@ -89,7 +91,7 @@ def _identity_collator(features):
 class GRPOTrainer(Trainer):
     def __init__(self, model, reward_funcs, args: GRPOConfig | None = None, train_dataset=None, eval_dataset=None,
                  processing_class=None, reward_processing_classes=None, callbacks=None, optimizers=(None, None),
-                 peft_config=None):
+                 peft_config=None, tools=None, environment_factory=None, rollout_func=None, tool_call_parser=None):
         args = args or GRPOConfig(output_dir="grpo-output")
         if not isinstance(args, GRPOConfig):
             raise TypeError("args must be a fastgrpo.GRPOConfig")
@@ -122,9 +124,27 @@ class GRPOTrainer(Trainer):
             if args.use_vllm:
                 self.lora = LoraSync(model, args.vllm_lora_name or default_adapter_name(args.output_dir))
 
-        self.reward_funcs = prepare_reward_funcs(reward_funcs, reward_processing_classes)
+        if not reward_funcs and environment_factory is not None:
+            reward_funcs = [env_reward]  # the environment's own rewards
+        self.reward_funcs = prepare_reward_funcs(reward_funcs or [], reward_processing_classes)
         if not self.reward_funcs:
             raise ValueError("give at least one reward function")
+        self.multi_turn = None
+        if tools or environment_factory is not None or rollout_func is not None:
+            if args.async_generation and rollout_func is not None:
+                raise ValueError("async_generation=True with a rollout_func: the function takes the trainer and "
+                                 "runs when the round is due; set async_generation=False (tools and environments "
+                                 "do run ahead)")
+            self.multi_turn = MultiTurn(processing_class, args, tools, environment_factory, rollout_func,
+                                        tool_call_parser)
+            if rollout_func is None and train_dataset is not None and len(train_dataset) \
+                    and not isinstance(train_dataset[0]["prompt"], list):
+                raise ValueError("tools and environment_factory need conversational prompts (a 'prompt' column of "
+                                 "message lists, [{'role': 'user', 'content': ...}]): the chat template writes each "
+                                 "turn; this dataset's prompts are plain text")
+        elif args.max_tool_calling_iterations is not None:
+            raise ValueError(f"max_tool_calling_iterations={args.max_tool_calling_iterations} limits tool calls, but "
+                             "no tools were given: pass GRPOTrainer(tools=[...]) or leave it None")
         self.reward_func_names = [reward_func_name(f) for f in self.reward_funcs]
         weights = args.reward_weights or [1.0] * len(self.reward_funcs)
         if len(weights) != len(self.reward_funcs):
@@ -168,6 +188,8 @@ class GRPOTrainer(Trainer):
         self._synced_version: int | None = None
         self._producer: RoundProducer | None = None  # async_generation: rounds generated ahead (main process)
         self._producer_backend: ServerBackend | None = None
+        self._turn_backend: ServerBackend | None = None  # multi-turn episodes on a process that holds no backend
+        self._completion_calls = 0  # generate_completions: seeds apart per call
         self._regenerated_rounds = 0
         self._pending_time = defaultdict(float)
         self._total_tokens = 0
@@ -422,6 +444,118 @@ class GRPOTrainer(Trainer):
         comps = self.backend.generate(prompt_ids, sampling, prompt_seeds(a.seed, round_index, len(prompt_ids)))
         return comps, staleness([v[0] for group in comps.weight_versions for v in group], trained)
 
+    # --- multi-turn rounds --------------------------------------------------------
+
+    def _multi_turn_round(self, prompts: list, inputs: list[dict], round_index: int, evaluating: bool):
+        """This process's rows as episodes (tools, environments) or through the rollout_func, and each episode's
+        staleness (None when the round was generated now)."""
+        if self.args.async_generation and not evaluating:
+            return self._take_multi_turn_round(prompts, inputs, round_index)
+        return self._run_multi_turn(self.multi_turn, inputs, round_index, self._generator()), None
+
+    def _run_multi_turn(self, multi_turn: MultiTurn, inputs: list[dict], round_index: int,
+                        backend: GenerationBackend) -> RoundRollout:
+        """Turn k of this process's row i samples with a seed of (run seed, round, the row's place in the whole
+        round, k): the same whether the round is generated now or ahead."""
+        a, acc = self.args, self.accelerator
+        rows = [{k: v for k, v in x.items() if k != "prompt"} for x in inputs]
+        first_row = acc.process_index * len(inputs)
+        generate = turn_generator(backend, self._sampling(1))
+        context = acc.autocast() if isinstance(backend, TransformersBackend) else contextlib.nullcontext()
+        with context:
+            return multi_turn.run(self, [x["prompt"] for x in inputs], rows, generate,
+                                  lambda i, turn: derived_seed(a.seed, round_index, first_row + i, turn))
+
+    def _take_multi_turn_round(self, prompts: list, inputs: list[dict], round_index: int):
+        """async_generation with tools or environments: every process runs its own rows' episodes ahead, in a
+        thread with its own client (and tokenizer), within vllm_max_weight_staleness as single turns do; a round
+        whose rows are not this round's, or whose episodes ran on weights beyond the bound, is run again now."""
+        a, acc = self.args, self.accelerator
+        bound, rows_per_round = a.vllm_max_weight_staleness, len(inputs)
+        if self._producer is None:
+            sampler, backend = self._get_train_sampler(), self._server_backend()
+            multi_turn, every = self.multi_turn.with_tokenizer(copy.deepcopy(self.tokenizer)), \
+                a.steps_per_generation * a.num_iterations
+            self._producer_backend = backend
+
+            def rows_of(r: int) -> list[dict]:  # this process's share of round r, as _generate deals it
+                indices = [i for i in sampler.batch_prompts(r) for _ in range(a.num_generations)]
+                start = acc.process_index * rows_per_round
+                return [self.train_dataset[i] for i in indices[start : start + rows_per_round]]
+
+            self._producer = RoundProducer(
+                prompts_of=rows_of, generate=lambda rows, r: self._run_multi_turn(multi_turn, rows, r, backend),
+                trained_at=lambda r: first_step(r, every, a.gradient_accumulation_steps),
+                start=round_index, max_staleness=bound)
+            self._producer.pushed(self._synced_version)
+        generated = self._producer.take(round_index)
+        self._metrics["async/generation_seconds"].append(generated.seconds)
+        trained, rollout = self._synced_version, generated.completions
+        firsts = rollout.first_versions or []
+        if [x["prompt"] for x in generated.prompt_ids] != prompts:
+            why = "its rows are not this round's (the look-ahead over the dataset missed)"
+        elif len(firsts) != len(prompts) or too_stale(firsts, trained, bound):
+            why = (f"episodes ran on weights up to {max(staleness(firsts, trained), default='?')} steps older than "
+                   f"the trainer's (step {trained}), beyond vllm_max_weight_staleness={bound}")
+        else:
+            return rollout, staleness(firsts, trained)
+        logger.warning("round %d generated ahead is not trained on: %s; running it again now", round_index, why)
+        self._regenerated_rounds += 1
+        rollout = self._run_multi_turn(self.multi_turn, inputs, round_index, self._generator())
+        return rollout, staleness(rollout.first_versions or [trained] * len(prompts), trained)
+
+    def _generator(self) -> GenerationBackend:
+        """This process's generator; in server mode a process other than the main one gets a client of its own."""
+        if self.backend is not None:
+            return self.backend
+        if self._turn_backend is None:
+            self._turn_backend = self._server_backend()
+        return self._turn_backend
+
+    @property
+    def vllm_client(self):
+        """This process's client of the generation server (server mode), e.g. for a rollout_func."""
+        generator = self._generator()
+        if not isinstance(generator, ServerBackend):
+            raise ValueError("this needs the generation server: use_vllm=True, vllm_mode='server'")
+        return generator.client
+
+    def generate_completions(self, prompt_ids: list[list[int]], max_tokens: int | list[int] | None = None) -> list[dict]:
+        """For a rollout_func: one completion of each prompt (token ids) with the run's sampling settings, as
+        {"completion_ids", "logprobs" (the generator's; None without vLLM), "stopped"} per prompt."""
+        a, acc = self.args, self.accelerator
+        caps = [max_tokens] * len(prompt_ids) if isinstance(max_tokens, int) else max_tokens
+        self._completion_calls += 1
+        seeds = [derived_seed(a.seed, COMPLETION_SEEDS, self._completion_calls, acc.process_index, i)
+                 for i in range(len(prompt_ids))]
+        context = acc.autocast() if isinstance(self.backend, TransformersBackend) else contextlib.nullcontext()
+        with context:
+            turns = turn_generator(self._generator(), self._sampling(1))(
+                prompt_ids, caps or [a.max_completion_length] * len(prompt_ids), seeds)
+        return [{"completion_ids": t.token_ids, "logprobs": t.logprobs, "stopped": t.stopped} for t in turns]
+
+    def _log_multi_turn(self, metrics, rollout: RoundRollout) -> None:
+        """Per-episode means over every process's rows (TRL's tools/call_frequency and tools/failure_frequency)."""
+        acc, device = self.accelerator, self.accelerator.device
+        totals = {k: acc.gather(torch.tensor(v, device=device, dtype=torch.float32)).cpu()
+                  for k, v in rollout.per_row.items()}
+        if "multi_turn/turns" in totals:
+            metrics["multi_turn/turns_mean"].append(totals["multi_turn/turns"].mean().item())
+            metrics["multi_turn/turns_max"].append(totals["multi_turn/turns"].max().item())
+        generated, env = totals["completions/generated_tokens"], totals["completions/env_tokens"]
+        metrics["completions/generated_tokens_mean"].append(generated.mean().item())
+        metrics["completions/env_tokens_mean"].append(env.mean().item())
+        metrics["completions/generated_fraction"].append((generated.sum() / (generated.sum() + env.sum()).clamp(
+            min=1)).item())
+        if "tools/calls" in totals:
+            calls, failures = totals["tools/calls"].sum().item(), totals["tools/failures"].sum().item()
+            metrics["tools/call_frequency"].append(totals["tools/calls"].mean().item())
+            metrics["tools/failure_frequency"].append(failures / calls if calls else 0.0)
+            metrics["tools/failures_per_episode"].append(totals["tools/failures"].mean().item())
+            for key, values in totals.items():
+                if key.startswith("tools/failures/"):
+                    metrics[key].append(values.mean().item())
+
     def _stop_producer(self) -> None:
         if self._producer is not None:
             self._producer.close()
@@ -450,19 +584,34 @@ class GRPOTrainer(Trainer):
         num_generations = (a.num_generations_eval or a.num_generations) if evaluating else a.num_generations
         prompts = [x["prompt"] for x in inputs]
         conversational = isinstance(prompts[0], list)
-        prompt_ids = self._prompt_ids(prompts)
 
         began = time.perf_counter()
-        completion_ids, sampling_logps, terminated, version, behind = self._generate(
-            prompt_ids, num_generations, round_index, evaluating)
+        rollout = None
+        if self.multi_turn is not None:
+            rollout, behind = self._multi_turn_round(prompts, inputs, round_index, evaluating)
+            prompt_ids, completion_ids, sampling_logps = rollout.prompt_ids, rollout.completion_ids, rollout.sampling_logps
+            terminated, version = rollout.stopped, rollout.weight_version
+        else:
+            prompt_ids = self._prompt_ids(prompts)
+            completion_ids, sampling_logps, terminated, version, behind = self._generate(
+                prompt_ids, num_generations, round_index, evaluating)
         generate_s = time.perf_counter() - began
         self._check_version(version)
 
         texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-        completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
+        if rollout is not None:
+            completions = rollout.completions
+        else:
+            completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
 
         began = time.perf_counter()
         columns = {k: [x[k] for x in inputs] for k in inputs[0] if k != "prompt"}
+        if rollout is not None:
+            clash = set(columns) & set(rollout.reward_columns)
+            if clash:
+                raise ValueError(f"dataset columns {sorted(clash)} clash with what multi-turn rollouts pass to the "
+                                 "reward functions: rename the columns")
+            columns.update(rollout.reward_columns)
         local_rewards = compute_rewards(self.reward_funcs, prompts, completions, completion_ids, columns,
                                         trainer_state=self.state)
         all_rewards = acc.gather(local_rewards.to(device)).float().cpu()
@@ -476,7 +625,8 @@ class GRPOTrainer(Trainer):
         pad = self.tokenizer.pad_token_id
         prompt_mask = pad_rows([[1] * len(p) for p in prompt_ids], 0, left=True)
         completion_attention = pad_rows([[1] * len(c) for c in completion_ids], 0)
-        completion_mask = completion_attention.clone()
+        # The loss covers the model's own tokens: all of a single turn, never a tool's or an environment's.
+        completion_mask = completion_attention.clone() if rollout is None else pad_rows(rollout.completion_mask, 0)
         if a.mask_truncated_completions:
             completion_mask[~torch.tensor(terminated, dtype=torch.bool)] = 0
         batch = {"prompt_ids": pad_rows(prompt_ids, pad, left=True), "prompt_mask": prompt_mask,
@@ -524,7 +674,12 @@ class GRPOTrainer(Trainer):
         metrics["time/generate"].append(generate_s)
         metrics["time/reward"].append(reward_s)
         self._round_seconds += generate_s + reward_s
-        metrics["generate/tokens_per_second"].append(lengths.sum().item() / max(generate_s, 1e-9))
+        if rollout is None:
+            metrics["generate/tokens_per_second"].append(lengths.sum().item() / max(generate_s, 1e-9))
+        else:  # the model's tokens only, not the tool results and messages between its turns
+            generated = acc.gather(completion_mask.sum().reshape(1).to(device)).sum().item()
+            metrics["generate/tokens_per_second"].append(generated / max(generate_s, 1e-9))
+            self._log_multi_turn(metrics, rollout)
         if behind is not None:
             metrics["async/staleness_mean"].append(sum(behind) / len(behind))
             metrics["async/staleness_max"].append(max(behind))
@@ -770,6 +925,9 @@ class GRPOTrainer(Trainer):
         if self.backend is not None:
             self.backend.close()
             self.backend = None
+        if self._turn_backend is not None:
+            self._turn_backend.close()
+            self._turn_backend = None
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             self.accelerator.wait_for_everyone()  # no rank tears the group down under another's collective
             self.accelerator.end_training()

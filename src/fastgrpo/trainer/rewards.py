@@ -47,6 +47,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from fastgrpo.rollouts.chat import message_text
+
 logger = logging.getLogger(__name__)
 
 
@@ -60,24 +62,14 @@ def is_conversational(item: Any) -> bool:
     return isinstance(item, (list, tuple)) and len(item) > 0 and isinstance(item[0], dict) and "role" in item[0]
 
 
-def _content_text(content: Any) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, (list, tuple)):  # multimodal parts: keep the text ones
-        return "".join(part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text")
-    return str(content)
-
-
 def completion_text(completion: Any) -> str:
     """The plain text of one completion: the string itself, or its messages' contents joined by newlines."""
     if isinstance(completion, str):
         return completion
     if isinstance(completion, dict):
-        return _content_text(completion.get("content"))
+        return message_text(completion.get("content"))
     if isinstance(completion, (list, tuple)):
-        return "\n".join(_content_text(m.get("content")) if isinstance(m, dict) else str(m) for m in completion)
+        return "\n".join(message_text(m.get("content")) if isinstance(m, dict) else str(m) for m in completion)
     raise TypeError(f"a completion must be a string or a list of messages, got {type(completion).__name__}")
 
 
@@ -174,6 +166,12 @@ def make_format_reward(format: str | re.Pattern, name: str | None = None) -> Cal
     return reward
 
 
+def env_reward(completions: list, env_reward: list[float], **kwargs) -> list[float]:
+    """The environment's reward of each episode: the sum of the rewards its steps returned (environment_factory's
+    default reward function)."""
+    return [float(r) for r in env_reward]
+
+
 def format_reward(completions: list, **kwargs) -> list[float]:
     """1.0 when the completion is just the answer, one number (a final period allowed), else 0.0.
 
@@ -262,7 +260,7 @@ class RewardModel:
                 if getattr(self.tokenizer, "chat_template", None):
                     texts.append(self.tokenizer.apply_chat_template(messages, tokenize=False))
                 else:
-                    texts.append("\n".join(_content_text(m.get("content")) for m in messages))
+                    texts.append("\n".join(message_text(m.get("content")) for m in messages))
             else:
                 texts.append(str(prompt) + str(completion))
         return texts

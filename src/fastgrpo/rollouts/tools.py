@@ -1,0 +1,93 @@
+"""Running the model's tool calls: with a timeout, a size limit, and every failure told to the model.
+
+A tool is the user's Python function, called with the arguments the model wrote. Whatever it
+does (raise, hang, return a megabyte, be called with arguments it does not take, not exist)
+the episode goes on: the model gets an error result saying what happened and the call counts
+as failed in the metrics. A call runs in a thread of its own; Python cannot stop a thread, so
+one that hangs is left behind (a daemon: it does not keep the process alive) and the episode
+continues without it. Tools that may hang forever should time out themselves.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import threading
+from dataclasses import dataclass
+
+from fastgrpo.rollouts.tool_calls import ToolCall, tool_name, tool_schema
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TOOL_TIMEOUT_S = 10.0
+DEFAULT_MAX_TOOL_RESULT_CHARS = 4096
+
+
+@dataclass
+class ToolResult:
+    name: str
+    content: str
+    failure: str | None = None  # None, or: "parse", "unknown_tool", "bad_arguments", "raised", "timeout", "too_large"
+
+
+class ToolRunner:
+    def __init__(self, tools: list, timeout_s: float = DEFAULT_TOOL_TIMEOUT_S,
+                 max_result_chars: int = DEFAULT_MAX_TOOL_RESULT_CHARS):
+        if timeout_s <= 0:
+            raise ValueError(f"tool timeout {timeout_s}: must be > 0 seconds")
+        self.schemas = [tool_schema(t) for t in tools]
+        self.functions = {}
+        for tool, schema in zip(tools, self.schemas):
+            if not callable(tool):
+                raise ValueError(f"tool {tool_name(schema)!r} is a schema without a function to run: give the "
+                                 "Python function itself")
+            if inspect.iscoroutinefunction(tool):
+                raise ValueError(f"tool {tool_name(schema)!r} is async: give a plain function (wrap it with "
+                                 "asyncio.run)")
+            if tool_name(schema) in self.functions:
+                raise ValueError(f"two tools are named {tool_name(schema)!r}: tool names must be unique")
+            self.functions[tool_name(schema)] = tool
+        self.timeout_s = timeout_s
+        self.max_result_chars = max_result_chars
+        self.abandoned = 0  # calls that timed out and may still be running
+
+    def run(self, call: ToolCall) -> ToolResult:
+        if call.error is not None:
+            return ToolResult(call.name, f"Error: {call.error}.", "parse")
+        function = self.functions.get(call.name)
+        if function is None:
+            known = ", ".join(sorted(self.functions))
+            return ToolResult(call.name, f"Error: there is no tool named {call.name!r}; the tools are: {known}.",
+                              "unknown_tool")
+        try:
+            inspect.signature(function).bind(**call.arguments)
+        except TypeError as exc:
+            return ToolResult(call.name, f"Error: tool {call.name!r} cannot take these arguments: {exc}.",
+                              "bad_arguments")
+        box: dict = {}
+
+        def target():
+            try:
+                box["value"] = function(**call.arguments)
+            except BaseException as exc:  # a tool's SystemExit or KeyboardInterrupt must not end the run either
+                box["error"] = exc
+
+        thread = threading.Thread(target=target, name=f"tool-{call.name}", daemon=True)
+        thread.start()
+        thread.join(self.timeout_s)
+        if thread.is_alive():
+            self.abandoned += 1
+            logger.warning("tool %r did not return within %.1f s; the episode goes on without it (%d calls abandoned "
+                           "so far)", call.name, self.timeout_s, self.abandoned)
+            return ToolResult(call.name, f"Error: tool {call.name!r} did not return within {self.timeout_s:g} "
+                                         "seconds.", "timeout")
+        if "error" in box:
+            exc = box["error"]
+            return ToolResult(call.name, f"Error: tool {call.name!r} raised {type(exc).__name__}: {exc}", "raised")
+        value = box.get("value")
+        text = value if isinstance(value, str) else json.dumps(value, default=str)
+        if len(text) > self.max_result_chars:
+            return ToolResult(call.name, f"Error: tool {call.name!r} returned {len(text)} characters, more than the "
+                                         f"limit of {self.max_result_chars}.", "too_large")
+        return ToolResult(call.name, text)

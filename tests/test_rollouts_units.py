@@ -1,0 +1,307 @@
+"""Multi-turn pieces alone: tool-call parsing, tool running, the tokens of continuations, the episode driver,
+the server's recorder, and the trainer's refusals. No server: the driver runs on a scripted generator here
+(tests/test_multi_turn.py drives it against the real one)."""
+
+import json
+import time
+
+import pytest
+from transformers import AutoTokenizer
+
+from fastgrpo import GRPOConfig
+from fastgrpo.config import ConfigError
+from fastgrpo.rollouts import Environment, StepResult, ToolEnvironment, ToolRunner, Turn, run_episodes
+from fastgrpo.rollouts.chat import ChatTokens
+from fastgrpo.rollouts.tool_calls import ToolCall, calls_as_text, parse_hermes, tool_schema
+from fastgrpo.serve.recordings import Recorder
+
+
+def add(a: int, b: int) -> int:
+    """Add two integers.
+
+    Args:
+        a: the first
+        b: the second
+    """
+    return a + b
+
+
+def fails(x: str) -> str:
+    """Always raises.
+
+    Args:
+        x: anything
+    """
+    raise ValueError(f"cannot handle {x}")
+
+
+def sleeps(seconds: float) -> str:
+    """Sleeps.
+
+    Args:
+        seconds: how long
+    """
+    time.sleep(seconds)
+    return "woke"
+
+
+def huge() -> str:
+    """Returns a megabyte."""
+    return "x" * 2**20
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_qwen2):
+    return AutoTokenizer.from_pretrained(tiny_qwen2)
+
+
+def test_hermes_calls_parse_and_malformed_ones_say_why():
+    parsed = parse_hermes('Let me add. <tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>'
+                          '<tool_call>{"name": "add", "arguments": "{\\"a\\": 3, \\"b\\": 4}"}</tool_call>')
+    assert parsed.content == "Let me add."
+    assert [(c.name, c.arguments, c.error) for c in parsed.calls] == [("add", {"a": 1, "b": 2}, None),
+                                                                       ("add", {"a": 3, "b": 4}, None)]
+    bad = parse_hermes('<tool_call>{"name": add}</tool_call><tool_call>{"arguments": {}}</tool_call>'
+                       '<tool_call>{"name": "add", "arguments": [1]}</tool_call><tool_call>{"name": "add"')
+    assert [c.error is not None for c in bad.calls] == [True] * 4
+    assert "not valid JSON" in bad.calls[0].error and '"name"' in bad.calls[1].error
+    assert "JSON object" in bad.calls[2].error and "not closed" in bad.calls[3].error
+    assert parse_hermes("The answer is 7.").calls == []
+    # Written back for templates that render content only, it parses to the same call.
+    text = calls_as_text([ToolCall("add", {"a": 1, "b": 2}).as_message_call("call_1")])
+    assert [(c.name, c.arguments) for c in parse_hermes(text).calls] == [("add", {"a": 1, "b": 2})]
+
+
+def test_a_tool_that_raises_hangs_or_returns_a_megabyte_gives_an_error_result():
+    runner = ToolRunner([add, fails, sleeps, huge], timeout_s=0.3, max_result_chars=1000)
+    assert runner.run(ToolCall("add", {"a": 2, "b": 5})).content == "7"
+    cases = {"raised": ToolCall("fails", {"x": "y"}), "timeout": ToolCall("sleeps", {"seconds": 5}),
+             "too_large": ToolCall("huge", {}), "unknown_tool": ToolCall("nope", {}),
+             "bad_arguments": ToolCall("add", {"a": 1}), "parse": ToolCall("", error="not JSON")}
+    began = time.perf_counter()
+    for kind, call in cases.items():
+        result = runner.run(call)
+        assert result.failure == kind, (kind, result)
+        assert result.content.startswith("Error:") and len(result.content) < 300
+    assert time.perf_counter() - began < 4  # the sleeping tool was not waited for
+    assert "ValueError: cannot handle y" in runner.run(cases["raised"]).content
+    assert "1048576 characters" in runner.run(cases["too_large"]).content
+    with pytest.raises(ValueError, match="unique"):
+        ToolRunner([add, add])
+
+
+def test_the_tools_schema_comes_from_the_signature_and_docstring():
+    schema = tool_schema(add)
+    assert schema["function"]["name"] == "add"
+    assert schema["function"]["parameters"]["properties"]["a"] == {"type": "integer", "description": "the first"}
+
+    def undocumented(x):
+        return x
+
+    with pytest.raises(ValueError, match="type hint"):
+        tool_schema(undocumented)
+
+
+def test_continuation_tokens_are_what_the_template_writes_after_a_turn(tokenizer):
+    """Prompt + the model's turn + continuation equals the template's rendering of the whole conversation,
+    tokenized (where the turn's text tokenizes back to the same ids, as here)."""
+    chat = ChatTokens(tokenizer, [tool_schema(add)])
+    assert not chat.renders_tools  # the tiny template ignores `tools`: they go into a system message
+    prompt_messages = [{"role": "user", "content": "What is 2 + 3?"}]
+    turn_text = 'call <tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call>'
+    generated = tokenizer(turn_text, add_special_tokens=False)["input_ids"] + [tokenizer.convert_tokens_to_ids(
+        "<|im_end|>")]
+    replies = [{"role": "tool", "name": "add", "content": "5"}, {"role": "user", "content": "and now?"}]
+    ids = chat.prompt(prompt_messages) + generated + chat.continuation(generated, replies)
+    conversation = chat.messages_for_template(prompt_messages + [{"role": "assistant", "content": turn_text}]
+                                              + replies)
+    expected = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True,
+                                             return_dict=True)["input_ids"]
+    assert ids == list(expected)
+    assert "<tools>" in tokenizer.decode(ids) and '"name": "add"' in tokenizer.decode(ids)
+    # A turn cut before its stop token gets the whole end of turn from the template.
+    cut = generated[:-1]
+    assert chat.continuation(cut, replies)[: len(chat.turn_end)] == chat.turn_end
+
+
+class Countdown(Environment):
+    """Answers every turn with 'again' until `turns` turns, rewarding each turn by its length."""
+
+    def __init__(self, turns):
+        self.turns, self.seen = turns, 0
+
+    def step(self, turn):
+        self.seen += 1
+        return StepResult("again", reward=len(turn), done=self.seen == self.turns)
+
+
+def scripted(lengths):
+    """A generator whose k-th call gives each prompt `lengths[k]` tokens (ids 10, 11, ...), logprob -0.5 each."""
+    calls = []
+
+    def generate(prompts, budgets, seeds):
+        k = len(calls)
+        calls.append((prompts, budgets, seeds))
+        return [Turn([10 + j for j in range(lengths[k])], [-0.5] * lengths[k], True, (k, k)) for _ in prompts]
+
+    return generate, calls
+
+
+def test_episodes_interleave_turns_and_replies_with_a_mask_on_the_models_tokens(tokenizer):
+    chat = ChatTokens(tokenizer)
+    generate, calls = scripted([3, 2, 4])
+    reply = chat.continuation([10, 11, 12], [{"role": "user", "content": "again"}])
+    episodes = run_episodes([[1, 2], [3]], [Countdown(3), Countdown(2)], generate, chat,
+                            lambda ids: "t" * len(ids), max_completion_length=200, seed_of=lambda i, t: 100 * i + t)
+    first, second = episodes
+    assert first.completion_ids == [10, 11, 12] + reply + [10, 11] + reply + [10, 11, 12, 13]
+    assert first.mask == [1] * 3 + [0] * len(reply) + [1] * 2 + [0] * len(reply) + [1] * 4
+    assert first.logprobs == [-0.5 if m else 0.0 for m in first.mask]
+    assert second.completion_ids == [10, 11, 12] + reply + [10, 11] and second.turns == 2
+    assert first.turn_rewards == [3.0, 2.0, 4.0] and first.env_reward == 9.0 and first.stopped
+    # Each turn continues from the exact tokens so far; finished episodes stop generating.
+    assert calls[1][0] == [[1, 2] + first.completion_ids[: 3 + len(reply)], [3] + second.completion_ids[: 3 + len(reply)]]
+    assert len(calls[2][0]) == 1 and calls[2][2] == [2]  # seed_of(0, turn 2)
+    assert calls[1][1] == [200 - 3 - len(reply)] * 2  # each turn may use what is left of the budget
+    assert first.weight_versions == (0, 2)
+
+
+def test_the_budget_cuts_an_episode_and_a_reply_that_does_not_fit_ends_it(tokenizer):
+    chat = ChatTokens(tokenizer)
+    reply = len(chat.continuation([10], [{"role": "user", "content": "again"}]))
+    # A generator that ignores the cap: the driver keeps the first tokens and marks the episode truncated.
+    generate, _ = scripted([50])
+    (episode,) = run_episodes([[1]], [Countdown(5)], generate, chat, str, max_completion_length=20,
+                              seed_of=lambda i, t: 0)
+    assert len(episode.completion_ids) == 20 and not episode.stopped and episode.turns == 1
+    # A turn that leaves too little room for the reply and one more token ends the episode there.
+    generate, _ = scripted([20 - reply, 5])
+    (episode,) = run_episodes([[1]], [Countdown(5)], generate, chat, str, max_completion_length=20,
+                              seed_of=lambda i, t: 0)
+    assert episode.completion_ids == [10 + j for j in range(20 - reply)] and not episode.stopped
+
+
+def test_a_tool_environment_runs_calls_until_an_answer_or_the_iteration_limit():
+    runner = ToolRunner([add], timeout_s=1.0)
+    env = ToolEnvironment(runner, parse_hermes, max_iterations=1)
+    call = '<tool_call>{"name": "add", "arguments": {"a": 20, "b": 22}}</tool_call>'
+    first = env.step(call)
+    assert first.messages == [{"role": "tool", "name": "add", "content": "42"}] and not first.done
+    assert first.tool_calls == 1 and first.tool_failures == []
+    assert env.step(call).done  # a second round of calls is past max_iterations=1
+    assert ToolEnvironment(runner).step("42").done  # no call: the answer
+
+
+def test_the_recorder_continues_a_session_only_when_the_history_matches(tokenizer):
+    chat = ChatTokens(tokenizer)
+    recorder = Recorder(max_rollouts=2)
+    messages = [{"role": "user", "content": "What is 2 + 3?"}]
+    plan = recorder.plan("r1", messages, "[]", chat)
+    assert plan.prompt_ids == chat.prompt(messages) and plan.sequence is None
+    reply = {"role": "assistant", "content": "five"}
+    recorder.record("r1", plan, messages, "[]", reply, [10, 11, 2], [-0.1, -0.2, -0.3], [0, 0])
+    # The agent sends its history back (as the openai client does: None fields, the reply object) plus a message.
+    echoed = messages + [{"role": "assistant", "content": "five", "refusal": None, "tool_calls": None},
+                         {"role": "user", "content": "sure?"}]
+    plan2 = recorder.plan("r1", echoed, "[]", chat)
+    following = chat.continuation([10, 11, 2], echoed[2:])
+    assert plan2.prompt_ids == chat.prompt(messages) + [10, 11, 2] + following
+    recorder.record("r1", plan2, echoed, "[]", {"role": "assistant", "content": "yes"}, [12], [-0.4], [1, 1])
+    (sequence,) = recorder.get("r1").sequences
+    assert sequence.completion_ids == [10, 11, 2] + following + [12]
+    assert sequence.mask == [1, 1, 1] + [0] * len(following) + [1]
+    assert sequence.logprobs == [-0.1, -0.2, -0.3] + [0.0] * len(following) + [-0.4]
+    assert sequence.as_response().weight_versions == [0, 1]
+    # An edited history starts a new sequence.
+    edited = [{"role": "user", "content": "What is 2 + 4?"}, *echoed[1:]]
+    assert recorder.plan("r1", edited, "[]", chat).sequence is None
+    # The oldest recording goes beyond max_rollouts, and a GET says why it is gone.
+    for rid in ("r2", "r3"):
+        recorder.record(rid, recorder.plan(rid, messages, "[]", chat), messages, "[]", reply, [10], [-1.0], [0, 0])
+    with pytest.raises(Exception, match="dropped"):
+        recorder.get("r1")
+
+
+def test_multi_turn_options_fail_at_construction_naming_the_fix(tiny_qwen2, tmp_path):
+    from datasets import Dataset
+
+    from fastgrpo import GRPOTrainer
+
+    data = Dataset.from_dict({"prompt": [[{"role": "user", "content": "hi"}]] * 4})
+
+    def config(**kw):
+        return GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, use_cpu=True,
+                          bf16=False, report_to=[], **kw)
+
+    def reward(completions, **kw):
+        return [0.0] * len(completions)
+
+    with pytest.raises(ValueError, match="one of tools, environment_factory and rollout_func"):
+        GRPOTrainer(tiny_qwen2, [reward], args=config(), train_dataset=data, tools=[add],
+                    environment_factory=lambda: Countdown(1))
+    with pytest.raises(ValueError, match="no tools were given"):
+        GRPOTrainer(tiny_qwen2, [reward], args=config(max_tool_calling_iterations=2), train_dataset=data)
+    for bad, words in ((dict(tool_timeout=0), "tool_timeout"), (dict(max_tool_result_length=0), "max_tool_result"),
+                       (dict(max_tool_calling_iterations=-1), "max_tool_calling_iterations")):
+        with pytest.raises(ConfigError, match=words):
+            config(**bad)
+
+
+def test_a_rollout_funcs_result_is_checked_row_by_row(tiny_qwen2, tmp_path):
+    from datasets import Dataset
+
+    from fastgrpo import GRPOTrainer
+
+    data = Dataset.from_dict({"prompt": ["hi"] * 4})
+    cfg = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, use_cpu=True,
+                     bf16=False, report_to=[], max_completion_length=8, max_steps=1, save_strategy="no",
+                     disable_tqdm=True)
+
+    def trainer_with(result):
+        return GRPOTrainer(tiny_qwen2, [lambda completions, **kw: [0.0] * len(completions)], args=cfg,
+                           train_dataset=data, rollout_func=lambda prompts, trainer: result(len(prompts)))
+
+    good = {"prompt_ids": [[1, 2]], "completion_ids": [[5, 6, 7]], "logprobs": [[-1.0, -1.0, -1.0]],
+            "env_mask": [[1, 0, 1]]}
+    for change, words in ((dict(env_mask=[[1, 0]]), "one entry per completion token"),
+                          (dict(completion_ids=[[5] * 9], logprobs=[[0.0] * 9], env_mask=[[1] * 9]),
+                           "more than max_completion_length"),
+                          (dict(env_mask=[[1, 2, 1]]), "other than 0 and 1")):
+        result = {**good, **change}
+        with pytest.raises(ValueError, match=words):
+            trainer_with(lambda n, r=result: {k: v * n for k, v in r.items()}).train()
+    with pytest.raises(ValueError, match="4 prompts"):
+        trainer_with(lambda n: good).train()
+    with pytest.raises(ValueError, match="lacks"):
+        trainer_with(lambda n: {"completion_ids": [[1]] * n}).train()
+
+
+def test_the_recording_protocol_round_trips():
+    from fastgrpo.serve.protocol import RolloutRecording
+
+    body = {"rollout_id": "a", "sequences": [{"prompt_ids": [1], "completion_ids": [2, 3], "completion_mask": [1, 0],
+                                              "logprobs": [-1.0, 0.0], "calls": 1, "weight_versions": [0, 0]}]}
+    assert RolloutRecording.model_validate(json.loads(json.dumps(body))).model_dump() == body
+
+
+# Like Qwen3's: the last assistant message gets an (empty) reasoning block, earlier ones do not.
+REWRITING_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' and loop.last %}"
+    "{{ '<|im_start|>assistant\\n<think></think>' + message['content'] + '<|im_end|>\\n' }}"
+    "{% else %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def test_continuations_with_a_template_that_rewrites_the_last_assistant_turn(tokenizer):
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = REWRITING_TEMPLATE
+    chat = ChatTokens(tok)
+    generated = tok("five", add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
+    reply = [{"role": "user", "content": "sure?"}]
+    following = chat.continuation(generated, reply)
+    # What the template writes after a middle assistant turn, the model's own <|im_end|> left out.
+    assert tok.decode(following) == "\n<|im_start|>user\nsure?<|im_end|>\n<|im_start|>assistant\n"
+    assert "<think>" not in tok.decode(following)
