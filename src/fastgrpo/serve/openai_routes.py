@@ -119,8 +119,7 @@ def no_streaming(req) -> None:
                        "send stream=false (the default)", "stream")
 
 
-def chat_tokens(state: ServerState, tools: list[dict]) -> ChatTokens:
-    key = json.dumps(tools, sort_keys=True)
+def chat_tokens(state: ServerState, tools: list[dict], key: str) -> ChatTokens:
     chat = state.chats.get(key)
     if chat is None:
         try:
@@ -210,8 +209,9 @@ async def _chat(req: ChatCompletionRequest, state: ServerState, rollout_id: str 
                        "sampled tokens' logprobs", "top_logprobs")
     max_tokens = req.max_completion_tokens or req.max_tokens or 256
     tools = req.tool_schemas()
+    tools_key = json.dumps(tools, sort_keys=True)  # a call with other tools starts a new recorded sequence
     messages = [m.as_dict() for m in req.messages]
-    chat = chat_tokens(state, tools)
+    chat = chat_tokens(state, tools, tools_key)
     plan = None
     try:
         if rollout_id is not None:
@@ -219,7 +219,7 @@ async def _chat(req: ChatCompletionRequest, state: ServerState, rollout_id: str 
             if req.n != 1:
                 raise ApiError(400, "invalid_request", f"n={req.n} with a rollout id: a recorded rollout is one "
                                "conversation; send n=1 (and one rollout id per episode)", "n")
-            plan = state.recorder.plan(rollout_id, messages, json.dumps(tools, sort_keys=True), chat)
+            plan = state.recorder.plan(rollout_id, messages, tools_key, chat)
             ids = plan.prompt_ids
         else:
             ids = chat.prompt(messages)
@@ -240,7 +240,7 @@ async def _chat(req: ChatCompletionRequest, state: ServerState, rollout_id: str 
         choices.append({"index": j, "message": message, "logprobs": logprobs,
                         "finish_reason": "tool_calls" if calls and c.finish_reason == "stop" else c.finish_reason})
         if plan is not None:
-            state.recorder.record(rollout_id, plan, messages, json.dumps(tools, sort_keys=True), message,
+            state.recorder.record(rollout_id, plan, messages, tools_key, message,
                                   c.token_ids, c.logprobs, c.weight_versions)
     return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
             "model": served_name(state, req.model), "choices": choices, "usage": _usage([ids], results),
