@@ -397,6 +397,88 @@ def test_gradient_at_ga4_equals_one_batch_of_the_same_rows(server, tiny_qwen2, t
     assert relative_difference(grads[4], grads[1]) < GRAD_RTOL
 
 
+def reference_gradient(model_path: str, micro_batches: list[dict], loss_type: str, top_entropy_quantile: float,
+                       ga: int) -> dict:
+    """The step's gradient computed apart from the trainer: each row's own forward (no padding, no prompt
+    sharing), on-policy (the ratio is 1, so a token's gradient is -A * grad log p), the micro-batch's token
+    count as bnpo's normaliser and its own entropy quantile as the entropy mask's threshold."""
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    for m in micro_batches:
+        rows = []
+        for i in range(len(m["advantages"])):
+            prompt = m["prompt_ids"][i][m["prompt_mask"][i].bool()]
+            completion = m["completion_ids"][i][m["completion_attention"][i].bool()]
+            logits = model(torch.cat([prompt, completion])[None]).logits[0, len(prompt) - 1 : -1]
+            logps = torch.log_softmax(logits, -1)
+            token_logps = logps.gather(1, completion[:, None])[:, 0]
+            entropy = -(logps.exp() * logps).sum(-1).detach()
+            rows.append((token_logps, entropy, float(m["advantages"][i])))
+        keep = [torch.ones_like(e, dtype=torch.bool) for _, e, _ in rows]
+        if top_entropy_quantile < 1.0:
+            threshold = torch.quantile(torch.cat([e for _, e, _ in rows]), 1.0 - top_entropy_quantile)
+            keep = [e >= threshold for _, e, _ in rows]
+        tokens = sum(len(lp) for lp, _, _ in rows)
+        assert loss_type == "bnpo"
+        loss = sum((-a * lp * k).sum() for (lp, _, a), k in zip(rows, keep)) / tokens / ga
+        loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("top_entropy_quantile", [1.0, 0.5])
+def test_bnpo_and_the_entropy_mask_at_ga4_use_random_micro_batches_and_their_own_normalisers(
+        server, tiny_qwen2, tmp_path, top_entropy_quantile):
+    """bnpo divides by each micro-batch's tokens and the entropy mask takes each micro-batch's quantile, so
+    their objective depends on which rows share a micro-batch. TRL shuffles its batches; micro-batches of
+    rows sorted by length would give short completions more weight per token. The trainer's micro-batches
+    must be random samples of the step, and its gradient that of an independent computation on them."""
+    recorded = []
+    config = server_config(tmp_path, server, loss_type="bnpo", top_entropy_quantile=top_entropy_quantile,
+                           per_device_train_batch_size=4, gradient_accumulation_steps=4, max_steps=1,
+                           max_grad_norm=0.0, vllm_importance_sampling_correction=False,
+                           generation_kwargs={"stop_token_ids": STOPS}, max_completion_length=32)
+
+    def record(trainer):
+        split_round = trainer._split_round
+
+        def recording(batch, round_index):
+            micro = split_round(batch, round_index)
+            recorded.extend(micro)
+            return micro
+
+        trainer._split_round = recording
+
+    recorder = Gradients()
+    train(tiny_qwen2, config, callbacks=[recorder], before=record)
+    assert len(recorded) == 4 and all("parts" not in m for m in recorded)  # never cut: a part is no share
+    lengths = [m["completion_attention"].sum(1).tolist() for m in recorded]
+    assert len({x for row in lengths for x in row}) > 4, lengths  # ragged, or the order could not matter
+    # Sorted by length, each micro-batch's longest row would be at most the next one's shortest.
+    assert not all(max(a) <= min(b) for a, b in zip(lengths, lengths[1:])), lengths
+    expected = reference_gradient(tiny_qwen2, recorded, "bnpo", top_entropy_quantile, ga=4)
+    assert relative_difference(recorder.steps[0], expected) < GRAD_RTOL
+
+
+def test_micro_batches_for_per_micro_batch_objectives_are_random_samples_of_the_step():
+    """split_round without padding order: over many seeds, the longest rows land in every micro-batch alike."""
+    from fastgrpo.trainer.batching import split_round
+
+    lengths = torch.arange(1, 17)
+    batch = {"prompt_ids": torch.ones(16, 3, dtype=torch.long), "prompt_mask": torch.ones(16, 3, dtype=torch.long),
+             "completion_ids": torch.ones(16, 16, dtype=torch.long),
+             "completion_attention": (torch.arange(16)[None] < lengths[:, None]).long(),
+             "advantages": torch.arange(16.0)}
+    batch["completion_mask"] = batch["completion_attention"].clone()
+    where_longest = torch.zeros(4)
+    for seed in range(400):
+        (step,) = split_round(batch, 1, 4, generator=torch.Generator().manual_seed(seed), order_for_padding=False)
+        assert sorted(int(a) for m in step for a in m["advantages"]) == list(range(16))
+        where_longest[next(i for i, m in enumerate(step) if 15 in m["advantages"].tolist())] += 1
+    # Uniform: 100 each; a 4-sigma band (sd = sqrt(400 * 1/4 * 3/4) ~ 8.7).
+    assert ((where_longest - 100).abs() < 35).all(), where_longest
+    (ordered,) = split_round(batch, 1, 4, generator=torch.Generator().manual_seed(0))
+    assert 15 in ordered[-1]["advantages"].tolist()  # with padding order: the longest rows together
+
+
 def test_a_round_serving_two_steps_trains_the_second_against_the_generating_policy(server, tiny_qwen2, tmp_path):
     """steps_per_generation=2 at GA 1: step 2 trains on samples of the weights before step 1. Its ratio must
     be to those weights (old logprobs computed at generation), and its dapo normaliser its own token count."""

@@ -183,6 +183,15 @@ class GRPOConfig(TrainingArguments):
     transformers_continuous_batching_config: dict | None = None
     use_transformers_paged: bool = False
 
+    # --- several training processes -------------------------------------------------------
+    ddp_timeout: int = field(default=3600, metadata={
+        "help": "seconds any collective between the training processes may wait before it fails with a message "
+                "naming the rank and step (transformers' field; its default is 1800). The longest legitimate wait is "
+                "one generation round, which the main process runs while the others wait"})
+    ds3_gather_for_generation: bool = field(default=True, metadata={
+        "help": "DeepSpeed ZeRO-3 / FSDP2 with use_vllm=False: gather the whole policy for generation (fast, needs "
+                "room for a full copy); False generates on the shards, gathering layer by layer at every token"})
+
     # TRL's defaults for these TrainingArguments
     learning_rate: float = 1e-6
     logging_steps: float = 1
@@ -268,6 +277,9 @@ class GRPOConfig(TrainingArguments):
             fail("vllm_enable_sleep_mode=True needs a GPU: vLLM's CPU build has no sleep mode")
         if self.max_tool_calling_iterations is not None and self.max_tool_calling_iterations < 0:
             fail(f"max_tool_calling_iterations={self.max_tool_calling_iterations}: must be >= 0 (None: no limit)")
+        if self.ddp_timeout <= 0:
+            fail(f"ddp_timeout={self.ddp_timeout}: must be > 0 seconds (the longest a collective between the "
+                 "training processes may wait)")
         if self.tool_timeout <= 0:
             fail(f"tool_timeout={self.tool_timeout}: must be > 0 seconds")
         if self.max_tool_result_length < 1:

@@ -4,7 +4,14 @@ A round holds the completions of `steps_per_generation` micro-batches. When it s
 several optimizer steps, its rows are dealt to the steps at random (seeded, so a resumed
 run deals the same way): a step must see a sample of the round, not its shortest or its
 longest completions. Inside a step, rows are ordered to waste little compute on padding;
-that order changes nothing but speed, since a step's gradient is the sum over its rows.
+that order changes nothing but speed where a step's gradient is a sum over its rows. Where
+the objective is normalised per micro-batch (bnpo, the entropy quantile), a micro-batch is a
+random sample of its step instead, as in TRL, whose batches are shuffled.
+
+Every decision here that changes how many forwards a process runs (the cut of a micro-batch
+into parts) is taken from a cost table that all processes agree on first (split_round's
+`agree`): processes that ran different numbers of forwards would issue different numbers of
+collectives and wait for each other forever.
 """
 
 import torch
@@ -39,9 +46,10 @@ def round_layout(steps_per_generation: int, gradient_accumulation_steps: int) ->
     return 1, steps_per_generation
 
 
-def deal_rows(rows: int, steps: int, generator: torch.Generator | None) -> list[torch.Tensor]:
-    """Row indices of each step: a random permutation cut into equal parts (one step: all, in order)."""
-    if steps == 1:
+def deal_rows(rows: int, steps: int, generator: torch.Generator | None, shuffle: bool = False) -> list[torch.Tensor]:
+    """Row indices of each step: a random permutation cut into equal parts (one step: all, in order, unless
+    `shuffle`)."""
+    if steps == 1 and not shuffle:
         return [torch.arange(rows)]
     order = torch.randperm(rows, generator=generator)
     size = rows // steps
@@ -86,23 +94,40 @@ PASS_COST = 64
 MIN_PART_ROWS = 4
 
 
+def cut_candidates(rows: int, max_parts: int) -> list[int]:
+    """The part counts a micro-batch of `rows` may be cut into: 1, 2, 4, ... up to max_parts, each dividing
+    the rows into parts of at least MIN_PART_ROWS. It depends on the row count and max_parts alone, which
+    every process shares: the list is the same on all of them."""
+    candidates, parts = [1], 2
+    while parts <= max_parts and rows % parts == 0 and rows // parts >= MIN_PART_ROWS:
+        candidates.append(parts)
+        parts *= 2
+    return candidates
+
+
+def cut_costs(prompt_lengths: torch.Tensor, completion_lengths: torch.Tensor, prompt_index: torch.Tensor | None,
+              token_cost: float, max_parts: int) -> torch.Tensor:
+    """What each of `cut_candidates` computes for this micro-batch: padded positions plus PASS_COST a part."""
+    costs = []
+    for parts in cut_candidates(len(completion_lengths), max_parts):
+        order = padding_order(prompt_lengths, completion_lengths, prompt_index, parts, token_cost)
+        costs.append(padded_cost(order, parts, prompt_lengths, completion_lengths, prompt_index, token_cost)
+                     + parts * PASS_COST)
+    return torch.tensor(costs, dtype=torch.float64)
+
+
 def cut_for_padding(prompt_lengths: torch.Tensor, completion_lengths: torch.Tensor,
                     prompt_index: torch.Tensor | None, token_cost: float, max_parts: int) -> tuple[int, torch.Tensor]:
     """(parts, row order): the cut of one micro-batch into equal parts, each padded to its own longest row,
     that computes least, counting PASS_COST per part. A micro-batch of 32 completions of 10 to 64 tokens
     computes 64 positions a row in one part, about 40 in four. The parts' gradients sum to the micro-batch's
-    (the caller weighs each part's loss), so the cut changes speed only."""
-    rows = len(completion_lengths)
-    best = (1, torch.arange(rows))
-    best_cost = padded_cost(best[1], 1, prompt_lengths, completion_lengths, prompt_index, token_cost) + PASS_COST
-    parts = 2
-    while parts <= max_parts and rows % parts == 0 and rows // parts >= MIN_PART_ROWS:
-        order = padding_order(prompt_lengths, completion_lengths, prompt_index, parts, token_cost)
-        cost = padded_cost(order, parts, prompt_lengths, completion_lengths, prompt_index, token_cost) + parts * PASS_COST
-        if cost < best_cost:
-            best, best_cost = (parts, order), cost
-        parts *= 2
-    return best
+    (the caller weighs each part's loss), so the cut changes speed only.
+
+    This is one process's own choice: in a multi-process run the count must be agreed (split_round's
+    `agree`), since each part is a forward, a backward and the loss's gathers."""
+    costs = cut_costs(prompt_lengths, completion_lengths, prompt_index, token_cost, max_parts)
+    parts = cut_candidates(len(completion_lengths), max_parts)[int(costs.argmin())]
+    return parts, padding_order(prompt_lengths, completion_lengths, prompt_index, parts, token_cost)
 
 
 def take_rows(batch: dict, index: torch.Tensor) -> dict:
@@ -112,37 +137,53 @@ def take_rows(batch: dict, index: torch.Tensor) -> dict:
 
 
 def split_round(batch: dict, steps: int, micro_per_step: int, prompt_index: torch.Tensor | None = None,
-                token_cost: float = 1.0, generator: torch.Generator | None = None,
-                max_parts: int = 1) -> list[list[dict]]:
+                token_cost: float = 1.0, generator: torch.Generator | None = None, max_parts: int = 1,
+                agree=None, order_for_padding: bool = True) -> list[list[dict]]:
     """The round's micro-batches, step by step: `steps` lists of `micro_per_step` row dicts.
 
-    prompt_index (each row's prompt, when prompts are shared in the forward) lets a micro-batch
-    keep a prompt's rows together where that computes less. With max_parts > 1 a micro-batch whose
-    rows differ in length is cut further, into up to max_parts equal parts (`cut_for_padding`),
-    listed under "parts"."""
+    Rows are dealt to steps at random. With `order_for_padding`, a step's rows are ordered to pad little
+    across its micro-batches (prompt_index, each row's prompt when prompts are shared in the forward, lets a
+    micro-batch keep a prompt's rows together where that computes less); without it, each micro-batch is a
+    random sample of the step, as TRL's shuffled batches are: for objectives normalised per micro-batch
+    (bnpo, the entropy quantile), whose value depends on which rows share a micro-batch.
+
+    With max_parts > 1 a micro-batch whose rows differ in length is cut further into up to max_parts equal
+    parts (`cut_for_padding`), listed under "parts". `agree`, in a multi-process run, maps this process's
+    cost table (micro-batches x cut_candidates) to one every process holds (the trainer takes the maximum over
+    processes: a step waits for its slowest process), so that every process cuts each micro-batch into the
+    same number of parts and so runs the same forwards, backwards and gathers."""
     rows = batch["prompt_ids"].shape[0]
     if rows % (steps * micro_per_step):
         raise ValueError(f"{rows} rows do not split into {steps} steps of {micro_per_step} micro-batches")
     prompt_lengths = batch["prompt_mask"].sum(1)
     completion_lengths = batch["completion_attention"].sum(1)
     size = rows // (steps * micro_per_step)
+
+    def lengths(index):
+        return (prompt_lengths[index], completion_lengths[index],
+                None if prompt_index is None else prompt_index[index])
+
+    micro_rows = []  # each micro-batch's row indices, step by step
+    for step_rows in deal_rows(rows, steps, generator, shuffle=not order_for_padding):
+        if order_for_padding:
+            step_rows = step_rows[padding_order(*lengths(step_rows), micro_per_step, token_cost)]
+        micro_rows.append([step_rows[m * size : (m + 1) * size] for m in range(micro_per_step)])
+    costs = torch.stack([cut_costs(*lengths(r), token_cost, max_parts) for step in micro_rows for r in step])
+    if agree is not None and costs.shape[1] > 1:
+        costs = agree(costs)
+    candidates = cut_candidates(size, max_parts)
+    cuts = iter(candidates[i] for i in costs.argmin(1).tolist())
     out = []
-    for step_rows in deal_rows(rows, steps, generator):
-        order = padding_order(prompt_lengths[step_rows], completion_lengths[step_rows],
-                              None if prompt_index is None else prompt_index[step_rows], micro_per_step, token_cost)
-        step_rows = step_rows[order]
+    for step in micro_rows:
         micro = []
-        for m in range(micro_per_step):
-            rows_m = step_rows[m * size : (m + 1) * size]
-            parts, part_order = cut_for_padding(prompt_lengths[rows_m], completion_lengths[rows_m],
-                                                None if prompt_index is None else prompt_index[rows_m],
-                                                token_cost, max_parts)
+        for rows_m in step:
+            parts = next(cuts)
             if parts == 1:
                 micro.append(take_rows(batch, rows_m))
-            else:
-                rows_m, part_size = rows_m[part_order], size // parts
-                micro.append({"parts": [take_rows(batch, rows_m[p * part_size : (p + 1) * part_size])
-                                        for p in range(parts)]})
+                continue
+            rows_m, part_size = rows_m[padding_order(*lengths(rows_m), parts, token_cost)], size // parts
+            micro.append({"parts": [take_rows(batch, rows_m[p * part_size : (p + 1) * part_size])
+                                    for p in range(parts)]})
         out.append(micro)
     return out
 

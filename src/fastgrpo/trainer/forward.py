@@ -24,27 +24,30 @@ def completion_logits(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     """Logits (rows, completion width, vocab) predicting each completion token.
 
     Prompts are left-padded and completions right-padded (masks mark real tokens).
-    `share_prompts` runs each unique prompt once when some row repeats a prompt;
-    it needs a model whose cache can be indexed by row (transformers' Cache).
+    `share_prompts` runs each unique prompt once (a forward over the prompts, then one
+    over the completions); it needs a model whose cache can be indexed by row
+    (transformers' Cache).
     """
     width = completion_ids.shape[1]
     attention = torch.cat([prompt_mask, completion_attention], dim=1)
     if share_prompts:
+        # Two forwards whether or not this micro-batch repeats a prompt: a decision from the rows would let
+        # processes run different numbers of forwards, and under DDP or FSDP each forward is a collective
+        # (buffer broadcast, parameter all-gather). With every prompt unique the two cost what one does.
         unique, inverse = prompt_groups(prompt_ids, prompt_mask)
-        if len(unique) < len(prompt_ids):
-            prompt_width = prompt_ids.shape[1]
-            out = model(input_ids=unique[:, :prompt_width], attention_mask=unique[:, prompt_width:],
-                        logits_to_keep=1, use_cache=True)
-            cache = out.past_key_values
-            if cache is None or not hasattr(cache, "batch_select_indices"):
-                raise PromptSharingUnsupported(
-                    f"{type(model).__name__} returned no indexable cache (got {type(cache).__name__}); set "
-                    "share_prompt_prefix=False")
-            cache.batch_select_indices(inverse)  # one cache row per completion, gradients flow back to `out`
-            rest = model(input_ids=completion_ids, attention_mask=attention, past_key_values=cache,
-                         logits_to_keep=width, use_cache=True).logits
-            # The last prompt position predicts the first completion token (prompts are left-padded).
-            return torch.cat([out.logits[inverse], rest[:, :-1]], dim=1)
+        prompt_width = prompt_ids.shape[1]
+        out = model(input_ids=unique[:, :prompt_width], attention_mask=unique[:, prompt_width:],
+                    logits_to_keep=1, use_cache=True)
+        cache = out.past_key_values
+        if cache is None or not hasattr(cache, "batch_select_indices"):
+            raise PromptSharingUnsupported(
+                f"{type(model).__name__} returned no indexable cache (got {type(cache).__name__}); set "
+                "share_prompt_prefix=False")
+        cache.batch_select_indices(inverse)  # one cache row per completion, gradients flow back to `out`
+        rest = model(input_ids=completion_ids, attention_mask=attention, past_key_values=cache,
+                     logits_to_keep=width, use_cache=True).logits
+        # The last prompt position predicts the first completion token (prompts are left-padded).
+        return torch.cat([out.logits[inverse], rest[:, :-1]], dim=1)
     ids = torch.cat([prompt_ids, completion_ids], dim=1)
     return model(input_ids=ids, attention_mask=attention, logits_to_keep=width + 1, use_cache=False).logits[:, :-1]
 

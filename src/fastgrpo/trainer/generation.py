@@ -8,6 +8,7 @@ sees only its share (the server backend: all unique prompts, on the main process
 only).
 """
 
+import contextlib
 import dataclasses
 import os
 from abc import ABC, abstractmethod
@@ -310,10 +311,13 @@ class TransformersBackend(GenerationBackend):
 
     GENERATION_KWARGS = ("stop_token_ids", "min_tokens")
 
-    def __init__(self, get_model, tokenizer, stop_token_ids: list[int]):
+    def __init__(self, get_model, tokenizer, stop_token_ids: list[int], synced: bool = False, weights=None):
         self.get_model = get_model  # returns the unwrapped training model at call time
         self.tokenizer = tokenizer
         self.stop_token_ids = stop_token_ids  # the generation config's EOS ids, and generation_kwargs' stop ids
+        # Sharded training (FSDP2, ZeRO-3): every forward gathers shards, so every rank steps until all are done.
+        self.synced = synced
+        self.weights = weights or contextlib.nullcontext  # a context holding the weights generation runs on
 
     @torch.no_grad()
     def generate(self, prompt_ids, sampling, seeds, max_tokens=None) -> Completions:
@@ -331,14 +335,14 @@ class TransformersBackend(GenerationBackend):
         was_training = model.training
         model.eval()
         try:
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), self.weights():
                 torch.manual_seed(seeds[0])  # one generator samples every row: rows draw different noise
                 output = model.generate(
                     input_ids=input_ids, attention_mask=attention, do_sample=True, temperature=sampling.temperature,
                     top_p=sampling.top_p, top_k=sampling.top_k if sampling.top_k > 0 else None,
                     min_p=sampling.min_p or None, repetition_penalty=sampling.repetition_penalty,
                     max_new_tokens=sampling.max_tokens, pad_token_id=pad, eos_token_id=stops,
-                    min_new_tokens=extra.get("min_tokens") or None,
+                    min_new_tokens=extra.get("min_tokens") or None, synced_gpus=self.synced,
                 )
         finally:
             model.train(was_training)

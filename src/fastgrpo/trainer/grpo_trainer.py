@@ -23,13 +23,14 @@ from collections import defaultdict
 from urllib.parse import urlparse
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, set_seed
 
 from fastgrpo.config import GRPOConfig
 from fastgrpo.hardware import usable_cores
 from fastgrpo.trainer.async_rounds import (RoundProducer, cores_shared_with_server, first_step, staleness,
                                             too_stale)
 from fastgrpo.trainer.batching import completion_token_cost, pad_rows, parts_of, round_layout, split_round
+from fastgrpo.trainer.collectives import explain, gathered_max, is_collective_failure, set_timeout
 from fastgrpo.trainer.forward import PromptSharingUnsupported, completion_logits, prompt_groups
 from fastgrpo.trainer.generation import (
     ColocateBackend,
@@ -54,6 +55,8 @@ from fastgrpo.trainer.multi_turn import MultiTurn, RoundRollout, turn_generator
 from fastgrpo.trainer.reporting import report_completions
 from fastgrpo.trainer.rewards import compute_rewards, env_reward, prepare_reward_funcs, reward_func_name
 from fastgrpo.trainer.sampler import RepeatSampler
+from fastgrpo.trainer.sharding import (check_layout, full_tensors, gathered_adapter, generation_weights,
+                                       prepare_reference, reshard, sharded)
 from fastgrpo.transfer import ModelWeights
 
 logger = logging.getLogger(__name__)
@@ -120,6 +123,9 @@ class GRPOTrainer(Trainer):
                                  "model, or the PeftModel without peft_config")
             if args.gradient_checkpointing:
                 model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need grads
+            # The adapters' random initialisation from the run's seed (Trainer seeds only later): the same on
+            # every process, and the same run after run.
+            set_seed(args.seed)
             model = get_peft_model(model, peft_config)
             if args.use_vllm:
                 self.lora = LoraSync(model, args.vllm_lora_name or default_adapter_name(args.output_dir))
@@ -176,8 +182,10 @@ class GRPOTrainer(Trainer):
         # We normalise the loss for gradient accumulation ourselves (see compute_loss).
         self.loss_is_scaled_for_ga = True
         self.model_accepts_loss_kwargs = False
-        if self.ref_model is not None:
-            self.ref_model = self.accelerator.prepare_model(self.ref_model, evaluation_mode=True)
+        check_layout(self.accelerator, merged_lora=self.lora is not None and not self.lora.adapter_only,
+                     local_multi_turn=self.multi_turn is not None and not args.use_vllm)
+        if self.ref_model is not None:  # sharded like the policy under FSDP2 / ZeRO-3
+            self.ref_model = prepare_reference(self.ref_model, self.accelerator, args.per_device_train_batch_size)
 
         self._metrics = defaultdict(list)  # logged means since the last log
         self._eval_metrics = defaultdict(list)
@@ -199,6 +207,8 @@ class GRPOTrainer(Trainer):
         self.backend = self._make_backend()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             atexit.register(_destroy_process_group)  # for scripts that never call close() (see close)
+            set_timeout(args.ddp_timeout)  # every collective ends (trainer/collectives.py)
+        self._where = "setup"  # what this process is doing, for a failed collective's message
         self.add_callback(_SyncWeightsCallback(self))
 
     # --- generation backends ------------------------------------------------------
@@ -206,8 +216,11 @@ class GRPOTrainer(Trainer):
     def _make_backend(self) -> GenerationBackend | None:
         a = self.args
         if not a.use_vllm:
-            return TransformersBackend(lambda: self.accelerator.unwrap_model(self.model), self.tokenizer,
-                                       _stop_token_ids(self.accelerator.unwrap_model(self.model), self.tokenizer))
+            acc = self.accelerator
+            return TransformersBackend(lambda: acc.unwrap_model(self.model), self.tokenizer,
+                                       _stop_token_ids(acc.unwrap_model(self.model), self.tokenizer),
+                                       synced=sharded(acc),
+                                       weights=lambda: generation_weights(self.model, acc, a.ds3_gather_for_generation))
         if a.vllm_mode == "server":
             if not self.accelerator.is_main_process:
                 return None  # only the main process talks to the server
@@ -277,15 +290,17 @@ class GRPOTrainer(Trainer):
         version = self.state.global_step
         if self._synced_version == version:
             return
-        began = time.perf_counter()
+        began, self._where = time.perf_counter(), f"the weight push of step {version}"
         for attempt in range(1, WEIGHT_SYNC_ATTEMPTS + 1):
             model = self.accelerator.unwrap_model(self.model)
             failure = None
             with self._weights_to_push(model) as weights:
                 try:
-                    if self.backend is not None and weights is None:  # LoRA: the adapter alone
-                        self.backend.sync_adapter(self.lora.name, adapter_tensors(model), adapter_config(model),
-                                                  version)
+                    if weights is None:  # LoRA: the adapter alone, gathered on every rank where it is sharded
+                        with gathered_adapter(model, self.accelerator):
+                            tensors = full_tensors(adapter_tensors(model))
+                        if self.backend is not None:
+                            self.backend.sync_adapter(self.lora.name, tensors, adapter_config(model), version)
                     elif self.backend is not None:
                         self.backend.sync_weights(weights, version)
                 except Exception as exc:
@@ -338,11 +353,13 @@ class GRPOTrainer(Trainer):
         a = self.args
         every = a.steps_per_generation * a.num_iterations
         if self._step % every == 0 or self._buffered is None:
+            self._where = f"generation round {self._step // every}"
             if self._step % every:
                 logger.warning("resuming in the middle of a generation round that the checkpoint does not hold: "
                                "generating a new one (the run is not exactly the uninterrupted one)")
             self._buffered = self._generate_and_score(generation_batch, round_index=self._step // every)
         inputs = self._buffered[self._step % a.steps_per_generation]
+        self._where = f"the forward and backward of micro-step {self._step}"
         self._step += 1
         return inputs
 
@@ -702,7 +719,8 @@ class GRPOTrainer(Trainer):
         generator = torch.Generator().manual_seed(derived_seed(a.seed, round_index, -1 - acc.process_index))
         prompt_index = prompt_groups(batch["prompt_ids"], batch["prompt_mask"])[1] if self._share_prompts else None
         by_step = split_round(batch, steps, micro_per_step, prompt_index, self._completion_token_cost, generator,
-                              max_parts=self._max_parts())
+                              max_parts=self._max_parts(), agree=lambda costs: gathered_max(self.accelerator, costs),
+                              order_for_padding=not self._normalised_per_micro_batch())
         # The "dapo" normaliser: each optimizer step's completion tokens, all processes together.
         local = torch.tensor([sum(int(p["completion_mask"].sum()) for m in step for p in parts_of(m))
                               for step in by_step], device=acc.device)
@@ -714,14 +732,19 @@ class GRPOTrainer(Trainer):
                 micro.append(m)
         return micro
 
+    def _normalised_per_micro_batch(self) -> bool:
+        """Whether the objective depends on which rows share a micro-batch: bnpo divides by the micro-batch's
+        tokens, the entropy mask keeps a quantile of its tokens. Their micro-batches are random samples of the
+        step (as TRL's shuffled ones), never rows of similar length, and are not cut into parts."""
+        return self.args.loss_type == "bnpo" or self.args.top_entropy_quantile < 1.0
+
     def _max_parts(self) -> int:
         """How finely a micro-batch may be cut to pad less (batching.cut_for_padding). Not where a part's
-        loss is not a share of the micro-batch's: bnpo normalises by the micro-batch's tokens and the
-        entropy mask by its quantile; nor under DeepSpeed or FSDP, whose engines count backward calls."""
+        loss is not a share of the micro-batch's (see _normalised_per_micro_batch); nor under DeepSpeed or
+        FSDP, whose engines count backward calls. A decision from the config: the same on every process."""
         from accelerate.utils import DistributedType
 
-        a = self.args
-        if a.loss_type == "bnpo" or a.top_entropy_quantile < 1.0:
+        if self._normalised_per_micro_batch():
             return 1
         if self.accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
             return 1
@@ -764,7 +787,12 @@ class GRPOTrainer(Trainer):
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
             raise ValueError("evaluate() needs an eval_dataset (GRPOTrainer(eval_dataset=...) or the argument)")
+        with self._explained_collectives():
+            return self._evaluate(dataset, metric_key_prefix)
+
+    def _evaluate(self, dataset, metric_key_prefix: str) -> dict:
         self.sync_weights()  # the generator evaluates the weights the trainer holds now
+        self._where = "evaluation"
         self._eval_metrics = defaultdict(list)
         began = time.perf_counter()
         for i, batch in enumerate(self.get_eval_dataloader(dataset)):
@@ -801,14 +829,32 @@ class GRPOTrainer(Trainer):
             else:
                 logger.warning("%s holds no fastgrpo round state (%s): the resumed run regenerates its round",
                                folder, os.path.basename(path))
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
-                             ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+        with self._explained_collectives():
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
+                                 ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+
+    @contextlib.contextmanager
+    def _explained_collectives(self):
+        """A failed collective between the processes re-raised with this rank, its step and what it was doing."""
+        try:
+            yield
+        except Exception as exc:
+            acc = self.accelerator
+            if acc.num_processes > 1 and is_collective_failure(exc):
+                error = explain(exc, acc.process_index, acc.num_processes, self._where, self.state.global_step,
+                                self.args.ddp_timeout)
+                logger.error("%s", error)
+                raise error from exc
+            raise
 
     # --- the loss ------------------------------------------------------------------------
 
     def _reference_logps(self, m: dict):
         if self.ref_model is not None:
-            return self._per_token_logps(self.ref_model, m)
+            logps = self._per_token_logps(self.ref_model, m)
+            if self.accelerator.is_fsdp2:
+                reshard(self.ref_model)  # no rank keeps any of it whole between uses
+            return logps
         with self.accelerator.unwrap_model(self.model).disable_adapter():  # LoRA: the base model itself
             return self._per_token_logps(self.model, m)
 
