@@ -8,8 +8,6 @@ with both (server: prompt logprobs over HTTP; transformers: a forward pass).
 
 import json
 import logging
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -581,47 +579,6 @@ def test_a_completion_ending_on_another_stop_token_is_terminated_not_truncated(s
     assert kept > 0
     log = next(h for h in trainer.state.log_history if "reward" in h)
     assert log["completions/clipped_ratio"] == pytest.approx(dropped / (kept + dropped))
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("rollouts", ["single_turn", "environment"])
-def test_two_processes_with_half_the_batch_each_equal_one_process_with_all(server, tiny_qwen2, tmp_path, rollouts):
-    """accelerate launch --num_processes 2 (4 rows each) against one process with 8: the same advantages,
-    losses and gradients, step by step. With an environment each process runs its own rows' episodes (the
-    second through a server client of its own), seeded by the row's place in the whole round."""
-    script = Path(__file__).parent / "scripts" / "train_layout.py"
-    port = server.base_url.rsplit(":", 1)[1]
-    one, two = tmp_path / "one", tmp_path / "two"
-    one.mkdir(), two.mkdir()
-    single = subprocess.run([sys.executable, str(script), tiny_qwen2, port, str(one), "8", rollouts],
-                            capture_output=True, text=True, timeout=600)
-    assert single.returncode == 0, single.stderr[-4000:]
-    # torchrun-style launch; the config's use_cpu=True makes accelerate use gloo between the processes.
-    double = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-         "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script), tiny_qwen2, port, str(two), "4",
-         rollouts], capture_output=True, text=True, timeout=900)
-    assert double.returncode == 0, double.stderr[-4000:]
-
-    summary_one = json.loads((one / "summary.json").read_text())
-    summary_two = json.loads((two / "summary.json").read_text())
-    assert summary_two["world_size"] == 2 and summary_two["global_step"] == 2
-    assert summary_one["generation_batch_size"] == summary_two["generation_batch_size"] == 8
-    whole = torch.load(one / "advantages_0.pt")
-    halves = [torch.load(two / f"advantages_{rank}.pt") for rank in (0, 1)]
-    for step in range(2):
-        assert torch.allclose(torch.cat([halves[0][step], halves[1][step]]), whole[step], atol=1e-6)
-    for a, b in zip(summary_one["logs"], summary_two["logs"]):
-        # On-policy, the loss's value is about 0 (advantages centre within each group): float32 rounding of
-        # sums of +-1 terms is what is left, so its absolute tolerance is 1e-5; the gradients below are the test.
-        assert b["loss"] == pytest.approx(a["loss"], rel=LOSS_RTOL, abs=1e-5)
-        assert b["reward"] == a["reward"]
-    gradients_one = torch.load(one / "gradients.pt")
-    gradients_two = torch.load(two / "gradients.pt")
-    for step in range(2):
-        assert relative_difference(gradients_two[step], gradients_one[step]) < GRAD_RTOL, step
-    if rollouts == "environment":
-        assert all(log["multi_turn/turns_max"] == 2 for log in summary_two["logs"])
 
 
 def test_gspo_cispo_with_an_eval_dataset_trains_and_logs_eval_rewards(server, tiny_qwen2, tmp_path):

@@ -192,7 +192,7 @@ def main() -> None:
                    "ref_sharded": reference_is_sharded(trainer), "global_step": trainer.state.global_step,
                    "generation_batch_size": config.generation_batch_size, "lengths": lengths,
                    "probe_gaps": probe and probe.gaps, "probe_logprobs": probe and probe.mine,
-                   "logs": [h for h in trainer.state.log_history if "reward" in h or "eval_reward" in h]}
+                   "logs": [h for h in trainer.state.log_history if {"loss", "reward", "eval_reward"} & h.keys()]}
         with open(f"{out}/summary.json", "w") as f:
             json.dump(summary, f)
     trainer.close()

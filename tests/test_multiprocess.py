@@ -1,0 +1,124 @@
+"""Several training processes (`accelerate launch`, gloo) against one process holding every row.
+
+At the sizes where the hang of issue 21 lived: 16 rows per process (cutting a micro-batch into parts starts at
+8), completions of 1 to 128 tokens, 2 and 4 processes, several steps. Each layout compares advantages,
+gradients and losses step by step with one process (tests/scripts/layouts.py); each launch runs under a
+wall-clock limit and a hung rank dumps its stacks, so a hang fails with where every rank waited. The rest of
+the matrix (LoRA, async rounds, eval, FSDP2 LoRA, transformers generation, bnpo) is bench/multiprocess_matrix.py.
+"""
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent / "scripts"))
+
+from layouts import MATRIX, RAGGED, launch, run_layout  # noqa: E402
+
+IN_SUITE = [
+    "ddp, ragged, seed 1, 6 steps",
+    "ddp, ragged, seed 2, 6 steps",
+    "ddp x4, ragged",
+    "ddp, GA 2",
+    "ddp, GA 2, a round serves 2 steps",
+    "ddp, multi-turn environment",
+    "ddp, resume in the middle of a round (vs. uninterrupted)",
+    "fsdp2, beta 0.1 (sharded reference)",
+]
+
+
+@pytest.fixture(scope="module")
+def server(server_factory, tiny_qwen2):
+    return server_factory(["--model", tiny_qwen2, "--dtype", "float32", "--max-model-len", "256"])
+
+
+def port_of(server) -> int:
+    return int(server.base_url.rsplit(":", 1)[1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", IN_SUITE)
+def test_processes_with_a_share_each_equal_one_process_with_all(name, server, tiny_qwen2, tmp_path):
+    layout = next(m for m in MATRIX if m.name == name)
+    row = run_layout(layout, tiny_qwen2, port_of(server), tmp_path, limit_s=600)
+    assert row["passed"], {k: v for k, v in row.items() if k != "error"} | {"error": row.get("error", "")[-6000:]}
+    if layout.spec is None or "rollouts" not in layout.spec:
+        # The sizes where the hang lived: the main process's rows ran from a few tokens to near the limit.
+        summary = json.loads((tmp_path / "split" / "summary.json").read_text())
+        lengths = [n for round_lengths in summary["lengths"] for n in round_lengths]
+        assert min(lengths) <= 4 and max(lengths) >= 96, lengths
+
+
+@pytest.mark.slow
+def test_a_mismatched_collective_fails_in_bounded_time_and_names_the_rank(server, tiny_qwen2, tmp_path):
+    """At step 2 rank 1 alone issues one more all-reduce: the run must end within ddp_timeout (plus start and two
+    steps), not hang, and the error must name the rank, the step, what it was doing and what to check."""
+    spec = {**RAGGED, "model": tiny_qwen2, "port": port_of(server), "steps": 4, "mismatch_at": 2, "ddp_timeout": 20}
+    result = launch(spec, 2, tmp_path, limit_s=300)
+    assert result.returncode != 0 and not result.hung, result.report()
+    assert result.seconds < 150, result.seconds
+    message = re.search(r"CollectiveError: rank (\d) of 2: a collective between the training processes failed "
+                        r"during (.+?) \(optimizer step (\d+)\)", result.stderr)
+    assert message, result.stderr[-6000:]
+    assert int(message.group(3)) == 2
+    assert "ddp_timeout=20 s" in result.stderr and "TORCH_DISTRIBUTED_DEBUG=DETAIL" in result.stderr
+
+
+# --- the pieces, without processes ----------------------------------------------------------------------
+
+
+def ragged_batch(lengths: list[int]) -> dict:
+    from fastgrpo.trainer.batching import pad_rows
+
+    rows = len(lengths)
+    batch = {"prompt_ids": torch.ones(rows, 5, dtype=torch.long), "prompt_mask": torch.ones(rows, 5, dtype=torch.long),
+             "completion_ids": pad_rows([[7] * n for n in lengths], 0),
+             "completion_attention": pad_rows([[1] * n for n in lengths], 0),
+             "advantages": torch.arange(float(rows))}
+    batch["completion_mask"] = batch["completion_attention"].clone()
+    return batch
+
+
+def test_processes_with_different_lengths_agree_on_how_to_cut_each_micro_batch():
+    """Two processes' rounds: one ragged (its own best cut is into parts), one uniform (its own best is whole).
+    Left to themselves they run different numbers of forwards, the hang of issue 21; with the agreed cost table
+    (the maximum over processes, as the trainer gathers it) both cut the same."""
+    from fastgrpo.trainer.batching import cut_costs, parts_of, split_round
+
+    ragged = ragged_batch([1, 2, 3, 128, 2, 1, 127, 3, 2, 1, 4, 128, 3, 2, 1, 2])
+    uniform = ragged_batch([60] * 16)
+    alone = [len(parts_of(split_round(b, 1, 1, max_parts=8)[0][0])) for b in (ragged, uniform)]
+    assert alone[0] > 1 and alone[1] == 1  # the local decisions differ
+
+    def costs_of(batch):
+        lengths = (batch["prompt_mask"].sum(1), batch["completion_attention"].sum(1))
+        return cut_costs(*lengths, None, 1.0, 8)[None]
+
+    table = torch.maximum(costs_of(ragged), costs_of(uniform))
+    agreed = [len(parts_of(split_round(b, 1, 1, max_parts=8, agree=lambda _: table)[0][0])) for b in (ragged, uniform)]
+    assert agreed[0] == agreed[1]
+
+
+def test_a_collective_failure_is_recognised_and_explained():
+    from fastgrpo.trainer.collectives import CollectiveError, explain, is_collective_failure
+
+    gloo = RuntimeError("[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 20000ms for "
+                        "recv operation to complete")
+    assert is_collective_failure(gloo)
+    try:
+        try:
+            raise gloo
+        except RuntimeError as exc:
+            raise ValueError("wrapped") from exc
+    except ValueError as wrapped:
+        assert is_collective_failure(wrapped)
+    assert not is_collective_failure(ValueError("reward function failed"))
+    error = explain(gloo, 1, 4, "generation round 3", 5, 3600)
+    assert isinstance(error, CollectiveError) and not is_collective_failure(error)
+    assert str(error).startswith("rank 1 of 4: a collective between the training processes failed during "
+                                 "generation round 3 (optimizer step 5)")
+    assert "ddp_timeout=3600 s" in str(error) and "TORCH_DISTRIBUTED_DEBUG=DETAIL" in str(error)
