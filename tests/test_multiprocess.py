@@ -122,3 +122,24 @@ def test_a_collective_failure_is_recognised_and_explained():
     assert str(error).startswith("rank 1 of 4: a collective between the training processes failed during "
                                  "generation round 3 (optimizer step 5)")
     assert "ddp_timeout=3600 s" in str(error) and "TORCH_DISTRIBUTED_DEBUG=DETAIL" in str(error)
+
+
+def test_sharded_layouts_that_cannot_work_are_refused_naming_the_fix():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from fastgrpo.trainer.sharding import check_layout
+
+    def accelerator(kind, fsdp2=False):
+        return SimpleNamespace(distributed_type=kind, is_fsdp2=fsdp2, state=SimpleNamespace(deepspeed_plugin=None))
+
+    with pytest.raises(ValueError, match="FSDP1 is not supported.*fsdp_version 2"):
+        check_layout(accelerator(DistributedType.FSDP), merged_lora=False, local_multi_turn=False)
+    fsdp2 = accelerator(DistributedType.FSDP, fsdp2=True)
+    check_layout(fsdp2, merged_lora=False, local_multi_turn=False)
+    with pytest.raises(ValueError, match="merge it into the base, which is sharded"):
+        check_layout(fsdp2, merged_lora=True, local_multi_turn=False)
+    with pytest.raises(ValueError, match="use_vllm=False are not supported under FSDP2"):
+        check_layout(fsdp2, merged_lora=False, local_multi_turn=True)
+    check_layout(accelerator(DistributedType.MULTI_CPU), merged_lora=True, local_multi_turn=True)  # DDP: fine
