@@ -117,6 +117,7 @@ def test_a_collective_failure_is_recognised_and_explained():
     except ValueError as wrapped:
         assert is_collective_failure(wrapped)
     assert not is_collective_failure(ValueError("reward function failed"))
+    assert not is_collective_failure(RuntimeError("the server timed out"))  # not from torch's backends
     error = explain(gloo, 1, 4, "generation round 3", 5, 3600)
     assert isinstance(error, CollectiveError) and not is_collective_failure(error)
     assert str(error).startswith("rank 1 of 4: a collective between the training processes failed during "
@@ -143,3 +144,7 @@ def test_sharded_layouts_that_cannot_work_are_refused_naming_the_fix():
     with pytest.raises(ValueError, match="use_vllm=False are not supported under FSDP2"):
         check_layout(fsdp2, merged_lora=False, local_multi_turn=True)
     check_layout(accelerator(DistributedType.MULTI_CPU), merged_lora=True, local_multi_turn=True)  # DDP: fine
+    with pytest.MonkeyPatch.context() as patch:  # `accelerate launch --use_fsdp` on a CPU runs DDP instead
+        patch.setenv("ACCELERATE_USE_FSDP", "true")
+        with pytest.raises(ValueError, match="launched with FSDP, but it runs MULTI_CPU"):
+            check_layout(accelerator(DistributedType.MULTI_CPU), merged_lora=False, local_multi_turn=False)

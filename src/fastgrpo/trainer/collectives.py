@@ -24,12 +24,15 @@ import torch
 DEBUG_HINT = ("TORCH_DISTRIBUTED_DEBUG=DETAIL (and TORCH_CPP_LOG_LEVEL=INFO) makes torch check that every rank "
               "issues the same collective with the same shapes, and name the first one that differs")
 
-# What torch's gloo and NCCL backends say when a peer is gone or a collective ran past its timeout.
-_FAILURE_SIGNS = ("timed out", "timeout", "connection closed by peer", "connection reset by peer", "broken pipe",
-                  "nccl error", "watchdog", "gloo")
+# Where torch's gloo and NCCL errors come from (a timeout, a peer gone): their messages name the source file.
+_BACKEND_SIGNS = ("gloo/", "nccl", "c10d", "processgroup")
 
 
-class CollectiveError(RuntimeError):
+class ExplainedError(RuntimeError):
+    """An error whose message already says what happened and what to do: never re-explained."""
+
+
+class CollectiveError(ExplainedError):
     """A collective between the training processes failed: a peer died, ran other collectives, or was too slow."""
 
 
@@ -52,11 +55,11 @@ def is_collective_failure(exc: BaseException) -> bool:
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, CollectiveError):
-            return False  # already explained
+        if isinstance(exc, ExplainedError):
+            return False  # says what happened already (a failed collective, a failed weight push, ...)
         if isinstance(exc, getattr(dist, "DistError", ())):
             return True
-        if isinstance(exc, RuntimeError) and any(sign in str(exc).lower() for sign in _FAILURE_SIGNS):
+        if isinstance(exc, RuntimeError) and any(sign in str(exc).lower() for sign in _BACKEND_SIGNS):
             return True
         exc = exc.__cause__ or exc.__context__
     return False

@@ -30,7 +30,8 @@ from fastgrpo.hardware import usable_cores
 from fastgrpo.trainer.async_rounds import (RoundProducer, cores_shared_with_server, first_step, staleness,
                                             too_stale)
 from fastgrpo.trainer.batching import completion_token_cost, pad_rows, parts_of, round_layout, split_round
-from fastgrpo.trainer.collectives import explain, gathered_max, is_collective_failure, set_timeout
+from fastgrpo.trainer.collectives import (ExplainedError, explain, gathered_max, is_collective_failure,
+                                         set_timeout)
 from fastgrpo.trainer.forward import PromptSharingUnsupported, completion_logits, prompt_groups
 from fastgrpo.trainer.generation import (
     ColocateBackend,
@@ -69,6 +70,10 @@ WEIGHT_SYNC_ATTEMPTS = 3  # a push that fails for a reason that may pass is trie
 
 class StaleGenerationError(RuntimeError):
     pass
+
+
+class WeightSyncError(ExplainedError):
+    """A push failed on some rank (every rank raises it): its own transport errors are not collectives'."""
 
 
 class _SyncWeightsCallback(TrainerCallback):
@@ -315,8 +320,8 @@ class GRPOTrainer(Trainer):
                 break
             if attempt == WEIGHT_SYNC_ATTEMPTS or not all(may_pass for _, may_pass in failures):
                 tried = f" after {attempt} attempts" if attempt > 1 else ""
-                raise RuntimeError(f"pushing the weights of step {version} to the generator failed{tried}: "
-                                   f"{failures[0][0]}")
+                raise WeightSyncError(f"pushing the weights of step {version} to the generator failed{tried}: "
+                                      f"{failures[0][0]}")
         self._synced_version = version
         if self._producer is not None:
             self._producer.pushed(version)

@@ -12,6 +12,7 @@
 
 import contextlib
 import copy
+import os
 
 import torch
 
@@ -31,6 +32,13 @@ def check_layout(accelerator, merged_lora: bool, local_multi_turn: bool) -> None
     different collectives."""
     from accelerate.utils import DistributedType
 
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" \
+            and accelerator.distributed_type != DistributedType.FSDP:
+        # accelerate enables FSDP only on GPUs: on CPUs it trains with DDP instead, and transformers has already
+        # loaded every model but the main process's as empty tensors (FSDP's cpu_ram_efficient_loading), which
+        # DDP repairs for the policy but nothing repairs for a reference model.
+        raise ValueError(f"accelerate was launched with FSDP, but it runs {accelerator.distributed_type.value} (it "
+                         "enables FSDP only on GPUs): launch without --use_fsdp (DDP) on this machine")
     if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
         raise ValueError("FSDP1 is not supported: its flattened parameters do not stream to the generator one at a "
                          "time. Use FSDP2: `fsdp_version: 2` in the accelerate config (or `accelerate launch "
@@ -67,7 +75,8 @@ def prepare_reference(model: torch.nn.Module, accelerator, per_device_batch_size
             if value == "auto":
                 zero.pop(key)
         engine, *_ = deepspeed.initialize(model=model, config=config)
-        return engine.module.eval()
+        engine.eval()
+        return engine  # its forward fetches each layer's shards
     return accelerator.prepare_model(model, evaluation_mode=True)
 
 
