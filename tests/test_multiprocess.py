@@ -27,6 +27,7 @@ IN_SUITE = [
     "ddp, GA 2, a round serves 2 steps",
     "ddp, multi-turn environment",
     "ddp, resume in the middle of a round (vs. uninterrupted)",
+    "ddp, eval set every step",
     "fsdp2, beta 0.1 (sharded reference)",
 ]
 

@@ -199,6 +199,9 @@ def run_layout(layout: Layout, model: str, port: int, folder: Path, limit_s: flo
         row["passed"] = True
         return row
     row.update(compare(whole, split, layout.processes, first_step, first_round, whole_processes))
+    if split_spec.get("eval"):  # evaluated after every step, on the same global eval batches
+        evals = [[h["eval_reward"] for h in run.summary()["logs"] if "eval_reward" in h] for run in (whole, split)]
+        row["rewards_equal"] &= len(evals[1]) == row["steps"] and evals[0] == evals[1]
     row["passed"] = (row["advantage"] < 1e-6 and row["gradient"] < GRAD_RTOL and row["loss"] < LOSS_RTOL
                      and row["rewards_equal"])
     return row

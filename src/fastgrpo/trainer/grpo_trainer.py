@@ -793,9 +793,9 @@ class GRPOTrainer(Trainer):
         if dataset is None:
             raise ValueError("evaluate() needs an eval_dataset (GRPOTrainer(eval_dataset=...) or the argument)")
         with self._explained_collectives():
-            return self._evaluate(dataset, metric_key_prefix)
+            return self._evaluate_on(dataset, metric_key_prefix)
 
-    def _evaluate(self, dataset, metric_key_prefix: str) -> dict:
+    def _evaluate_on(self, dataset, metric_key_prefix: str) -> dict:
         self.sync_weights()  # the generator evaluates the weights the trainer holds now
         self._where = "evaluation"
         self._eval_metrics = defaultdict(list)
