@@ -4,7 +4,8 @@ At the sizes where the hang of issue 21 lived: 16 rows per process (cutting a mi
 8), completions of 1 to 128 tokens, 2 and 4 processes, several steps. Each layout compares advantages,
 gradients and losses step by step with one process (tests/scripts/layouts.py); each launch runs under a
 wall-clock limit and a hung rank dumps its stacks, so a hang fails with where every rank waited. The rest of
-the matrix (LoRA, async rounds, eval, FSDP2 LoRA, transformers generation, bnpo) is bench/multiprocess_matrix.py.
+the matrix (LoRA, async rounds, beta, FSDP2 x4, FSDP2 LoRA and multi-turn, transformers generation, bnpo)
+is bench/multiprocess_matrix.py.
 """
 
 import json
