@@ -189,8 +189,9 @@ class GRPOConfig(TrainingArguments):
                 "naming the rank and step (transformers' field; its default is 1800). The longest legitimate wait is "
                 "one generation round, which the main process runs while the others wait"})
     ds3_gather_for_generation: bool = field(default=True, metadata={
-        "help": "DeepSpeed ZeRO-3 / FSDP2 with use_vllm=False: gather the whole policy for generation (fast, needs "
-                "room for a full copy); False generates on the shards, gathering layer by layer at every token"})
+        "help": "DeepSpeed ZeRO-3 with use_vllm=False: gather the whole policy for generation (fast, needs room for "
+                "a full copy); False generates on the shards, gathering layer by layer at every token. FSDP2 always "
+                "generates on its shards"})
 
     # TRL's defaults for these TrainingArguments
     learning_rate: float = 1e-6

@@ -27,7 +27,8 @@ from fastgrpo.rollouts import Environment, StepResult
 DEFAULTS = dict(per_device=4, num_generations=4, max_completion_length=16, stops=40, temperature=1.0, steps=2,
                 seed=3, ga=1, steps_per_generation=None, rollouts="single_turn", lora=False, async_=False,
                 eval=False, resume_from=None, save_steps=None, loss_type="dapo", top_entropy_quantile=1.0,
-                ddp_timeout=600, hang_after=900, mismatch_at=None, beta=0.0, use_vllm=True, eval_per_device=4)
+                ddp_timeout=600, hang_after=900, mismatch_at=None, beta=0.0, use_vllm=True, eval_per_device=4,
+                use_cpu=True)
 
 
 def fsdp_on_cpu() -> None:
@@ -143,7 +144,7 @@ def main() -> None:
     settings = dict(output_dir=out, per_device_train_batch_size=spec["per_device"],
                     num_generations=spec["num_generations"], max_completion_length=spec["max_completion_length"],
                     max_prompt_length=64, learning_rate=0.1, optim="sgd", max_steps=spec["steps"], logging_steps=1,
-                    save_strategy="no", report_to=[], use_cpu=True, bf16=False, use_vllm=spec["use_vllm"],
+                    save_strategy="no", report_to=[], use_cpu=spec["use_cpu"], bf16=False, use_vllm=spec["use_vllm"],
                     vllm_server_host="127.0.0.1", vllm_server_port=spec["port"], disable_tqdm=True, max_grad_norm=0.0,
                     seed=spec["seed"], temperature=spec["temperature"], gradient_accumulation_steps=spec["ga"],
                     steps_per_generation=spec["steps_per_generation"], loss_type=spec["loss_type"],
