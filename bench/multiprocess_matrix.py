@@ -6,7 +6,7 @@ holding every row; it compares advantages, gradients and losses step by step. Ev
 wall-clock limit and a rank that hangs dumps its stacks (tests/scripts/train_layout.py), so a hang is a
 failed row that says where each rank waited. FSDP2 on CPUs: accelerate enables FSDP only on GPUs, so the
 script flips that one gate (see train_layout.fsdp_on_cpu); the sharding is torch's real FSDP2 over gloo.
-DeepSpeed ZeRO-3 is not in the matrix: DeepSpeed is not installed on the CPU machines.
+DeepSpeed ZeRO-3 is not in the matrix: it is not part of the CPU install (docs/multi-process.md).
 
     python bench/multiprocess_matrix.py [--only SUBSTRING] [--json out.json]
 """
