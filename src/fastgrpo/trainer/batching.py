@@ -168,11 +168,13 @@ def split_round(batch: dict, steps: int, micro_per_step: int, prompt_index: torc
         if order_for_padding:
             step_rows = step_rows[padding_order(*lengths(step_rows), micro_per_step, token_cost)]
         micro_rows.append([step_rows[m * size : (m + 1) * size] for m in range(micro_per_step)])
-    costs = torch.stack([cut_costs(*lengths(r), token_cost, max_parts) for step in micro_rows for r in step])
-    if agree is not None and costs.shape[1] > 1:
-        costs = agree(costs)
-    candidates = cut_candidates(size, max_parts)
-    cuts = iter(candidates[i] for i in costs.argmin(1).tolist())
+    candidates = cut_candidates(size, max_parts)  # the same on every process
+    cuts = iter([1] * (steps * micro_per_step))
+    if len(candidates) > 1:
+        costs = torch.stack([cut_costs(*lengths(r), token_cost, max_parts) for step in micro_rows for r in step])
+        if agree is not None:
+            costs = agree(costs)
+        cuts = iter(candidates[i] for i in costs.argmin(1).tolist())
     out = []
     for step in micro_rows:
         micro = []

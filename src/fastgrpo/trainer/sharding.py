@@ -102,26 +102,23 @@ def full_tensors(tensors: dict) -> dict:
 
 
 @contextlib.contextmanager
-def gathered_adapter(model, accelerator):
-    """ZeRO-3: the adapter's parameters gathered whole while the block runs (they are small)."""
+def zero3_gathered(accelerator, params: list):
+    """ZeRO-3: these parameters gathered whole while the block runs (every rank takes part); elsewhere nothing."""
     if not zero3(accelerator):
         yield
         return
     import deepspeed
 
-    params = [p for n, p in model.named_parameters() if "lora_" in n]
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
         yield
 
 
-@contextlib.contextmanager
+def gathered_adapter(model, accelerator):
+    """The adapter's parameters (small) gathered whole under ZeRO-3."""
+    return zero3_gathered(accelerator, [p for n, p in model.named_parameters() if "lora_" in n])
+
+
 def generation_weights(model, accelerator, gather: bool):
     """use_vllm=False under ZeRO-3: the whole policy gathered for generation (`ds3_gather_for_generation`), or
     left sharded (each forward gathers a layer at a time). FSDP2 always generates on its shards."""
-    if not (gather and zero3(accelerator)):
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-        yield
+    return zero3_gathered(accelerator, list(model.parameters()) if gather else [])
