@@ -34,12 +34,12 @@ def test_a_round_may_start_once_the_weights_it_will_be_at_most_bound_steps_behin
 def test_the_cores_a_cpu_server_shares_with_the_trainer():
     assert cpu_cores("0,1,2") == {0, 1, 2} and cpu_cores("0-3") == {0, 1, 2, 3}
     assert cpu_cores("0-1|4-5") == {0, 1, 4, 5} and cpu_cores("") == set()
-    health = {"device_type": "cpu", "replicas": [{"devices": "0,1"}, {"devices": "2-3"}]}
+    health = {"device_type": "cpu", "dp_ranks": [{"devices": "0,1"}, {"devices": "2-3"}]}
     assert cores_shared_with_server(health, {1, 2, 7}) == {1, 2}
     assert cores_shared_with_server(health, {4, 5}) == set()
     # GPU indices are not cores; a server that does not say where it runs shares nothing known.
     assert cores_shared_with_server({**health, "device_type": "gpu"}, {0, 1}) == set()
-    assert cores_shared_with_server({"device_type": "cpu", "replicas": [{"devices": None}]}, {0}) == set()
+    assert cores_shared_with_server({"device_type": "cpu", "dp_ranks": [{"devices": None}]}, {0}) == set()
 
 
 def test_the_producer_generates_each_round_once_in_order_and_only_when_allowed():

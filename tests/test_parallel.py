@@ -1,6 +1,7 @@
-"""The TP/DP calculator: batch arithmetic, memory arithmetic, published results, the CLI."""
+"""The TP/DP calculator: batch arithmetic, memory arithmetic, published results, several nodes, the CLI."""
 
 import json
+import re
 
 import pytest
 
@@ -299,6 +300,19 @@ def test_cli_custom_gpu(capsys):
         (["--model", "Qwen2.5-7B", "--num_server_gpus", "2", "--gpu", "custom"], "--gpu custom needs"),
         (["--num_server_gpus", "2"], "no model"),
         (["--config", "/nonexistent/run.yaml", "--num_server_gpus", "2"], "cannot read --config"),
+        (["--model", "Qwen2.5-7B", "--nodes", "0", "--gpus_per_node", "8"], "--nodes must be a positive number"),
+        (["--model", "Qwen2.5-7B", "--nodes", "2"], "--nodes 2 needs --gpus_per_node"),
+        (["--model", "Qwen2.5-7B", "--nodes", "2", "--gpus_per_node", "8", "--num_server_gpus", "12"],
+         "--num_server_gpus 12 does not match --nodes 2 x --gpus_per_node 8 = 16"),
+        (["--model", "Qwen2.5-7B", "--nodes", "3", "--num_server_gpus", "16"],
+         "--num_server_gpus 16 does not split evenly over --nodes 3"),
+        (["--model", "Qwen2.5-7B", "--nodes", "2", "--gpus_per_node", "0"], "--gpus_per_node must be at least 1"),
+        (["--model", "Qwen2.5-7B", "--num_server_gpus", "16", "--gpus_per_node", "8"], "pass --nodes 2"),
+        (["--model", "Qwen2.5-7B", "--num_server_gpus", "8", "--internode_gbs", "100"], "go with --nodes > 1"),
+        (["--model", "Qwen2.5-7B", "--nodes", "2", "--gpus_per_node", "8", "--internode_gbs", "0"],
+         "--internode_gbs must be a positive bandwidth"),
+        (["--model", "Qwen2.5-7B", "--nodes", "2", "--gpus_per_node", "8", "--measure"],
+         "measure one node's layouts with --nodes 1"),
     ],
 )
 def test_cli_errors_exit_2_with_a_message(argv, expected, capsys):
@@ -306,3 +320,172 @@ def test_cli_errors_exit_2_with_a_message(argv, expected, capsys):
     captured = capsys.readouterr()
     assert expected in captured.err
     assert "Traceback" not in captured.err and captured.out == ""
+
+
+# --- several nodes ------------------------------------------------------------------------
+
+H100 = parallel.KNOWN_GPUS["H100-80GB"]
+
+
+def plan_on_nodes(model, nodes=2, gpus_per_node=8, **kwargs):
+    """The EXAMPLE batch (64 prompts x 8, 512 + 1024 tokens) on nodes x gpus_per_node H100s."""
+    figures = dict(max_completion_length=1024, prompt_length=512, per_device_train_batch_size=8, num_processes=4,
+                   gradient_accumulation_steps=16, num_generations=8)
+    return parallel.plan_tp_dp(model, None, "H100-80GB", nodes=nodes, gpus_per_node=gpus_per_node,
+                               **{**figures, **kwargs})
+
+
+def test_candidate_layouts_keep_tp_within_a_node_or_whole_nodes():
+    # 3 x 8 GPUs: TP=3, 6 and 12 would split a node's GPUs between TP groups.
+    assert parallel.candidate_layouts(24, 8) == [(1, 24), (2, 12), (4, 6), (8, 3), (24, 1)]
+    assert parallel.candidate_layouts(8) == parallel.candidate_layouts(8, 8) == [(1, 8), (2, 4), (4, 2), (8, 1)]
+
+
+def test_7b_on_two_nodes_keeps_tp_within_a_node_and_dp_across_both():
+    plan = plan_on_nodes("Qwen2.5-7B")
+    assert plan.num_server_gpus == 16
+    rec = plan.recommended
+    assert rec.tensor_parallel_size in {1, 2, 4, 8}
+    assert rec.tensor_parallel_size * rec.data_parallel_size == 16
+    best = layout(plan, rec.tensor_parallel_size)
+    assert best.nodes_per_replica == 1 and best.replicas_per_node == rec.data_parallel_size // 2
+    assert best.tp_link in ("none", "intra-node")
+    assert (rec.tensor_parallel_size, rec.data_parallel_size) == (1, 16)  # as on one node: it fits on one GPU
+    # 14.2 GiB of weights reach each node's link once per push: 15.2e9 bytes / 50 GB/s.
+    assert best.weight_push_seconds == pytest.approx(plan.model.weight_bytes / 50e9)
+    assert best.weight_push_seconds == pytest.approx(0.305, abs=0.001)
+
+
+def test_a_layout_that_loses_to_the_network_is_named():
+    plan = plan_on_nodes("Qwen2.5-72B")  # TP=16 is valid for its 64 heads, and fits
+    spanning = layout(plan, 16)
+    assert spanning.usable and spanning.nodes_per_replica == 2 and spanning.tp_link == "inter-node"
+    assert spanning.replicas_per_node is None
+    assert plan.recommended.tensor_parallel_size in (4, 8)  # TP=1, 2 do not fit: 135 GiB of weights
+    reason = plan.recommended.reason
+    assert "TP=16 spans 2 nodes: its all-reduces cross the 50 GB/s link" in reason
+    best = layout(plan, plan.recommended.tensor_parallel_size)
+    assert f"its round takes {spanning.seconds_per_round / best.seconds_per_round:.1f}x as long as {best.label}'s" in reason
+    assert spanning.seconds_per_round > 2 * best.seconds_per_round
+
+
+def test_tp_stays_within_a_node_even_where_a_fast_network_would_win():
+    # One prompt: sharding wins, and with a network as good as NVLink TP=16 would be a hair faster than TP=8.
+    plan = plan_on_nodes("Qwen2.5-72B", per_device_train_batch_size=8, num_processes=1, gradient_accumulation_steps=1,
+                         internode_gbs=400, internode_latency_us=20)
+    assert layout(plan, 16).seconds_per_round < layout(plan, 8).seconds_per_round
+    assert (plan.recommended.tensor_parallel_size, plan.recommended.data_parallel_size) == (8, 2)
+    assert "yet its round is predicted" in plan.recommended.reason
+    assert "only where the model fits in no node" in plan.recommended.reason
+
+
+def test_a_model_too_big_for_one_node_gets_tp_across_nodes():
+    plan = plan_on_nodes("Llama-3.1-405B")
+    # 405.85B parameters x 2 bytes = 756 GiB: 94.5 GiB per GPU at TP=8, more than 0.9 x 79.2.
+    assert plan.model.param_count == pytest.approx(405.85e9, rel=0.001)
+    assert layout(plan, 8).weights_gib_per_device == pytest.approx(756.0 / 8, rel=0.001)
+    for tp in (1, 2, 4, 8):
+        assert layout(plan, tp).valid and not layout(plan, tp).fits
+    rec = plan.recommended
+    assert (rec.tensor_parallel_size, rec.data_parallel_size) == (16, 1)
+    est = layout(plan, 16)
+    assert est.nodes_per_replica == 2 and est.tp_link == "inter-node"
+    ratio = est.decode_step_seconds / parallel.decode_step_seconds(
+        plan.model, plan.gpu, 16, est.concurrent_sequences_per_replica, plan.workload.mean_decode_context)
+    assert (f"TP=16 spans 2 nodes: its all-reduces cross the 50 GB/s link, {ratio:.1f}x slower per decode step "
+            f"than over the 450 GB/s link within a node, which no layout avoids: "
+            f"the model fits in no node's 8 GPUs") in rec.reason
+    assert est.weight_push_seconds == pytest.approx(405.85e9 * 2 / 50e9, rel=0.001)  # 16.2 s per push
+
+
+def test_internode_tp_decode_step_is_slower_by_what_the_constants_imply():
+    model, gpu = parallel.resolve_model("Llama-3.1-405B"), parallel.resolve_gpu("H100-80GB")
+    two_nodes = parallel.Cluster(nodes=2, gpus_per_node=8)
+    running, context = 256, 1024.0
+    message = running * 16384 * 2  # the hidden states of the running sequences, bf16
+    ring = 2 * (16 - 1) / 16 * message
+    # One all-reduce of TP=16: if its 16 GPUs shared one node's link, log2(16) latency steps over it; across
+    # 2 nodes, log2(8) steps inside each node and log2(2) over the network, and the ring runs at 50 GB/s.
+    within = H100["allreduce_latency_us"] * 1e-6 * 4 + ring / (H100["interconnect_gbs"] * 1e9)
+    across = (H100["allreduce_latency_us"] * 1e-6 * 3 + 50e-6 * 1) + ring / (50 * 1e9)
+    assert parallel.DEFAULT_INTERNODE_GBS == 50 and parallel.DEFAULT_INTERNODE_LATENCY_US == 50
+    assert parallel.allreduce_seconds(message, 16, gpu) == pytest.approx(within)
+    assert parallel.allreduce_seconds(message, 16, gpu, two_nodes) == pytest.approx(across)
+    # Everything else in the step (weights, KV cache, host work) is the same: two all-reduces per layer differ.
+    one_domain = parallel.decode_step_seconds(model, gpu, 16, running, context)
+    spanning = parallel.decode_step_seconds(model, gpu, 16, running, context, two_nodes)
+    assert spanning - one_domain == pytest.approx(2 * 126 * (across - within), rel=1e-9)
+    assert spanning / one_domain > 2
+    # A TP group inside one node never touches the network.
+    assert parallel.decode_step_seconds(model, gpu, 8, running, context, two_nodes) == \
+        parallel.decode_step_seconds(model, gpu, 8, running, context)
+    # With the network as fast as the GPUs' link (and as quick to start), the spanning step costs the same.
+    as_fast = parallel.Cluster(2, 8, internode_gbs=H100["interconnect_gbs"],
+                               internode_latency_us=H100["allreduce_latency_us"])
+    assert parallel.decode_step_seconds(model, gpu, 16, running, context, as_fast) == pytest.approx(one_domain)
+    # Bandwidth-bound (a huge message), the all-reduce is slower by the links' ratio: 450 / 50 = 9.
+    big = 1e12
+    assert parallel.allreduce_seconds(big, 16, gpu, two_nodes) / parallel.allreduce_seconds(big, 16, gpu) == \
+        pytest.approx(H100["interconnect_gbs"] / 50, rel=1e-3)
+
+
+def test_server_cluster_from_the_flags():
+    assert parallel.server_cluster(16, nodes=2) == parallel.Cluster(2, 8)
+    assert parallel.server_cluster(None, nodes=2, gpus_per_node=4).num_gpus == 8
+    assert parallel.server_cluster(None, nodes=1, gpus_per_node=8) == parallel.Cluster(1, 8)
+    assert parallel.server_cluster(4, nodes=1, gpus_per_node=8) == parallel.Cluster(1, 4)  # the trainer has the rest
+
+
+EXAMPLE_TABLE_ON_ONE_NODE = """\
+Prompt batch size: 8 x 4 x 16 / 8 = 64 prompts per round (512 completions of up to 1024 tokens, prompts of 512)
+Model: Qwen/Qwen2.5-7B (7.62B parameters, 14.2 GiB of weights)
+Server: 8 x H100-80GB (79.2 GiB, 3350 GB/s, 989 TFLOPS bf16, 450 GB/s link), gpu_memory_utilization 0.9, max_num_seqs 1024
+
+layout      fits     weights/GPU GiB  KV/replica GiB  seqs/replica (at once)  round s  tokens/s  note
+TP=1, DP=8  yes      14.2             52.0            64 (64)                 10.6     49,536
+TP=2, DP=4  yes      7.1              120.0           128 (128)               12.8     40,960
+TP=4, DP=2  yes      3.5              255.9           256 (256)               18.1     28,985
+TP=8, DP=1  invalid                                                                              TP=8 does not divide the 28 attention heads
+
+Recommended: --tensor_parallel_size 1 --data_parallel_size 8
+  TP=1, DP=8: fastest predicted round (10.6 s), 1.21x faster than the next best (TP=2, DP=4); the model fits on one GPU, so independent replicas beat sharding it.
+"""
+
+
+@pytest.mark.parametrize("node_flags", [[], ["--nodes", "1"], ["--nodes", "1", "--gpus_per_node", "8"]])
+def test_cli_output_on_one_node_is_unchanged(node_flags, capsys):
+    assert main(EXAMPLE + node_flags) == 0
+    assert capsys.readouterr().out == EXAMPLE_TABLE_ON_ONE_NODE
+    assert main(EXAMPLE + node_flags + ["--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert "nodes" not in result and "internode_gbs" not in result
+    assert not set(parallel.NODE_FIELDS) & set(result["layouts"][0])
+
+
+def test_cli_table_on_two_nodes(capsys):
+    argv = ["tp-dp", "--model", "Qwen2.5-72B", "--nodes", "2", "--gpus-per-node", "8", "--gpu", "H100-80GB",
+            "--per_device_train_batch_size", "8", "--num_processes", "4", "--gradient_accumulation_steps", "16",
+            "--num_generations", "8", "--max_completion_length", "1024", "--prompt_length", "512"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "Server: 2 nodes x 8 x H100-80GB" in out and "50 GB/s and 50 us between nodes" in out
+    header = next(line for line in out.splitlines() if line.startswith("layout"))
+    assert re.match(r"layout +replica spans +TP link +fits .* tokens/s +push s +note$", header), header
+    row16 = next(line for line in out.splitlines() if line.startswith("TP=16, DP=1"))
+    assert "2 nodes" in row16 and "across nodes (50 GB/s)" in row16 and "2.91" in row16  # 135.4 GiB / 50 GB/s
+    row4 = next(line for line in out.splitlines() if line.startswith("TP=4, DP=4"))
+    assert "1 node" in row4 and "in node (450 GB/s)" in row4
+    assert "Recommended: --tensor_parallel_size 4 --data_parallel_size 4 (2 per node: vLLM's --data-parallel-size-local 2)" in out
+    # A faster network makes the spanning layout lose less.
+    assert main(argv + ["--internode_gbs", "400", "--json"]) == 0
+    fast = json.loads(capsys.readouterr().out)
+    assert fast["internode_gbs"] == 400 and fast["nodes"] == 2 and fast["gpus_per_node"] == 8
+    spanning = next(e for e in fast["layouts"] if e["tensor_parallel_size"] == 16)
+    assert spanning["tp_link"] == "inter-node" and spanning["nodes_per_replica"] == 2
+    assert spanning["seconds_per_round"] < layout(plan_on_nodes("Qwen2.5-72B"), 16).seconds_per_round
+
+
+def test_cli_nodes_infer_gpus_per_node_from_num_server_gpus(capsys):
+    assert main(EXAMPLE[:3] + ["--num_server_gpus", "16", "--nodes", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["nodes"], result["gpus_per_node"], result["num_server_gpus"]) == (2, 8, 16)

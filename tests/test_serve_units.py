@@ -5,11 +5,11 @@ import random
 import pytest
 
 from fastgrpo.serve.specs import ModelSpecs, check_push
-from fastgrpo.serve.replicas import ServerSettings, assign_by_load, device_slices
+from fastgrpo.serve.engines import GenerationEngine, ServerSettings, assign_by_load, check_devices, cpu_binding
 
 
 def test_assign_by_load_balances_tokens_not_counts():
-    # One long item and many short ones: the long one gets a replica to itself.
+    # One long item and many short ones: the long one gets a rank to itself.
     costs = [1000] + [100] * 10
     owners = assign_by_load(costs, [0, 0])
     loads = [sum(c for c, o in zip(costs, owners) if o == r) for r in range(2)]
@@ -40,21 +40,53 @@ def test_check_push_names_the_tensor_and_the_problem():
     assert "'b.bias' appears twice" in text
 
 
-def test_cpu_replicas_get_disjoint_cores(monkeypatch):
-    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+def test_cpu_dp_ranks_get_disjoint_cores(monkeypatch):
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
-    assert device_slices(ServerSettings("m", data_parallel_size=2), on_cpu=True) == ["0,1", "2,3"]
-    assert device_slices(ServerSettings("m", data_parallel_size=2, tensor_parallel_size=2), on_cpu=True) == ["0|1", "2|3"]
-    assert device_slices(ServerSettings("m"), on_cpu=True) == ["0,1,2,3"]  # every core, none kept back
+    # vLLM gives local DP rank d the '|'-separated lists d*TP..(d+1)*TP-1.
+    assert cpu_binding(ServerSettings("m", data_parallel_size=2)) == "0,1|2,3"
+    assert cpu_binding(ServerSettings("m", data_parallel_size=2, tensor_parallel_size=2)) == "0|1|2|3"
+    assert cpu_binding(ServerSettings("m")) == "0,1,2,3"  # every core, none kept back
+    # A head that runs 1 of 2 ranks binds its own rank alone, to every core.
+    assert cpu_binding(ServerSettings("m", data_parallel_size=2, data_parallel_size_local=1)) == "0,1,2,3"
     with pytest.raises(ValueError, match="needs 8 CPU cores"):
-        device_slices(ServerSettings("m", data_parallel_size=8), on_cpu=True)
+        cpu_binding(ServerSettings("m", data_parallel_size=8))
 
 
-def test_gpu_replicas_get_slices_of_visible_devices(monkeypatch):
+def test_dp_ranks_say_where_they_run(monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    engine = GenerationEngine(ServerSettings("m", data_parallel_size=3, data_parallel_size_local=2), True, "gloo")
+    assert [(r.index, r.node, r.devices) for r in engine.ranks] == [(0, "local", "0"), (1, "local", "1"),
+                                                                   (2, "remote", None)]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
-    assert device_slices(ServerSettings("m", data_parallel_size=2, tensor_parallel_size=2), on_cpu=False) == ["4,5", "6,7"]
+    engine = GenerationEngine(ServerSettings("m", data_parallel_size=2, tensor_parallel_size=2), False, "nccl")
+    assert [r.devices for r in engine.ranks] == ["4,5", "6,7"]
     with pytest.raises(ValueError, match="needs 8 GPUs, 4 are visible"):
-        device_slices(ServerSettings("m", data_parallel_size=4, tensor_parallel_size=2), on_cpu=False)
+        check_devices(ServerSettings("m", data_parallel_size=4, tensor_parallel_size=2), on_cpu=False)
+
+
+def test_multi_node_flags_fail_at_start_naming_the_fix():
+    from fastgrpo.cli import build_parser
+    from fastgrpo.serve.cli import validate
+
+    parser = build_parser()
+
+    def refused(*flags):
+        with pytest.raises(SystemExit) as error:
+            validate(parser.parse_args(["vllm-serve", "--model", "m", *flags]))
+        return str(error.value)
+
+    assert "--data_parallel_address" in refused("--data-parallel-size", "2", "--data-parallel-size-local", "1")
+    assert "below --data_parallel_size" in refused("--headless", "--data-parallel-size", "2")
+    assert "--data_parallel_start_rank in 1..1" in refused(
+        "--headless", "--data-parallel-size", "2", "--data-parallel-size-local", "1", "--data-parallel-address", "h")
+    assert "for --headless nodes" in refused("--data-parallel-start-rank", "1", "--data-parallel-size", "2")
+    assert "in 1..--data_parallel_size (2)" in refused("--data-parallel-size", "2", "--data-parallel-size-local", "3")
+    ok = parser.parse_args(["vllm-serve", "--model", "m", "--headless", "--data-parallel-size", "2",
+                            "--data-parallel-size-local", "1", "--data-parallel-start-rank", "1",
+                            "--data-parallel-address", "10.0.0.1", "--data-parallel-rpc-port", "13400"])
+    validate(ok)
+    assert (ok.data_parallel_rpc_port, ok.join_timeout, ok.rank_timeout, ok.load_balance) == (13400, 600.0, 120.0,
+                                                                                              "tokens")
 
 
 def test_serve_flags_both_spellings_defaults_and_bad_values(capsys):

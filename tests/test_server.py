@@ -1,12 +1,13 @@
 """The generation server, for real: `fastgrpo vllm-serve` (vLLM CPU build) as a subprocess, over HTTP.
 
 One DP=2 server (float32, so logprobs compare tightly with transformers) serves
-most tests; tests that break things (timeouts, a killed replica) come last.
+most tests; tests that break things (timeouts, a killed DP rank) come last.
 """
 
 import concurrent.futures
 import os
 import signal
+import threading
 import time
 
 import httpx
@@ -64,13 +65,13 @@ def post(server, path, body) -> httpx.Response:
 # --- routes --------------------------------------------------------------------
 
 
-def test_health_reports_replicas_pinned_apart_and_world_size(client):
+def test_health_reports_dp_ranks_pinned_apart_and_world_size(client):
     health = client.health()
     assert health["status"] == "ok"
     assert health["data_parallel_size"] == 2 and health["tensor_parallel_size"] == 1
     assert health["world_size"] == 2 and health["weight_transfer_ranks"] == 2
-    assert [r["state"] for r in health["replicas"]] == ["ready", "ready"]
-    devices = [r["devices"] for r in health["replicas"]]
+    assert [r["state"] for r in health["dp_ranks"]] == ["ready", "ready"]
+    devices = [r["devices"] for r in health["dp_ranks"]]
     assert health["device_type"] == "cpu"  # so "devices" name cores
     assert devices[0] != devices[1]  # disjoint cores
     assert health["weight_transfer_backend"] == "gloo"
@@ -137,13 +138,13 @@ def test_seeded_requests_with_chunked_size_prefills_do_not_kill_the_engine(clien
     assert client.health()["status"] == "ok"
 
 
-def test_work_is_split_across_replicas(client):
+def test_work_is_split_across_dp_ranks(client):
     response = client.generate([f"prompt number {i}" for i in range(8)], n=2, max_tokens=4)
-    assert {r.replica for r in response.results} == {0, 1}
+    assert {r.dp_rank for r in response.results} == {0, 1}
 
 
 def test_concurrent_requests_are_served_concurrently(client):
-    """A short request sent while a long one is generating finishes first, on a replica the long one also
+    """A short request sent while a long one is generating finishes first, on a rank the long one also
     occupies: requests join the running batch instead of queueing behind each other."""
     finished = []
 
@@ -155,10 +156,10 @@ def test_concurrent_requests_are_served_concurrently(client):
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         long = pool.submit(run, "long", ["count with me"] * 16, 200)
         deadline = time.monotonic() + 60
-        # Send the short one once the long one is in the server's hands (both replicas carry its load).
-        while not all(r["load_tokens"] for r in client.health()["replicas"]):
+        # Send the short one once the long one is in the server's hands (both ranks carry its load).
+        while not all(r["load_tokens"] for r in client.health()["dp_ranks"]):
             assert not long.done(), "the long request finished before it was seen in flight"
-            assert time.monotonic() < deadline, "the long request never showed up in the replicas' load"
+            assert time.monotonic() < deadline, "the long request never showed up in the ranks' load"
             time.sleep(0.01)
         short = pool.submit(run, "short", ["count with me"], 2)
         long.result(), short.result()
@@ -298,9 +299,9 @@ def test_weight_push_changes_server_logprobs_to_match_transformers(client, hf_mo
     expected = hf_probe_logprobs(hf_model, ids)
     assert max(abs(a - b) for a, b in zip(after, expected)) < LOGPROB_TOL
     assert max(abs(a - b) for a, b in zip(after, before)) > 0.05  # the push really changed the model
-    # Every replica got the push: a batch spread over both agrees on the probe.
+    # Every DP rank got the push: a batch spread over both agrees on the probe.
     spread = client.generate(prompt_token_ids=[ids] * 4, max_tokens=1, prompt_logprobs=True)
-    assert {r.replica for r in spread.results} == {0, 1}
+    assert {r.dp_rank for r in spread.results} == {0, 1}
     for result in spread.results:
         assert max(abs(a - b) for a, b in zip(result.prompt_logprobs[1:], expected)) < LOGPROB_TOL
     assert spread.weight_version == version
@@ -405,28 +406,35 @@ def test_a_layout_the_machine_cannot_hold_fails_at_start(tiny_qwen2, tmp_path):
     assert "needs 64 CPU cores" in result.stdout + result.stderr
 
 
-# --- a replica dies (last: it breaks the server) ------------------------------------
+# --- a DP rank dies (last: it breaks the server) ------------------------------------
 
 
-def test_dead_replica_is_reported_and_others_keep_serving(server, client):
-    engines = sorted(
-        (p for p in psutil.Process(server.proc.pid).children(recursive=True)
-         if "EngineCore" in " ".join(p.cmdline()) or "EngineCore" in p.name()),
-        key=lambda p: p.create_time(),
-    )
-    assert len(engines) == 2, [p.cmdline() for p in psutil.Process(server.proc.pid).children(recursive=True)]
-    victim = engines[1]  # replica 1 started second
-    for proc in [victim, *victim.children(recursive=True)]:
+def test_a_dead_dp_rank_ends_generations_in_flight_and_after_with_its_name(server, client):
+    engine_1 = [p for p in psutil.Process(server.proc.pid).children(recursive=True)
+                if "EngineCore_DP1" in " ".join(p.cmdline())]
+    assert len(engine_1) == 1, [p.cmdline() for p in psutil.Process(server.proc.pid).children(recursive=True)]
+    out = {}
+
+    def generate():
+        out["response"] = httpx.post(server.base_url + "/generate", timeout=120, json={
+            "prompts": [f"question {i}" for i in range(96)], "max_tokens": 200, "ignore_eos": True})
+
+    thread = threading.Thread(target=generate)
+    thread.start()
+    time.sleep(0.5)
+    assert thread.is_alive()
+    for proc in [engine_1[0], *engine_1[0].children(recursive=True)]:
         os.kill(proc.pid, signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        health = httpx.get(server.base_url + "/health", timeout=10)
-        if health.json()["replicas"][1]["state"] == "failed":
-            break
-        time.sleep(0.5)
-    assert health.status_code == 503 and health.json()["status"] == "degraded"
-    assert health.json()["replicas"][0]["state"] == "ready"
-    assert "died" in health.json()["replicas"][1]["error"]
-    response = client.generate([f"p{i}" for i in range(4)], max_tokens=2)
-    assert {r.replica for r in response.results} == {0}
-    client.reset_prefix_cache()  # the live replica's; this answered 500 (EngineDeadError) before
+    thread.join(60)
+    assert not thread.is_alive(), "the generation hung after a DP rank died"
+    response = out["response"]
+    assert response.status_code == 503 and response.json()["type"] == "engine_dead", response.text[:300]
+    assert "EngineCore_DP1" in response.json()["error"] and "restart" in response.json()["error"]
+
+    health = httpx.get(server.base_url + "/health", timeout=10)
+    assert health.status_code == 503 and health.json()["status"] == "failed"
+    assert [r["state"] for r in health.json()["dp_ranks"]] == ["stopped", "failed"]
+    assert "EngineCore_DP1 died" in health.json()["dp_ranks"][1]["error"]
+    for path, body in [("/generate", {"prompts": ["after"], "max_tokens": 2}), ("/reset_prefix_cache", None)]:
+        after = httpx.post(server.base_url + path, json=body, timeout=10)
+        assert after.status_code == 503 and after.json()["type"] == "engine_dead", (path, after.text[:300])

@@ -39,8 +39,10 @@ FUZZ_CHECKS = "not_a_server_error,response_schema_conformance,status_code_confor
 
 @pytest.fixture(scope="module")
 def server(server_factory, tiny_qwen2):
+    # DP=2: the fuzzing below runs against vLLM's data parallelism, where requests are routed to ranks.
     return server_factory(["--model", tiny_qwen2, "--dtype", "float32", "--max-model-len", "128",
-                           "--kv-cache-space", "1", "--request-body-timeout", str(BODY_TIMEOUT_S)])
+                           "--kv-cache-space", "1", "--request-body-timeout", str(BODY_TIMEOUT_S),
+                           "--data-parallel-size", "2"])
 
 
 @pytest.fixture(scope="module")
@@ -231,7 +233,7 @@ def test_a_server_that_dies_mid_request_gives_an_error_naming_it(server):
     with VLLMClient(base_url=server.base_url, timeout=60) as c, concurrent.futures.ThreadPoolExecutor(1) as pool:
         pending = pool.submit(c.generate, ["a long one"] * 16, n=8, max_tokens=100, ignore_eos=True)
         deadline = time.monotonic() + 30
-        while c.health()["replicas"][0]["load_tokens"] == 0 and time.monotonic() < deadline:
+        while c.health()["dp_ranks"][0]["load_tokens"] == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
         os.killpg(server.proc.pid, signal.SIGKILL)
         with pytest.raises(ServerUnavailable) as error:

@@ -1,4 +1,4 @@
-"""Weight sync is exact at every bucket size, in every order, on every replica, and after every failure;
+"""Weight sync is exact at every bucket size, in every order, on every DP rank, and after every failure;
 a push lands while generations run, which go on under the new weights.
 
 The tiny model's decoder layer is 590 kB in float32 and its largest tensor (the embedding) 196 kB, so
@@ -54,12 +54,12 @@ def hf_logprobs(model, ids) -> list[float]:
     return [logp[i, ids[i + 1]].item() for i in range(len(ids) - 1)]
 
 
-def server_logprobs_by_replica(client, ids) -> dict[int, list[float]]:
-    """The probe's prompt logprobs from every replica (a batch of copies spreads over both)."""
+def server_logprobs_by_rank(client, ids) -> dict[int, list[float]]:
+    """The probe's prompt logprobs from every DP rank (a batch of copies spreads over both)."""
     response = client.generate(prompt_token_ids=[ids] * 4, max_tokens=1, prompt_logprobs=True)
-    by_replica = {r.replica: r.prompt_logprobs[1:] for r in response.results}
-    assert set(by_replica) == {0, 1}
-    return by_replica
+    by_rank = {r.dp_rank: r.prompt_logprobs[1:] for r in response.results}
+    assert set(by_rank) == {0, 1}
+    return by_rank
 
 
 def gap(a, b) -> float:
@@ -89,12 +89,12 @@ def test_push_is_exact_at_every_bucket_size_and_in_any_order(server, tiny_qwen2,
                                 (4096, "shuffled")]:
         with VLLMClient(base_url=server.base_url, bucket_bytes=bucket_bytes, weight_transfer_timeout=30) as client:
             client.update_weights(shuffled(model, seed=bucket_bytes) if order == "shuffled" else model)
-            for replica, logprobs in server_logprobs_by_replica(client, probe_ids).items():
-                assert gap(logprobs, expected) < LOGPROB_TOL, (bucket_bytes, order, replica)
-                seen.setdefault(replica, []).append(logprobs)
+            for rank, logprobs in server_logprobs_by_rank(client, probe_ids).items():
+                assert gap(logprobs, expected) < LOGPROB_TOL, (bucket_bytes, order, rank)
+                seen.setdefault(rank, []).append(logprobs)
     # The same weights through any bucket size give the same engine: the same numbers to the last bit.
-    for replica, runs in seen.items():
-        assert all(run == runs[0] for run in runs), replica
+    for rank, runs in seen.items():
+        assert all(run == runs[0] for run in runs), rank
 
 
 class FailingWeights(NamedWeights):
@@ -164,10 +164,10 @@ def test_a_push_that_fails_half_way_blocks_generation_until_a_full_push_restores
         with VLLMClient(base_url=server.base_url, timeout=10) as late:  # a trainer (re)starting now connects
             assert late.info["status"] == "degraded"
 
-        # The next full push, straight after: exact on every replica, though layers were left half-loaded.
+        # The next full push, straight after: exact on every DP rank, though layers were left half-loaded.
         client.update_weights(shuffled(good, seed=5))
-        for replica, logprobs in server_logprobs_by_replica(client, probe_ids).items():
-            assert gap(logprobs, expected) < LOGPROB_TOL, replica
+        for rank, logprobs in server_logprobs_by_rank(client, probe_ids).items():
+            assert gap(logprobs, expected) < LOGPROB_TOL, rank
         assert client.health()["status"] == "ok"
 
         # Fail again; a partial push does not make the engines whole, the next full one does.
@@ -177,8 +177,8 @@ def test_a_push_that_fails_half_way_blocks_generation_until_a_full_push_restores
         refused = httpx.post(server.base_url + "/generate", json={"prompts": ["x"], "max_tokens": 2}, timeout=60)
         assert refused.status_code == 503 and "push the whole model" in refused.json()["error"]
         client.update_weights(good)
-        for replica, logprobs in server_logprobs_by_replica(client, probe_ids).items():
-            assert gap(logprobs, expected) < LOGPROB_TOL, replica
+        for rank, logprobs in server_logprobs_by_rank(client, probe_ids).items():
+            assert gap(logprobs, expected) < LOGPROB_TOL, rank
 
 
 def test_a_push_that_fails_before_its_first_byte_is_recovered_by_the_next(server, tiny_qwen2, probe_ids):
@@ -189,8 +189,8 @@ def test_a_push_that_fails_before_its_first_byte_is_recovered_by_the_next(server
             client.update_weights(FailingWeights(list(good.named_parameters()), 0))
         client.update_weights(good)
         expected = hf_logprobs(good, probe_ids)
-        for replica, logprobs in server_logprobs_by_replica(client, probe_ids).items():
-            assert gap(logprobs, expected) < LOGPROB_TOL, replica
+        for rank, logprobs in server_logprobs_by_rank(client, probe_ids).items():
+            assert gap(logprobs, expected) < LOGPROB_TOL, rank
 
 
 # --- colocate mode: the same sender, push and receiver, into an in-process engine ----------------
@@ -304,11 +304,8 @@ def test_an_fsdp2_sharded_model_streams_into_an_exact_push(server, tiny_qwen2, p
     model.load_state_dict(pushed, strict=False)  # the tied head follows the embedding
     expected = hf_logprobs(model, probe_ids)
     with VLLMClient(base_url=server.base_url) as client:
-        for replica, logprobs in server_logprobs_by_replica(client, probe_ids).items():
-            assert gap(logprobs, expected) < LOGPROB_TOL, replica
-
-
-# --- last: this kills one of the module server's replicas ------------------------------------------
+        for rank, logprobs in server_logprobs_by_rank(client, probe_ids).items():
+            assert gap(logprobs, expected) < LOGPROB_TOL, rank
 
 
 # --- pushes that land while generations run ----------------------------------------------------------
@@ -352,7 +349,7 @@ def test_a_generation_runs_across_a_push_and_its_later_tokens_come_from_the_new_
     prompt = probe_ids[:12]
     with VLLMClient(base_url=server.base_url, weight_transfer_timeout=30) as client:
         client.update_weights(old)
-        client.generate(prompt_token_ids=[prompt] * 2, max_tokens=8)  # both replicas past their slow first steps
+        client.generate(prompt_token_ids=[prompt] * 2, max_tokens=8)  # both ranks past their slow first steps
         step_s = decode_step_seconds(client, prompt)
         version = client.health()["weight_version"]
         out = {}
@@ -419,8 +416,8 @@ def test_a_push_that_fails_during_a_generation_stops_it_rather_than_finish_it_on
         else:
             raise AssertionError(f"the push never landed during the generation: {outcomes}")
         client.update_weights(good)  # the next whole push serves exactly again
-        for replica, logprobs in server_logprobs_by_replica(client, probe_ids).items():
-            assert gap(logprobs, hf_logprobs(good, probe_ids)) < LOGPROB_TOL, replica
+        for rank, logprobs in server_logprobs_by_rank(client, probe_ids).items():
+            assert gap(logprobs, hf_logprobs(good, probe_ids)) < LOGPROB_TOL, rank
 
 
 def test_an_idle_server_polls_with_one_gloo_thread_per_engine_process(server):
@@ -435,41 +432,28 @@ def test_an_idle_server_polls_with_one_gloo_thread_per_engine_process(server):
         assert len(loops) == 1, (worker.pid, len(loops))
 
 
-# Last: it kills one of the module server's two replicas.
-def test_a_dead_replica_leaves_the_group_and_pushes_reach_the_live_one(server, tiny_qwen2, probe_ids):
-    """Last in this module: it kills replica 1."""
+# Last: it kills one of the module server's two DP ranks.
+def test_a_push_after_a_dp_rank_died_fails_at_once_naming_it(server, tiny_qwen2):
+    """Last in this module: it kills DP rank 1. vLLM's DP client runs its ranks as one engine, so a push can no
+    longer reach every rank: it must fail at once with the rank's name, not wait out a collective's timeout."""
     import os
     import signal
 
     import psutil
 
-    client = VLLMClient(base_url=server.base_url, bucket_bytes=SMALL_BUCKET, weight_transfer_timeout=10)
-    client.update_weights(perturbed(tiny_qwen2, seed=6))  # the group now holds both replicas
-    engines = sorted((p for p in psutil.Process(server.proc.pid).children(recursive=True)
-                      if "EngineCore" in " ".join(p.cmdline()) or "EngineCore" in p.name()),
-                     key=lambda p: p.create_time())
-    assert len(engines) == 2
-    for proc in [engines[1], *engines[1].children(recursive=True)]:
+    client = VLLMClient(base_url=server.base_url, bucket_bytes=SMALL_BUCKET, weight_transfer_timeout=30)
+    client.update_weights(perturbed(tiny_qwen2, seed=6))  # the group holds both ranks
+    engine_1 = [p for p in psutil.Process(server.proc.pid).children(recursive=True)
+                if "EngineCore_DP1" in " ".join(p.cmdline())]
+    assert len(engine_1) == 1
+    for proc in [engine_1[0], *engine_1[0].children(recursive=True)]:
         os.kill(proc.pid, signal.SIGKILL)
     deadline = time.monotonic() + 30
-    while client.health()["replicas"][1]["state"] != "failed":
-        assert time.monotonic() < deadline, "the dead replica never showed in /health"
+    while client.health()["dp_ranks"][1]["state"] != "failed":
+        assert time.monotonic() < deadline, "the dead rank never showed in /health"
         time.sleep(0.5)
-    health = client.health()
-    assert health["weight_transfer_ranks"] == 1 and health["world_size"] == 2
-    with VLLMClient(base_url=server.base_url, timeout=10) as late:  # a trainer (re)starting now connects
-        assert late.info["status"] == "degraded"
-
-    good = perturbed(tiny_qwen2, seed=7)
-    version = client.update_weights(good)  # the stale group is refused, reopened with the live replica, pushed
-    assert version == health["weight_version"] + 1
-    response = client.generate(prompt_token_ids=[probe_ids] * 2, max_tokens=1, prompt_logprobs=True)
-    assert {r.replica for r in response.results} == {0}
-    expected = hf_logprobs(good, probe_ids)
-    assert all(gap(r.prompt_logprobs[1:], expected) < LOGPROB_TOL for r in response.results)
-    # And again, through the group that now holds only the live replica.
-    again = perturbed(tiny_qwen2, seed=8)
-    client.update_weights(shuffled(again, seed=1))
-    response = client.generate(prompt_token_ids=[probe_ids], max_tokens=1, prompt_logprobs=True)
-    assert gap(response.results[0].prompt_logprobs[1:], hf_logprobs(again, probe_ids)) < LOGPROB_TOL
+    began = time.monotonic()
+    with pytest.raises(ServerError, match="EngineCore_DP1") as error:
+        client.update_weights(perturbed(tiny_qwen2, seed=7))
+    assert error.value.status == 503 and time.monotonic() - began < 10
     client.close()

@@ -130,9 +130,8 @@ class VLLMClient:
     def wait_for_server(self, timeout: float) -> dict:
         """Poll /health until the server serves; errors say what to check.
 
-        A `degraded` server (a dead replica, or weights left mixed by a failed push) is usable: the
-        live replicas serve, and a push is what makes mixed weights whole again, so it is returned
-        with a warning rather than waited out.
+        A `degraded` server (weights left mixed by a failed push) is usable: a push is what makes mixed
+        weights whole again, so it is returned with a warning rather than waited out.
         """
         deadline = time.monotonic() + timeout
         last = "no answer"
@@ -144,10 +143,8 @@ class VLLMClient:
                     return body
                 last = f"status {body.get('status')!r}"
                 if body.get("status") == "degraded":
-                    log.warning("the server at %s is degraded: %s", self.base_url,
-                                "weights left mixed by a failed push (push the whole model)"
-                                if not body.get("weights_consistent", True) else
-                                f"replicas {[r['index'] for r in body['replicas'] if r['state'] != 'ready']} are down")
+                    log.warning("the server at %s is degraded: weights left mixed by a failed push (push the whole "
+                                "model)", self.base_url)
                     return body
                 if body.get("status") == "failed":
                     raise ServerError(503, "failed", f"the server at {self.base_url} failed: {body}")
@@ -224,7 +221,7 @@ class VLLMClient:
     # --- weight sync ----------------------------------------------------------
 
     def init_weight_transfer(self, backend: str) -> None:
-        """Open the group: this process is rank 0, the server's live workers (TP x live replicas) the rest."""
+        """Open the group: this process is rank 0, the server's workers (TP x DP, every node's) the rest."""
         self.info = self.health()
         if backend != self.info["weight_transfer_backend"]:
             raise ValueError(
@@ -245,7 +242,7 @@ class VLLMClient:
 
     def update_weights(self, weights, weight_version: int | None = None) -> int:
         """Push a model's parameters (gathered one at a time from ZeRO-3/FSDP shards), a dict, or
-        (name, tensor) pairs to every replica. Returns the server's new weight version.
+        (name, tensor) pairs to every DP rank. Returns the server's new weight version.
 
         Floating tensors travel in the server's dtype (half the bytes of float32 for bfloat16).
         """
@@ -266,9 +263,9 @@ class VLLMClient:
                 return result["weight_version"]
             except ServerError as exc:
                 self.close_weight_transfer()
-                # A replica died since the group opened, or the server closed our group (a restart, a failed
-                # push it cleaned up after): reopen with the live replicas and push again.
-                if exc.type in ("group_stale", "group_closed") and attempt == 0:
+                # The server closed our group (a restart, a failed push it cleaned up after): reopen it and
+                # push again.
+                if exc.type == "group_closed" and attempt == 0:
                     continue
                 raise
             except WeightTransferError:

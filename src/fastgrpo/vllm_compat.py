@@ -100,3 +100,12 @@ def ipc_engine_loader():
         return import_without_ray("vllm.distributed.weight_transfer.ipc_engine").IPCWeightTransferEngine
 
     return load
+
+
+# --- one DP rank of vLLM's data-parallel client --------------------------------------------------------------
+
+async def call_on_dp_rank(engine, rank: int, method: str, *args):
+    """Call an engine-core utility on DP rank `rank` alone (vLLM's DP client broadcasts its public calls).
+    Both releases keep the rank-ordered `core_engines` identities and `_call_utility_async(..., engine=)`."""
+    client = engine.engine_core
+    return await client._call_utility_async(method, *args, engine=client.core_engines[rank])

@@ -49,6 +49,7 @@ examples:
       --per_device_train_batch_size 8 --num_processes 4 --gradient_accumulation_steps 16 \\
       --num_generations 8 --max_completion_length 1024 --prompt_length 512
   fastgrpo tp-dp --config run.yaml --num-server-gpus 4 --gpu A100-80GB --json
+  fastgrpo tp-dp --model Llama-3.1-405B --nodes 2 --gpus_per_node 8 --gpu H100-80GB --internode_gbs 50
   fastgrpo tp-dp --model ./my-model --num_server_gpus 2 --gpu custom \\
       --gpu_memory_gib 94 --gpu_bandwidth_gbs 3900 --gpu_bf16_tflops 835 --interconnect_gbs 300
   fastgrpo tp-dp --model default --measure --per_device_train_batch_size 8 \\
@@ -80,7 +81,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_flag(parser, "--config", default=None, help="training config YAML to read the batch figures and model from; flags override it")
     add_flag(parser, "--num_server_gpus", type=int, default=None,
              help="GPUs the generation server gets (TP x DP); CPU cores with --gpu CPU or --measure on a CPU "
-                  "machine (default there: the cores this process may use); required otherwise")
+                  "machine (default there: the cores this process may use); required otherwise, except with "
+                  "--nodes > 1, where it is --nodes x --gpus_per_node and must equal that if given")
     add_flag(parser, "--gpu", default=None,
              help="GPU type: a known name, 'CPU' (one core of vLLM's CPU build), or 'custom' with the figures "
                   "below (default: H100-80GB; CPU with --measure on a CPU machine)")
@@ -96,6 +98,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_flag(server, "--max_num_seqs", type=int, default=None, help="vLLM's cap on sequences running at once per replica (default: vLLM's for the GPU)")
     add_flag(server, "--kv_cache_space", type=int, default=None,
              help="CPU only: GiB of KV cache per replica, as passed to vllm-serve (default 1)")
+    cluster = parser.add_argument_group("several nodes (TP stays within a node unless the model fits in no node)")
+    add_flag(cluster, "--nodes", type=int, default=1,
+             help="machines the server runs on; DP ranks are spread over them (default 1)")
+    add_flag(cluster, "--gpus_per_node", type=int, default=None, metavar="GPUS",
+             help="GPUs of each node the server takes (with --nodes > 1, all of them; default: "
+                  "--num_server_gpus / --nodes)")
+    add_flag(cluster, "--internode_gbs", type=float, default=None,
+             help=f"network bandwidth between nodes per direction, GB/s: nccl-tests' all_reduce bus bandwidth "
+                  f"across two nodes (default {parallel.DEFAULT_INTERNODE_GBS:g}: one 400 Gb/s NIC per node)")
+    add_flag(cluster, "--internode_latency_us", type=float, default=None,
+             help=f"cost of one small all-reduce between 2 GPUs on different nodes, microseconds "
+                  f"(default {parallel.DEFAULT_INTERNODE_LATENCY_US:g})")
     custom = parser.add_argument_group("custom GPU figures (with --gpu custom all four are required; with a known GPU they override its figures)")
     add_flag(custom, "--gpu_memory_gib", type=float, default=None, help="device memory, GiB")
     add_flag(custom, "--gpu_bandwidth_gbs", type=float, default=None, help="peak memory bandwidth, GB/s")
@@ -174,9 +188,12 @@ def resolve_model_argument(model: str) -> str:
     return model
 
 
-def resolve_num_server_gpus(args: argparse.Namespace, gpu: parallel.GPUSpec, on_cpu: bool | None) -> int:
-    """--num_server_gpus, or the devices at hand where that is what it means (CPU cores; GPUs with --measure)."""
-    if args.num_server_gpus is not None:
+def resolve_num_server_gpus(args: argparse.Namespace, gpu: parallel.GPUSpec, on_cpu: bool | None) -> int | None:
+    """--num_server_gpus, or the devices at hand where that is what it means (CPU cores; GPUs with --measure).
+
+    With --nodes or --gpus_per_node the count is theirs to settle (parallel.server_cluster): as given.
+    """
+    if args.num_server_gpus is not None or args.nodes != 1 or args.gpus_per_node is not None:
         return args.num_server_gpus
     if on_cpu or (on_cpu is None and parallel.is_cpu(gpu.name)):
         return len(usable_cores())
@@ -245,31 +262,61 @@ def _format_layout_row(est: parallel.LayoutEstimate) -> list[str]:
     ]
 
 
+TP_LINK_NAMES = {"none": "-", "intra-node": "in node", "inter-node": "across nodes"}
+
+
+def _node_cells(est: parallel.LayoutEstimate, plan: parallel.TPDPPlan) -> tuple[list[str], str]:
+    """The columns a plan on several nodes adds: (replica span and TP link, weight push)."""
+    span = f"{est.nodes_per_replica} node{'s' if est.nodes_per_replica > 1 else ''}"
+    link_gbs = {"intra-node": plan.gpu.interconnect_gbs, "inter-node": plan.cluster.internode_gbs}.get(est.tp_link)
+    link = TP_LINK_NAMES[est.tp_link] + (f" ({link_gbs:g} GB/s)" if link_gbs else "")
+    push = f"{est.weight_push_seconds:.2f}" if est.usable else ""
+    return [span, link], push
+
+
+def _layout_table(plan: parallel.TPDPPlan) -> list[str]:
+    header = ["layout", "fits", "weights/GPU GiB", "KV/replica GiB", "seqs/replica (at once)", "round s", "tokens/s", "note"]
+    rows = [header] + [_format_layout_row(est) for est in plan.layouts]
+    if plan.several_nodes:
+        # After the layout: where a replica sits; before the note: the weight push, apart from the round.
+        cells = [(["replica spans", "TP link"], "push s")] + [_node_cells(est, plan) for est in plan.layouts]
+        rows = [row[:1] + span_link + row[1:-1] + [push] + row[-1:] for row, (span_link, push) in zip(rows, cells)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return ["  ".join([cell.ljust(width) for cell, width in zip(row, widths)] + [row[-1]]).rstrip() for row in rows]
+
+
+def _recommended_flags(plan: parallel.TPDPPlan) -> str:
+    rec = plan.recommended
+    flags = f"--tensor_parallel_size {rec.tensor_parallel_size} --data_parallel_size {rec.data_parallel_size}"
+    if not plan.several_nodes:
+        return flags
+    best = next(est for est in plan.layouts if est.tensor_parallel_size == rec.tensor_parallel_size)
+    if best.nodes_per_replica > 1:
+        return f"{flags} (each replica's TP group spans {best.nodes_per_replica} nodes)"
+    return f"{flags} ({best.replicas_per_node} per node: vLLM's --data-parallel-size-local {best.replicas_per_node})"
+
+
 def format_plan(plan: parallel.TPDPPlan, inputs: dict) -> str:
     w, m, g = plan.workload, plan.model, plan.gpu
+    links = f"{g.interconnect_gbs:g} GB/s link"
+    if plan.several_nodes:
+        links += (f" within a node, {plan.cluster.internode_gbs:g} GB/s and {plan.cluster.internode_latency_us:g} us "
+                  f"between nodes")
     lines = [
         f"Prompt batch size: {inputs['per_device_train_batch_size']} x {inputs['num_processes']} x "
         f"{inputs['gradient_accumulation_steps']} / {w.num_generations} = {w.prompt_batch_size} prompts per round "
         f"({w.sequences} completions of up to {w.max_completion_length} tokens, prompts of {w.prompt_length})",
         f"Model: {m.name} ({m.param_count / 1e9:.2f}B parameters, {m.weight_bytes / parallel.GIB:.1f} GiB of weights)",
-        f"Server: {plan.num_server_gpus} x {g.name} ({g.memory_gib:g} GiB, {g.bandwidth_gbs:g} GB/s, "
-        f"{g.bf16_tflops:g} TFLOPS bf16, {g.interconnect_gbs:g} GB/s link), "
+        f"Server: {parallel.describe_server(plan.num_server_gpus, g.name, plan.cluster)} ({g.memory_gib:g} GiB, "
+        f"{g.bandwidth_gbs:g} GB/s, {g.bf16_tflops:g} TFLOPS bf16, {links}), "
         f"gpu_memory_utilization {plan.gpu_memory_utilization:g}, max_num_seqs {plan.max_num_seqs}",
         "",
+        *_layout_table(plan),
+        "",
     ]
-    header = ["layout", "fits", "weights/GPU GiB", "KV/replica GiB", "seqs/replica (at once)", "round s", "tokens/s", "note"]
-    rows = [header] + [_format_layout_row(est) for est in plan.layouts]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
-    for row in rows:
-        cells = [cell.ljust(width) for cell, width in zip(row, widths)]
-        lines.append("  ".join(cells + [row[-1]]).rstrip())
-    lines.append("")
     if plan.recommended:
-        rec = plan.recommended
-        lines.append(
-            f"Recommended: --tensor_parallel_size {rec.tensor_parallel_size} --data_parallel_size {rec.data_parallel_size}"
-        )
-        lines.append(f"  {rec.reason}")
+        lines.append(f"Recommended: {_recommended_flags(plan)}")
+        lines.append(f"  {plan.recommended.reason}")
     else:
         lines.append("Recommended: none; no layout fits.")
     if plan.warnings:
@@ -290,13 +337,13 @@ def plot_plan(plan: parallel.TPDPPlan, path: str) -> None:
     top = max(512, 8 * current)
     batch_sizes = [2**k for k in range(0, top.bit_length()) if 2**k <= top]
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
-    for tp, dp in parallel.candidate_layouts(plan.num_server_gpus):
+    for tp, dp in parallel.candidate_layouts(plan.num_server_gpus, plan.gpus_per_node):
         xs, ys = [], []
         for batch in batch_sizes:
             workload = parallel.Workload(batch, plan.workload.num_generations, plan.workload.prompt_length,
                                          plan.workload.max_completion_length)
             est = parallel.estimate_layout(plan.model, plan.gpu, workload, tp, dp,
-                                           plan.gpu_memory_utilization, plan.max_num_seqs)
+                                           plan.gpu_memory_utilization, plan.max_num_seqs, plan.cluster)
             if est.usable:
                 xs.append(batch)
                 ys.append(est.tokens_per_second)
@@ -307,8 +354,9 @@ def plot_plan(plan: parallel.TPDPPlan, path: str) -> None:
     ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_xlabel("prompt batch size (prompts per round)")
     ax.set_ylabel("predicted completion tokens/s")
+    server = parallel.describe_server(plan.num_server_gpus, plan.gpu.name, plan.cluster)
     ax.set_title(
-        f"{plan.model.name.split('/')[-1]} on {plan.num_server_gpus} x {plan.gpu.name}, "
+        f"{plan.model.name.split('/')[-1]} on {server}, "
         f"{plan.workload.prompt_length}+{plan.workload.max_completion_length} tokens, "
         f"{plan.workload.num_generations} per prompt",
         fontsize=9,
@@ -355,7 +403,17 @@ def emit(args: argparse.Namespace, result, plot, text) -> int:
     return 0
 
 
-def plan_from(args: argparse.Namespace, inputs: dict, gpu, num_devices: int):
+def internode_figures(args: argparse.Namespace) -> dict:
+    """--internode_gbs and --internode_latency_us where given (plan_tp_dp has the defaults); only for several nodes."""
+    given = {name: getattr(args, name) for name in ("internode_gbs", "internode_latency_us")}
+    given = {name: value for name, value in given.items() if value is not None}
+    if given and args.nodes == 1:
+        raise parallel.PlanError("--internode_gbs and --internode_latency_us go with --nodes > 1 "
+                                 "(one node has no network between its GPUs)")
+    return given
+
+
+def plan_from(args: argparse.Namespace, inputs: dict, gpu, num_devices: int | None):
     return parallel.plan_tp_dp(
         inputs["model"],
         num_devices,
@@ -368,6 +426,9 @@ def plan_from(args: argparse.Namespace, inputs: dict, gpu, num_devices: int):
         num_generations=inputs["num_generations"],
         gpu_memory_utilization=args.gpu_memory_utilization,
         max_num_seqs=args.max_num_seqs,
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        **internode_figures(args),
     )
 
 
@@ -379,6 +440,11 @@ def run_measure(args: argparse.Namespace) -> int:
     def progress(message: str) -> None:
         print(f"[tp-dp --measure] {message}", file=sys.stderr, flush=True)
 
+    if args.nodes > 1:
+        print(f"fastgrpo tp-dp: error: --measure starts the server on this machine only and cannot start it on "
+              f"other nodes (--nodes {args.nodes}): measure one node's layouts with --nodes 1 "
+              f"(--num_server_gpus = that node's GPUs), or drop --measure for the prediction", file=sys.stderr)
+        return 2
     try:
         inputs = resolve_inputs(args)
         cpu = engine_on_cpu()

@@ -18,8 +18,11 @@ TP x DP = the server's GPU count it answers two questions:
    which runs once per replica and is not split by TP. Sequences that do not
    fit in the KV cache (or beyond vLLM's max_num_seqs) at once run in waves.
 
-The round time is that of the busiest replica. Every constant below says
-where it comes from; see docs/tp-dp.md for the whole derivation.
+The round time is that of the busiest replica. On several nodes (`Cluster`)
+a TP group stays within a node unless the model fits in no node; one that
+spans nodes does its all-reduces over the network between them. Every
+constant below says where it comes from; see docs/tp-dp.md for the whole
+derivation.
 """
 
 from __future__ import annotations
@@ -74,6 +77,19 @@ TIE_TOLERANCE = 0.05
 # A replica running fewer sequences than this at once leaves its GPUs mostly
 # idle (decode is bound by reading the weights): DP does not pay off.
 MIN_EFFICIENT_SEQUENCES_PER_REPLICA = 32
+# The network between nodes (--nodes > 1), per direction: one 400 Gb/s
+# InfiniBand NDR or RoCE port per node (NVIDIA ConnectX-7, the NIC of the
+# H100 generation) = 50 GB/s. Nodes with one such port per GPU (DGX/HGX H100:
+# 8) give NCCL up to 8 times this: pass the bus bandwidth that nccl-tests'
+# all_reduce_perf reports across two nodes (--internode_gbs).
+DEFAULT_INTERNODE_GBS = 50.0
+# Effective fixed cost of one small all-reduce between two devices on
+# different nodes, the counterpart of a GPU row's allreduce_latency_us. NCCL's
+# own tuning model (src/graph/tuning.cc, hwLat: a network hop 2.7-5 us against
+# 0.5-0.6 us over NVLink, LL protocol) makes a two-rank all-reduce across two
+# nodes 2-2.7x the NVLink one, base latency included; scaled like the NVLink
+# rows (bare ~10 us, effective 20 us) that is 40-54 us.
+DEFAULT_INTERNODE_LATENCY_US = 50.0
 
 
 def vllm_batch_defaults(gpu_name: str, memory_gib: float) -> tuple[int, int]:
@@ -199,6 +215,85 @@ class Workload:
     @property
     def context_length(self) -> int:
         return self.prompt_length + self.max_completion_length
+
+    @property
+    def mean_decode_context(self) -> float:
+        """Mean context of a running sequence while decoding: the prompt and half the completion."""
+        return self.prompt_length + self.max_completion_length / 2
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """The server's machines: `nodes` nodes of `gpus_per_node` GPUs each, and the network between them."""
+
+    nodes: int
+    gpus_per_node: int
+    internode_gbs: float = DEFAULT_INTERNODE_GBS  # per direction
+    internode_latency_us: float = DEFAULT_INTERNODE_LATENCY_US
+
+    @property
+    def num_gpus(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    def nodes_spanned(self, tp: int) -> int:
+        """Nodes one TP group occupies (1 while it fits in a node)."""
+        return math.ceil(tp / self.gpus_per_node)
+
+
+def server_cluster(
+    num_server_gpus: int | None,
+    nodes: int = 1,
+    gpus_per_node: int | None = None,
+    internode_gbs: float = DEFAULT_INTERNODE_GBS,
+    internode_latency_us: float = DEFAULT_INTERNODE_LATENCY_US,
+) -> Cluster:
+    """The server's nodes from --num_server_gpus, --nodes and --gpus_per_node.
+
+    On one node the server gets num_server_gpus (gpus_per_node, if given, only
+    bounds it: the trainer may have the rest). On several it takes every GPU
+    of each node: nodes x gpus_per_node. Raises PlanError naming the flags.
+    """
+    if not isinstance(nodes, int) or nodes < 1:
+        raise PlanError(f"--nodes must be a positive number of machines, got {nodes!r}; use --nodes 1 for one machine")
+    if gpus_per_node is not None and gpus_per_node < 1:
+        raise PlanError(f"--gpus_per_node must be at least 1, got {gpus_per_node}")
+    if internode_gbs <= 0:
+        raise PlanError(f"--internode_gbs must be a positive bandwidth in GB/s, got {internode_gbs:g} "
+                        f"(400 Gb/s InfiniBand: --internode_gbs {DEFAULT_INTERNODE_GBS:g})")
+    if internode_latency_us < 0:
+        raise PlanError(f"--internode_latency_us cannot be negative, got {internode_latency_us:g}")
+    link = dict(internode_gbs=internode_gbs, internode_latency_us=internode_latency_us)
+    if nodes == 1:
+        if num_server_gpus is None:
+            if gpus_per_node is None:
+                raise PlanError("pass --num_server_gpus: how many GPUs the generation server gets (TP x DP)")
+            num_server_gpus = gpus_per_node
+        if num_server_gpus < 1:
+            raise PlanError(f"num_server_gpus must be at least 1, got {num_server_gpus}")
+        if gpus_per_node is not None and num_server_gpus > gpus_per_node:
+            raise PlanError(
+                f"--num_server_gpus {num_server_gpus} is more than --gpus_per_node {gpus_per_node} on --nodes 1: "
+                f"pass --nodes {math.ceil(num_server_gpus / gpus_per_node)} (the server then takes whole nodes), "
+                f"or at most {gpus_per_node} GPUs"
+            )
+        return Cluster(1, num_server_gpus, **link)
+    if gpus_per_node is None:
+        if num_server_gpus is None:
+            raise PlanError(f"--nodes {nodes} needs --gpus_per_node: how many GPUs each node gives the server "
+                            f"(e.g. --gpus_per_node 8)")
+        if num_server_gpus < nodes or num_server_gpus % nodes:
+            raise PlanError(
+                f"--num_server_gpus {num_server_gpus} does not split evenly over --nodes {nodes}: the server takes "
+                f"whole nodes of equal size; pass --gpus_per_node (GPUs in each node) instead"
+            )
+        gpus_per_node = num_server_gpus // nodes
+    elif num_server_gpus is not None and num_server_gpus != nodes * gpus_per_node:
+        raise PlanError(
+            f"--num_server_gpus {num_server_gpus} does not match --nodes {nodes} x --gpus_per_node {gpus_per_node} "
+            f"= {nodes * gpus_per_node}: on several nodes the server takes every GPU of each node; drop "
+            f"--num_server_gpus or set it to {nodes * gpus_per_node}"
+        )
+    return Cluster(nodes, gpus_per_node, **link)
 
 
 # ---------------------------------------------------------------------------
@@ -398,6 +493,12 @@ class LayoutEstimate:
     seconds_per_round: float = math.inf
     tokens_per_second: float = 0.0  # completion tokens per second, whole server
     warnings: list[str] = field(default_factory=list)
+    # Where the layout sits on several nodes (TPDPPlan.to_dict leaves these out on one node).
+    nodes_per_replica: int = 1  # nodes one replica's TP group spans
+    replicas_per_node: int | None = None  # vLLM's --data-parallel-size-local; None when a replica spans nodes
+    tp_link: str = "none"  # what TP's all-reduces cross: "none" (TP=1), "intra-node" or "inter-node"
+    decode_step_seconds: float = math.inf  # one decode step of one replica
+    weight_push_seconds: float = 0.0  # the trainer's weight push over the network between nodes
 
     @property
     def label(self) -> str:
@@ -408,9 +509,21 @@ class LayoutEstimate:
         return self.valid and self.fits
 
 
-def candidate_layouts(num_gpus: int) -> list[tuple[int, int]]:
-    """Every (TP, DP) with TP x DP = num_gpus, smallest TP first."""
-    return [(tp, num_gpus // tp) for tp in range(1, num_gpus + 1) if num_gpus % tp == 0]
+def candidate_layouts(num_gpus: int, gpus_per_node: int | None = None) -> list[tuple[int, int]]:
+    """Every (TP, DP) with TP x DP = num_gpus, smallest TP first.
+
+    On nodes of gpus_per_node GPUs a TP group either fits in one node (TP
+    divides gpus_per_node, so the node holds whole DP ranks) or takes whole
+    nodes (TP a multiple of it): a group never straddles part of a node.
+    """
+    per_node = gpus_per_node or num_gpus
+    return [(tp, num_gpus // tp) for tp in range(1, num_gpus + 1)
+            if num_gpus % tp == 0 and (per_node % tp == 0 or tp % per_node == 0)]
+
+
+def tp_nodes(tp: int, cluster: Cluster | None) -> int:
+    """Nodes a TP group spans; no cluster: one node holds it."""
+    return 1 if cluster is None else cluster.nodes_spanned(tp)
 
 
 def activation_reserve_bytes(model: ModelSpec, tp: int, chunk_tokens: int, max_num_seqs: int) -> float:
@@ -425,16 +538,42 @@ def activation_reserve_bytes(model: ModelSpec, tp: int, chunk_tokens: int, max_n
     return chunk_tokens * per_token + logits
 
 
-def allreduce_seconds(message_bytes: float, tp: int, gpu: GPUSpec) -> float:
-    """One all-reduce over a TP group: a fixed latency that grows with the ring, plus ring traffic."""
+def allreduce_seconds(message_bytes: float, tp: int, gpu: GPUSpec, cluster: Cluster | None = None) -> float:
+    """One all-reduce over a TP group: a fixed latency that grows with the ring, plus ring traffic.
+
+    A group spanning nodes reduces in two levels, as NCCL's tree does:
+    log2(TP per node) steps over the GPUs' link, log2(nodes) over the network;
+    its ring traffic moves at the pace of its slowest link, the network.
+    """
     if tp == 1:
         return 0.0
-    latency = gpu.allreduce_latency_us * 1e-6 * math.log2(tp)
-    traffic = 2 * (tp - 1) / tp * message_bytes / (gpu.interconnect_gbs * 1e9)
+    nodes = tp_nodes(tp, cluster)
+    if nodes == 1:
+        latency = gpu.allreduce_latency_us * 1e-6 * math.log2(tp)
+        link_gbs = gpu.interconnect_gbs
+    else:
+        latency = (gpu.allreduce_latency_us * 1e-6 * math.log2(tp // nodes)
+                   + cluster.internode_latency_us * 1e-6 * math.log2(nodes))
+        link_gbs = cluster.internode_gbs
+    traffic = 2 * (tp - 1) / tp * message_bytes / (link_gbs * 1e9)
     return latency + traffic
 
 
-def decode_step_seconds(model: ModelSpec, gpu: GPUSpec, tp: int, running: int, mean_context: float) -> float:
+def weight_push_seconds(model: ModelSpec, cluster: Cluster | None) -> float:
+    """Network time of one weight push from the trainer to a server on several nodes; 0 on one node.
+
+    The trainer broadcasts the whole weights to every inference rank. NCCL's
+    broadcast is a pipelined ring, so every node's link carries them once, all
+    at the same time: more nodes add a hop's latency, not another copy's time.
+    The same for every layout, so it is shown beside the round, not in it.
+    """
+    if cluster is None or cluster.nodes == 1:
+        return 0.0
+    return model.weight_bytes / (cluster.internode_gbs * 1e9)
+
+
+def decode_step_seconds(model: ModelSpec, gpu: GPUSpec, tp: int, running: int, mean_context: float,
+                        cluster: Cluster | None = None) -> float:
     """One decode step of one replica with `running` sequences of mean_context tokens so far."""
     weight_read = (model.layers * model.params_per_layer + model.embedding_params) * model.bytes_per_param / tp
     kv_read = running * mean_context * model.kv_bytes_per_token(tp)
@@ -444,12 +583,13 @@ def decode_step_seconds(model: ModelSpec, gpu: GPUSpec, tp: int, running: int, m
     flops = running * (2 * model.matmul_params / tp + attention_flops)
     compute_time = flops / (gpu.bf16_tflops * 1e12 * COMPUTE_EFFICIENCY)
     # Two all-reduces per layer (after attention, after the MLP) of the hidden states.
-    comm_time = 2 * model.layers * allreduce_seconds(running * model.hidden * model.bytes_per_param, tp, gpu)
+    comm_time = 2 * model.layers * allreduce_seconds(running * model.hidden * model.bytes_per_param, tp, gpu, cluster)
     host_time = HOST_STEP_SECONDS + HOST_SECONDS_PER_SEQUENCE * running + (TP_STEP_SECONDS if tp > 1 else 0.0)
     return max(memory_time, compute_time) + comm_time + host_time
 
 
-def prefill_seconds(model: ModelSpec, gpu: GPUSpec, tp: int, prompts: int, prompt_length: int, chunk_tokens: int) -> float:
+def prefill_seconds(model: ModelSpec, gpu: GPUSpec, tp: int, prompts: int, prompt_length: int, chunk_tokens: int,
+                    cluster: Cluster | None = None) -> float:
     """Prefill `prompts` prompts on one replica (each prompt once: its generations share it)."""
     tokens = prompts * prompt_length
     if tokens == 0:
@@ -461,7 +601,8 @@ def prefill_seconds(model: ModelSpec, gpu: GPUSpec, tp: int, prompts: int, promp
     compute_time = flops / (gpu.bf16_tflops * 1e12 * COMPUTE_EFFICIENCY)
     chunks = math.ceil(tokens / chunk_tokens)
     weight_time = chunks * model.weight_bytes / tp / (gpu.bandwidth_gbs * 1e9 * BANDWIDTH_EFFICIENCY)
-    comm_time = chunks * 2 * model.layers * allreduce_seconds(min(tokens, chunk_tokens) * model.hidden * model.bytes_per_param, tp, gpu)
+    message_bytes = min(tokens, chunk_tokens) * model.hidden * model.bytes_per_param
+    comm_time = chunks * 2 * model.layers * allreduce_seconds(message_bytes, tp, gpu, cluster)
     return max(compute_time, weight_time) + comm_time + chunks * HOST_STEP_SECONDS
 
 
@@ -477,9 +618,16 @@ def estimate_layout(
     dp: int,
     gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
     max_num_seqs: int | None = None,
+    cluster: Cluster | None = None,
 ) -> LayoutEstimate:
-    """Fit and round time of one layout. Never raises for a bad layout: it says why in `reason`."""
+    """Fit and round time of one layout. Never raises for a bad layout: it says why in `reason`.
+
+    `cluster`: the nodes it runs on; None is one node holding every TP group.
+    """
     est = LayoutEstimate(tensor_parallel_size=tp, data_parallel_size=dp, valid=True, fits=False)
+    est.nodes_per_replica = tp_nodes(tp, cluster)
+    est.replicas_per_node = dp // (cluster.nodes if cluster else 1) if est.nodes_per_replica == 1 else None
+    est.tp_link = "none" if tp == 1 else "intra-node" if est.nodes_per_replica == 1 else "inter-node"
     chunk_tokens, default_max_num_seqs = vllm_batch_defaults(gpu.name, gpu.memory_gib)
     max_num_seqs = max_num_seqs or default_max_num_seqs
     problem = model.tp_problem(tp)
@@ -531,10 +679,11 @@ def estimate_layout(
     # Continuous batching refills finished slots at once, so waves are fractional.
     est.waves = sequences / concurrent
 
-    mean_context = workload.prompt_length + workload.max_completion_length / 2
-    step = decode_step_seconds(model, gpu, tp, concurrent, mean_context)
-    est.prefill_seconds = prefill_seconds(model, gpu, tp, prompts, workload.prompt_length, chunk_tokens)
+    step = decode_step_seconds(model, gpu, tp, concurrent, workload.mean_decode_context, cluster)
+    est.decode_step_seconds = step
+    est.prefill_seconds = prefill_seconds(model, gpu, tp, prompts, workload.prompt_length, chunk_tokens, cluster)
     est.decode_seconds = est.waves * workload.max_completion_length * step
+    est.weight_push_seconds = weight_push_seconds(model, cluster)
     est.seconds_per_round = est.prefill_seconds + est.decode_seconds
     est.tokens_per_second = workload.sequences * workload.max_completion_length / est.seconds_per_round
 
@@ -559,6 +708,17 @@ def estimate_layout(
 # ---------------------------------------------------------------------------
 
 
+# LayoutEstimate's fields about nodes, which the JSON of a one-node plan leaves out.
+NODE_FIELDS = ("nodes_per_replica", "replicas_per_node", "tp_link", "decode_step_seconds", "weight_push_seconds")
+
+
+def describe_server(num_gpus: int, gpu_name: str, cluster: Cluster | None) -> str:
+    """'8 x H100-80GB', or '2 nodes x 8 x H100-80GB'."""
+    if cluster is None or cluster.nodes == 1:
+        return f"{num_gpus} x {gpu_name}"
+    return f"{cluster.nodes} nodes x {cluster.gpus_per_node} x {gpu_name}"
+
+
 @dataclass
 class Recommendation:
     tensor_parallel_size: int
@@ -577,19 +737,31 @@ class TPDPPlan:
     layouts: list[LayoutEstimate]
     recommended: Recommendation | None
     warnings: list[str]
+    cluster: Cluster | None = None  # None: one node
+
+    @property
+    def several_nodes(self) -> bool:
+        return self.cluster is not None and self.cluster.nodes > 1
+
+    @property
+    def gpus_per_node(self) -> int:
+        return self.cluster.gpus_per_node if self.cluster else self.num_server_gpus
 
     def to_dict(self) -> dict:
         def finite(x):
             return None if isinstance(x, float) and not math.isfinite(x) else x
 
+        # One node: exactly the keys from before there were nodes.
+        skipped = () if self.several_nodes else NODE_FIELDS
         layouts = []
         for est in self.layouts:
-            entry = {k: finite(v) for k, v in asdict(est).items()}
+            entry = {k: finite(v) for k, v in asdict(est).items() if k not in skipped}
             layouts.append(entry)
         return {
             "model": {**asdict(self.model), "param_count": self.model.param_count},
             "gpu": asdict(self.gpu),
             "num_server_gpus": self.num_server_gpus,
+            **(asdict(self.cluster) if self.several_nodes else {}),
             "gpu_memory_utilization": self.gpu_memory_utilization,
             "max_num_seqs": self.max_num_seqs,
             "prompt_batch_size": self.workload.prompt_batch_size,
@@ -604,10 +776,15 @@ class TPDPPlan:
 
 
 def recommend(layouts: list[LayoutEstimate], prompt_batch_size: int) -> Recommendation | None:
-    """The fastest usable layout; near-ties go to the smaller TP."""
+    """The fastest usable layout; near-ties go to the smaller TP.
+
+    A TP group spanning nodes does every all-reduce over the network, so such
+    layouts count only when the model fits in no node.
+    """
     usable = [est for est in layouts if est.usable]
     if not usable:
         return None
+    usable = [est for est in usable if est.nodes_per_replica == 1] or usable
     fastest = min(usable, key=lambda est: est.seconds_per_round)
     tied = [est for est in usable if est.seconds_per_round <= fastest.seconds_per_round * (1 + TIE_TOLERANCE)]
     best = min(tied, key=lambda est: est.tensor_parallel_size)
@@ -649,24 +826,54 @@ def why_this_tp(best: LayoutEstimate, usable: list[LayoutEstimate], prompt_batch
     )
 
 
+def internode_cost(est: LayoutEstimate, model: ModelSpec, gpu: GPUSpec, workload: Workload, cluster: Cluster) -> str:
+    """What the network costs a layout whose TP group spans nodes: its decode step against the in-node link's."""
+    in_one_node = decode_step_seconds(model, gpu, est.tensor_parallel_size, est.concurrent_sequences_per_replica,
+                                      workload.mean_decode_context)
+    return (
+        f"TP={est.tensor_parallel_size} spans {est.nodes_per_replica} nodes: its all-reduces cross the "
+        f"{cluster.internode_gbs:g} GB/s link, {est.decode_step_seconds / in_one_node:.1f}x slower per decode step "
+        f"than over the {gpu.interconnect_gbs:g} GB/s link within a node"
+    )
+
+
+def internode_note(best: LayoutEstimate, layouts: list[LayoutEstimate], model: ModelSpec, gpu: GPUSpec,
+                   workload: Workload, cluster: Cluster) -> str | None:
+    """Where the network between nodes makes a layout lose, or what it costs the one recommended."""
+    if best.nodes_per_replica > 1:
+        return (f"{internode_cost(best, model, gpu, workload, cluster)}, which no layout avoids: "
+                f"the model fits in no node's {cluster.gpus_per_node} GPUs")
+    spanning = [est for est in layouts if est.usable and est.nodes_per_replica > 1]
+    if not spanning:
+        return None
+    other = min(spanning, key=lambda est: est.seconds_per_round)
+    ratio = other.seconds_per_round / best.seconds_per_round
+    cost = internode_cost(other, model, gpu, workload, cluster)
+    if ratio >= 1:
+        return f"{cost}; its round takes {ratio:.1f}x as long as {best.label}'s"
+    return (f"{cost}, yet its round is predicted {1 / ratio:.2f}x faster than {best.label}'s; this planner puts "
+            f"TP across nodes only where the model fits in no node, so time both on the cluster")
+
+
 def plan_for_workload(
     model: ModelSpec,
     gpu: GPUSpec,
     workload: Workload,
-    num_server_gpus: int,
+    num_server_gpus: int | Cluster,
     gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
     max_num_seqs: int | None = None,
 ) -> TPDPPlan:
-    if num_server_gpus < 1:
-        raise PlanError(f"num_server_gpus must be at least 1, got {num_server_gpus}")
+    """The plan on num_server_gpus GPUs of one node, or on a Cluster of several."""
+    cluster = num_server_gpus if isinstance(num_server_gpus, Cluster) else server_cluster(num_server_gpus)
+    num_server_gpus = cluster.num_gpus
     if not 0 < gpu_memory_utilization <= 1:
         raise PlanError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
     if workload.prompt_length < 1 or workload.max_completion_length < 1:
         raise PlanError("prompt_length and max_completion_length must be positive")
     max_num_seqs = max_num_seqs or vllm_batch_defaults(gpu.name, gpu.memory_gib)[1]
     layouts = [
-        estimate_layout(model, gpu, workload, tp, dp, gpu_memory_utilization, max_num_seqs)
-        for tp, dp in candidate_layouts(num_server_gpus)
+        estimate_layout(model, gpu, workload, tp, dp, gpu_memory_utilization, max_num_seqs, cluster)
+        for tp, dp in candidate_layouts(num_server_gpus, cluster.gpus_per_node)
     ]
     recommended = recommend(layouts, workload.prompt_batch_size)
     warnings = []
@@ -675,19 +882,22 @@ def plan_for_workload(
             warnings.append(f"{est.label}: the model does not fit ({est.reason})")
     if recommended is None:
         warnings.append(
-            f"no layout fits {model.name} on {num_server_gpus} x {gpu.name}: use more GPUs, a larger "
+            f"no layout fits {model.name} on {describe_server(num_server_gpus, gpu.name, cluster)}: use more GPUs, a larger "
             f"gpu_memory_utilization, shorter sequences, or a quantized model"
         )
     else:
         best = next(est for est in layouts if est.tensor_parallel_size == recommended.tensor_parallel_size)
         warnings.extend(f"{best.label}: {w}" for w in best.warnings)
+        note = internode_note(best, layouts, model, gpu, workload, cluster) if cluster.nodes > 1 else None
+        if note:
+            recommended.reason += f" {note}."
     return TPDPPlan(model, gpu, workload, num_server_gpus, gpu_memory_utilization, max_num_seqs,
-                    layouts, recommended, warnings)
+                    layouts, recommended, warnings, cluster)
 
 
 def plan_tp_dp(
     model: str | ModelSpec,
-    num_server_gpus: int,
+    num_server_gpus: int | None,
     gpu: str | GPUSpec = "H100-80GB",
     *,
     max_completion_length: int = 256,
@@ -698,14 +908,21 @@ def plan_tp_dp(
     num_generations: int = 8,
     gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
     max_num_seqs: int | None = None,
+    nodes: int = 1,
+    gpus_per_node: int | None = None,
+    internode_gbs: float = DEFAULT_INTERNODE_GBS,
+    internode_latency_us: float = DEFAULT_INTERNODE_LATENCY_US,
 ) -> TPDPPlan:
     """The TP/DP plan for a GRPO run, from the figures users set in their training config.
 
     `model` is a known name or a local folder; `gpu` a known name or a GPUSpec.
+    On several nodes the server takes nodes x gpus_per_node GPUs
+    (num_server_gpus may then be None; see server_cluster).
     Raises PlanError with a message naming the fix for invalid inputs.
     """
     model_spec = model if isinstance(model, ModelSpec) else resolve_model(model)
     gpu_spec = gpu if isinstance(gpu, GPUSpec) else resolve_gpu(gpu)
     prompts = prompt_batch_size(per_device_train_batch_size, num_processes, gradient_accumulation_steps, num_generations)
     workload = Workload(prompts, num_generations, prompt_length, max_completion_length)
-    return plan_for_workload(model_spec, gpu_spec, workload, num_server_gpus, gpu_memory_utilization, max_num_seqs)
+    cluster = server_cluster(num_server_gpus, nodes, gpus_per_node, internode_gbs, internode_latency_us)
+    return plan_for_workload(model_spec, gpu_spec, workload, cluster, gpu_memory_utilization, max_num_seqs)

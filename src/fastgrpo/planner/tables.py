@@ -46,6 +46,8 @@ KNOWN_MODELS = {
     "meta-llama/Llama-3.2-3B": dict(layers=28, hidden=3072, heads=24, kv_heads=8, head_dim=128, intermediate=8192, vocab=128256, tied=True, **_LLAMA),
     "meta-llama/Llama-3.1-8B": dict(layers=32, hidden=4096, heads=32, kv_heads=8, head_dim=128, intermediate=14336, vocab=128256, tied=False, **_LLAMA),
     "meta-llama/Llama-3.1-70B": dict(layers=80, hidden=8192, heads=64, kv_heads=8, head_dim=128, intermediate=28672, vocab=128256, tied=False, **_LLAMA),
+    # 405B: 756 GiB of bf16 weights, more than one node of 8 x 80 GB holds (docs/tp-dp.md, "Several nodes").
+    "meta-llama/Llama-3.1-405B": dict(layers=126, hidden=16384, heads=128, kv_heads=8, head_dim=128, intermediate=53248, vocab=128256, tied=False, **_LLAMA),
     # SmolLM2 (HuggingFaceTB/*/config.json): Llama architecture. 135M is fastgrpo's demo model.
     "HuggingFaceTB/SmolLM2-135M": dict(layers=30, hidden=576, heads=9, kv_heads=3, head_dim=64, intermediate=1536, vocab=49152, tied=True, **_LLAMA),
     "HuggingFaceTB/SmolLM2-360M": dict(layers=32, hidden=960, heads=15, kv_heads=5, head_dim=64, intermediate=2560, vocab=49152, tied=True, **_LLAMA),

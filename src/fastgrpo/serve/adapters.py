@@ -2,7 +2,7 @@
 
 A push (`PUT /adapters/{name}`, body: fastgrpo.transfer.adapters' safetensors payload)
 brings a whole adapter at a weight version. The server writes it as a peft folder and
-loads it into every live replica under a new vLLM LoRA id, so vLLM validates it before
+loads it into every DP rank under a new vLLM LoRA id, so vLLM validates it before
 the push answers. Generations name an adapter (`adapter` on /generate, `model` on the
 OpenAI routes) and keep the version they started with: a push changes neither a running
 generation nor any other adapter, so several runs share one server. A replaced version
@@ -63,18 +63,18 @@ class AdapterRegistry:
         adapter.users += 1
         return adapter
 
-    async def release(self, adapter: Adapter, pool) -> None:
+    async def release(self, adapter: Adapter, engine) -> None:
         adapter.users -= 1
-        await self.unload_idle(pool)
+        await self.unload_idle(engine)
 
-    async def unload_idle(self, pool) -> None:
+    async def unload_idle(self, engine) -> None:
         idle = [a for a in self.retired if a.users == 0]
         self.retired = [a for a in self.retired if a.users > 0]
         for adapter in idle:
             try:
-                await pool.each("remove_lora", adapter.request.lora_int_id, timeout=LOAD_TIMEOUT_S)
+                await engine.each("remove_lora", adapter.request.lora_int_id, timeout=LOAD_TIMEOUT_S)
             except Exception:
-                pass  # a replica that died has nothing left to unload
+                pass  # a dead engine has nothing left to unload
             shutil.rmtree(adapter.path, ignore_errors=True)
 
     def retire(self, adapter: Adapter | None) -> None:
@@ -125,16 +125,16 @@ async def push_adapter(name: str, request: Request, state: State):
     await asyncio.to_thread(write_adapter_dir, path, tensors, config)
     lora = LoRARequest(name, lora_id, str(path))
     try:  # vLLM checks names and shapes as it loads: a bad adapter fails here, before anything uses it
-        await state.pool.each("add_lora", lora, timeout=LOAD_TIMEOUT_S)
+        await state.engine.each("add_lora", lora, timeout=LOAD_TIMEOUT_S)
     except Exception as exc:
         with contextlib.suppress(Exception):
-            await state.pool.each("remove_lora", lora_id, timeout=LOAD_TIMEOUT_S)
+            await state.engine.each("remove_lora", lora_id, timeout=LOAD_TIMEOUT_S)
         shutil.rmtree(path, ignore_errors=True)
         raise ApiError(400, "invalid_request", f"vLLM could not load adapter {name!r}: {exc}", "body") from None
     adapter = Adapter(name, version, lora, path, rank, len(body))
     registry.retire(registry.current.get(name))
     registry.current[name] = adapter
-    await registry.unload_idle(state.pool)
+    await registry.unload_idle(state.engine)
     info = adapter.info()
     info.seconds = round(time.perf_counter() - began, 4)
     return info
@@ -152,5 +152,5 @@ async def delete_adapter(name: str, state: State):
     if name not in registry.current:
         raise ApiError(404, "not_found", f"no adapter named {name!r} on this server", "name")
     registry.retire(registry.current.pop(name))
-    await registry.unload_idle(state.pool)
+    await registry.unload_idle(state.engine)
     return OkResponse()

@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import threading
+import time
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -23,7 +24,7 @@ from fastgrpo.serve.protocol import (
     SamplingFields,
 )
 from fastgrpo.serve import DEFAULT_MAX_ROLLOUTS
-from fastgrpo.serve.replicas import EngineRejected, ReplicaDead, ReplicaPool, ServerSettings
+from fastgrpo.serve.engines import EngineDead, EngineRejected, GenerationEngine, ServerSettings
 from fastgrpo.serve.specs import model_specs
 from fastgrpo.serve.state import ApiError, InFlight, ServerState, error_response
 
@@ -126,7 +127,7 @@ async def run_generation(state: ServerState, prompts: list[list[int]], fields: S
             version, salt = lora.version, f"{salt}-lora-{lora.request.lora_int_id}"
         flight = InFlight([version])
         state.inflight.append(flight)
-        running = asyncio.ensure_future(state.pool.generate(
+        running = asyncio.ensure_future(state.engine.generate(
             [{"prompt_token_ids": p, "cache_salt": salt} for p in prompts], params, costs,
             lora.request if lora is not None else None))
         try:
@@ -137,26 +138,26 @@ async def run_generation(state: ServerState, prompts: list[list[int]], fields: S
             running.cancel()
             state.inflight.remove(flight)
             if lora is not None:
-                await state.adapters.release(lora, state.pool)
+                await state.adapters.release(lora, state.engine)
             raise
     try:
         outputs = await running
-    except ReplicaDead as exc:
-        raise ApiError(503, "replica_dead", str(exc)) from exc
+    except EngineDead as exc:
+        raise ApiError(503, "engine_dead", str(exc)) from exc
     except EngineRejected as exc:
         raise ApiError(400, "invalid_request", f"the engine refused the request: {exc}",
                        field_named_in(str(exc), SamplingFields.model_fields)) from exc
     finally:
         state.inflight.remove(flight)
         if lora is not None:
-            await state.adapters.release(lora, state.pool)
+            await state.adapters.release(lora, state.engine)
     if flight.push_failed:
         raise ApiError(503, "weights_inconsistent", "a weight push failed half-way while this request was "
                        "generating, so it was stopped (its tokens could mix old and new weights); push the whole "
                        "model again (VLLMClient.update_weights) and retry.")
     versions = [flight.versions[0], flight.versions[-1]] if lora is None else [version, version]
     results = []
-    for (out, replica), ids in zip(outputs, prompts):
+    for (out, dp_rank), ids in zip(outputs, prompts):
         completions = [
             Completion(
                 token_ids=list(c.token_ids),
@@ -169,7 +170,7 @@ async def run_generation(state: ServerState, prompts: list[list[int]], fields: S
         if prompt_logprobs and out.prompt_logprobs is not None:
             plp = [None if d is None else d[t].logprob for d, t in zip(out.prompt_logprobs, ids)]
         results.append(PromptResult(prompt_token_ids=ids, prompt_logprobs=plp, completions=completions,
-                                    replica=replica))
+                                    dp_rank=dp_rank))
     return results, version
 
 
@@ -181,13 +182,13 @@ def create_app(settings: ServerSettings, api_key: str | None = None, body_timeou
     from fastgrpo.engine import on_cpu
 
     cpu = on_cpu()
-    state = ServerState(settings, ReplicaPool(settings, cpu, backend=settings.engine_backend(cpu)))
+    state = ServerState(settings, GenerationEngine(settings, cpu, backend=settings.engine_backend(cpu)))
 
     def start_engines() -> None:
         try:
             from transformers import AutoTokenizer
 
-            state.pool.start()
+            state.engine.start()
             # After the engines: vLLM has found or fetched the model by now, whatever its format.
             state.specs = model_specs(settings.model, settings.revision)
             state.tokenizer = AutoTokenizer.from_pretrained(settings.model, revision=settings.revision)
@@ -196,7 +197,7 @@ def create_app(settings: ServerSettings, api_key: str | None = None, body_timeou
             state.startup_error = f"{type(exc).__name__}: {exc}"
             log.exception("server failed to start")
             print(f"fastgrpo vllm-serve: error: the engines failed to start: {state.startup_error}", flush=True)
-            state.pool.shutdown()
+            state.engine.kill_processes()
             os._exit(1)
 
     @contextlib.asynccontextmanager
@@ -204,8 +205,10 @@ def create_app(settings: ServerSettings, api_key: str | None = None, body_timeou
         # Engines start in the background so /health can say "starting" meanwhile.
         thread = threading.Thread(target=start_engines, name="engine-start", daemon=True)
         thread.start()
+        watchdog = asyncio.create_task(watch_engine(state, thread))
         yield
-        state.pool.shutdown()
+        watchdog.cancel()
+        state.engine.shutdown()
         shutil.rmtree(state.adapters.root, ignore_errors=True)
 
     app = FastAPI(title="fastgrpo generation server", lifespan=lifespan,
@@ -231,23 +234,23 @@ def create_app(settings: ServerSettings, api_key: str | None = None, body_timeou
 
     @app.get("/health", response_model=HealthResponse)
     async def health():
-        state.pool.check_dead()
-        if state.startup_error:
+        engine = state.engine
+        if state.startup_error or not (engine.alive or engine.engine is None):
             status = "failed"
         elif not state.ready:
             status = "starting"
-        elif len(state.pool.live) < len(state.pool.replicas) or not state.weights_consistent:
+        elif not state.weights_consistent:
             status = "degraded"
         else:
             status = "ok"
         body = HealthResponse(
-            status=status, model=settings.model, replicas=[r.describe() for r in state.pool.replicas],
-            device_type="cpu" if state.pool.on_cpu else "gpu",
+            status=status, model=settings.model, dp_ranks=[r.describe(engine) for r in engine.ranks],
+            device_type="cpu" if engine.on_cpu else "gpu",
             tensor_parallel_size=settings.tensor_parallel_size, data_parallel_size=settings.data_parallel_size,
             world_size=settings.world_size, weight_transfer_ranks=state.weight_transfer_ranks,
             weight_version=state.weight_version,
             weights_consistent=state.weights_consistent, weight_push=state.push_phase,
-            last_push_error=state.last_push_error, weight_transfer_backend=state.pool.backend,
+            last_push_error=state.last_push_error, weight_transfer_backend=engine.backend,
             dtype=_served_dtype(state), max_model_len=state.max_model_len,
         )
         return JSONResponse(body.model_dump(), status_code=200 if status == "ok" else 503)
@@ -267,10 +270,9 @@ def create_app(settings: ServerSettings, api_key: str | None = None, body_timeou
 
     @app.post("/reset_prefix_cache")
     async def reset_prefix_cache():
-        state.pool.check_dead()
-        if not state.pool.live:
-            raise ApiError(503, "replica_dead", "no replica is alive: restart the server")
-        await state.pool.each("reset_prefix_cache")  # the live replicas
+        if not state.engine.alive:
+            raise ApiError(503, "engine_dead", str(state.engine.dead_error()))
+        await state.engine.each("reset_prefix_cache")  # every DP rank
         return {"ok": True}
 
     from fastgrpo.serve.adapters import AdapterRegistry
@@ -290,8 +292,31 @@ def create_app(settings: ServerSettings, api_key: str | None = None, body_timeou
 
 
 def _served_dtype(state: ServerState) -> str:
-    live = state.pool.live
-    if not live:
+    engine = state.engine.engine
+    if engine is None:
         return state.settings.dtype
-    return str(live[0].engine.model_config.dtype).removeprefix("torch.")
+    return str(engine.model_config.dtype).removeprefix("torch.")
+
+
+async def watch_engine(state: ServerState, starting) -> None:
+    """Fail a start that other nodes never join, then watch the DP ranks for good (engines.watch).
+
+    vLLM's head waits for remote engines without a limit: a node that never starts would leave the server
+    "starting" forever."""
+    engine, s = state.engine, state.settings
+    deadline = time.monotonic() + s.join_timeout_s
+    while starting.is_alive() and engine.engine is None:
+        if time.monotonic() > deadline and s.local_ranks < s.data_parallel_size:
+            state.startup_error = (
+                f"{engine.describe_remote_ranks()} did not join within {s.join_timeout_s:.0f} s (--join_timeout): "
+                f"start `fastgrpo vllm-serve --headless` on the other node(s) with the same model and DP flags, "
+                f"--data_parallel_start_rank at their first rank, and --data_parallel_address "
+                f"{s.data_parallel_address}:{s.data_parallel_rpc_port} reachable from there")
+            print(f"fastgrpo vllm-serve: error: {state.startup_error}", flush=True)
+            log.error(state.startup_error)
+            engine.kill_processes()
+            os._exit(1)
+        await asyncio.sleep(1)
+    if engine.engine is not None:
+        await engine.watch()
 

@@ -4,6 +4,7 @@ import argparse
 
 from fastgrpo.cliutil import add_flag
 from fastgrpo.serve import DEFAULT_MAX_ROLLOUTS
+from fastgrpo.serve.engines import DEFAULT_DP_RPC_PORT
 from fastgrpo.transfer.adapters import LORA_RANKS
 
 
@@ -20,13 +21,34 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "vllm-serve",
         help="run the generation server (vLLM engines, generate/weight-sync/OpenAI routes)",
-        description="Serve a model with N independent vLLM engine replicas (data parallel) of TP devices each. "
-                    "The trainer sends prompts and, after each optimizer step, its new weights.",
+        description="Serve a model on vLLM's data parallelism: DP engine cores (ranks) of TP devices each, on "
+                    "this machine and, with --headless on the others, on several. The trainer sends prompts "
+                    "and, after each optimizer step, its new weights to every rank.",
     )
     add_flag(p, "--model", required=True, help="model name or local path ('default': the embedded SmolLM2-135M-Instruct)")
     add_flag(p, "--revision", default=None, help="model revision (branch, tag or commit)")
-    add_flag(p, "--tensor_parallel_size", type=int, default=1, help="devices per engine replica (default 1)")
-    add_flag(p, "--data_parallel_size", type=int, default=1, help="independent engine replicas (default 1)")
+    add_flag(p, "--tensor_parallel_size", type=int, default=1, help="devices per DP rank (default 1)")
+    add_flag(p, "--data_parallel_size", type=int, default=1,
+             help="vLLM's data parallelism: engine cores (DP ranks) on every node together (default 1)")
+    nodes = p.add_argument_group("several machines (vLLM's multi-node data parallelism; docs/multi-node.md)")
+    add_flag(nodes, "--data_parallel_size_local", type=int, default=None,
+             help="DP ranks on this machine (default: all of them)")
+    add_flag(nodes, "--data_parallel_start_rank", type=int, default=0,
+             help="the first DP rank on this machine (--headless nodes; the head has rank 0)")
+    add_flag(nodes, "--data_parallel_address", default=None,
+             help="the head's address, as every node reaches it (default 127.0.0.1: one machine)")
+    add_flag(nodes, "--data_parallel_rpc_port", type=int, default=DEFAULT_DP_RPC_PORT,
+             help=f"the head's port for the other nodes' engines (default {DEFAULT_DP_RPC_PORT}, vLLM's)")
+    add_flag(nodes, "--headless", action="store_true",
+             help="run this machine's DP ranks for a head elsewhere, without HTTP")
+    add_flag(nodes, "--join_timeout", type=float, default=600.0,
+             help="seconds the head waits for the other nodes' ranks to join at start (default 600)")
+    add_flag(nodes, "--rank_timeout", type=float, default=120.0,
+             help="seconds a DP rank may go without answering before the server declares it dead and ends "
+                  "every generation in flight with an error (default 120)")
+    add_flag(p, "--load_balance", default="tokens", choices=["tokens", "vllm"],
+             help="how requests are spread over DP ranks: tokens (default: to the rank with the fewest tokens "
+                  "still to generate) or vllm (vLLM's: the fewest requests)")
     add_flag(p, "--host", default="0.0.0.0", help="bind address (default 0.0.0.0)")
     add_flag(p, "--port", type=int, default=8000, help="port (default 8000)")
     add_flag(p, "--gpu_memory_utilization", type=float, default=0.9,
@@ -40,7 +62,7 @@ def add_parser(subparsers) -> None:
              help="no torch.compile / CUDA graphs (default: eager on CPU, vLLM's default on GPU)")
     add_flag(p, "--max_num_seqs", type=int, default=None, help="most sequences an engine runs at once")
     add_flag(p, "--kv_cache_space", type=int, default=None,
-             help="GiB of KV cache per replica on vLLM's CPU build (default 1, or VLLM_CPU_KVCACHE_SPACE)")
+             help="GiB of KV cache per DP rank on vLLM's CPU build (default 1, or VLLM_CPU_KVCACHE_SPACE)")
     add_flag(p, "--kv_after_push", default="recompute", choices=["recompute", "keep"],
              help="requests in flight during a weight push: recompute their keys and values under the new "
                   "weights (default), or keep those computed under the old ones (new requests never reuse them)")
@@ -82,7 +104,27 @@ def validate(args) -> None:
         (args.request_body_timeout > 0, "--request_body_timeout must be > 0 seconds"),
         (args.max_loras >= 1, "--max_loras must be >= 1"),
         (args.max_recorded_rollouts >= 1, "--max_recorded_rollouts must be >= 1"),
+        (args.join_timeout > 0 and args.rank_timeout > 0, "--join_timeout and --rank_timeout must be > 0 seconds"),
     ]
+    dp, local, first = args.data_parallel_size, args.data_parallel_size_local, args.data_parallel_start_rank
+    if local is not None:
+        checks.append((1 <= local <= dp, f"--data_parallel_size_local must be in 1..--data_parallel_size ({dp})"))
+    if args.headless:
+        checks += [
+            (local is not None and local < dp, "--headless runs some of the DP ranks: give "
+             "--data_parallel_size_local (this machine's) below --data_parallel_size (every node's)"),
+            (first >= 1 and first + (local or 0) <= dp, f"--headless needs --data_parallel_start_rank in "
+             f"1..{dp - (local or 0)}: the head has the first ranks, and this machine's end at the last"),
+            (args.data_parallel_address is not None, "--headless needs --data_parallel_address: the head's "
+             "address, which this machine's engines connect to"),
+        ]
+    else:
+        checks += [
+            (first == 0, "--data_parallel_start_rank is for --headless nodes: the head (with HTTP) has rank 0"),
+            (local is None or local == dp or args.data_parallel_address is not None,
+             f"--data_parallel_size_local {local} of {dp}: the other ranks run on other machines, which need "
+             "--data_parallel_address (this machine's address, as they reach it)"),
+        ]
     for ok, message in checks:
         if not ok:
             raise SystemExit(f"fastgrpo vllm-serve: error: {message}")
@@ -95,7 +137,7 @@ def run(args) -> int:
 
     from fastgrpo.models import resolve_model
     from fastgrpo.serve.app import create_app
-    from fastgrpo.serve.replicas import ServerSettings
+    from fastgrpo.serve.engines import ServerSettings, check_devices
 
     validate(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -104,19 +146,24 @@ def run(args) -> int:
     settings = ServerSettings(
         model=resolve_model(args.model), revision=args.revision,
         tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
+        data_parallel_size_local=args.data_parallel_size_local, data_parallel_start_rank=args.data_parallel_start_rank,
+        data_parallel_address=args.data_parallel_address, data_parallel_rpc_port=args.data_parallel_rpc_port,
+        join_timeout_s=args.join_timeout, rank_timeout_s=args.rank_timeout, load_balance=args.load_balance,
         gpu_memory_utilization=args.gpu_memory_utilization, dtype=args.dtype, max_model_len=args.max_model_len,
         enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
         max_num_seqs=args.max_num_seqs, kv_cache_space=args.kv_cache_space, seed=args.seed,
         kv_after_push=args.kv_after_push, weight_transfer_backend=args.weight_transfer_backend,
         enable_lora=args.enable_lora, max_lora_rank=args.max_lora_rank, max_loras=args.max_loras,
     )
-    from fastgrpo.serve.replicas import device_slices
-
     try:  # a layout the machine cannot hold, or a backend it has not, fails here, before any engine starts
-        device_slices(settings, on_cpu())
+        check_devices(settings, on_cpu())
         settings.engine_backend(on_cpu())
     except ValueError as exc:
         raise SystemExit(f"fastgrpo vllm-serve: error: {exc}") from None
+    if args.headless:
+        from fastgrpo.serve.headless import run_headless
+
+        return run_headless(settings, on_cpu())
     app = create_app(settings, api_key=args.api_key, body_timeout_s=args.request_body_timeout,
                      weight_transfer_any_address=args.weight_transfer_any_address,
                      max_recorded_rollouts=args.max_recorded_rollouts)

@@ -34,9 +34,8 @@ class ServerProcess:
         self.log.flush()
         env, saved_affinity = {**os.environ, **(env or {})}, None
         if cpu_cores is not None:
-            # Give the server exactly these cores (the child inherits our affinity) and name
-            # them, so that a single replica is pinned to all of them too.
-            env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cpu_cores))
+            # Give the server exactly these cores: the child inherits our affinity, and binds its DP
+            # ranks' workers to disjoint shares of it (serve/engines.py, cpu_binding).
             saved_affinity = pin_to_cores(cpu_cores)
         try:
             self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT,

@@ -1,7 +1,7 @@
 """OpenAI-compatible `/v1/models`, `/v1/completions`, `/v1/chat/completions` (non-streaming).
 
 So that the same server answers evaluation harnesses and agents written against the `openai`
-client while training runs; generations go through the same replicas, lock and weight version.
+client while training runs; generations go through the same engine, lock and weight version.
 Chat takes OpenAI's `tools` (described by the model's chat template, or in a system message
 where the template has no tool support) and answers with parsed `tool_calls`. With a rollout
 id (base URL `/rollouts/{id}/v1`, or the `X-Rollout-Id` header) each chat call is recorded

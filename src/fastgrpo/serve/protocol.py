@@ -10,7 +10,7 @@ from fastgrpo.transfer.packing import ALIGN, MIN_BUCKET_BYTES
 
 class ErrorResponse(BaseModel):
     error: str  # what went wrong and what to do about it
-    type: str  # "invalid_request", "not_ready", "replica_dead", "weight_transfer", ...
+    type: str  # "invalid_request", "not_ready", "engine_dead", "weight_transfer", ...
     field: str | None = None
 
 
@@ -130,7 +130,7 @@ class PromptResult(BaseModel):
     prompt_token_ids: list[int]
     prompt_logprobs: list[float | None] | None = None  # first token has none
     completions: list[Completion]
-    replica: int
+    dp_rank: int | None  # the vLLM DP rank that generated it; None when vLLM chose (--load_balance vllm)
 
 
 class GenerateResponse(BaseModel):
@@ -141,12 +141,12 @@ class GenerateResponse(BaseModel):
 class HealthResponse(BaseModel):
     status: Literal["ok", "starting", "degraded", "failed"]
     model: str
-    replicas: list[dict]
-    device_type: Literal["cpu", "gpu"]  # what each replica's "devices" name: CPU cores, or GPU indices
+    dp_ranks: list[dict]  # one per vLLM DP rank: rank, node (local / remote), devices, state, load, error
+    device_type: Literal["cpu", "gpu"]  # what each rank's "devices" name: CPU cores, or GPU indices
     tensor_parallel_size: int
     data_parallel_size: int
-    world_size: int  # TP x DP, as configured
-    weight_transfer_ranks: int  # TP x live replicas: the inference ranks of a new weight-transfer group
+    world_size: int  # TP x DP, every node's
+    weight_transfer_ranks: int  # TP x DP: the inference ranks of a weight-transfer group (the trainer is one more)
     weight_version: int
     weights_consistent: bool
     weight_push: Literal["none", "announced", "loading"]  # announced: validated, its data not started yet
@@ -207,7 +207,7 @@ class AdapterInfo(BaseModel):
     lora_id: int  # vLLM's id of this version
     rank: int
     bytes: int  # the pushed payload
-    seconds: float | None = None  # a push's time on the server (write + load on every replica)
+    seconds: float | None = None  # a push's time on the server (write + load on every DP rank)
 
 
 class AdapterListResponse(BaseModel):

@@ -8,7 +8,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from fastgrpo.serve.protocol import ErrorResponse, StartUpdateRequest
-from fastgrpo.serve.replicas import Replica, ReplicaPool, RWLock, ServerSettings
+from fastgrpo.serve.engines import GenerationEngine, RWLock, ServerSettings
 from fastgrpo.serve.specs import ModelSpecs
 
 
@@ -29,7 +29,6 @@ class WeightGroup:
     group_id: str  # the owner's token: only requests that carry it may push to or close the group
     master_address: str
     master_port: int
-    members: list[Replica]  # the replicas whose workers joined
     bucket_bytes: int = 0  # the trainer's bucket size (vLLM 0.26's NCCL engine wants it with every update)
 
 
@@ -55,7 +54,7 @@ class InFlight:
 @dataclass
 class ServerState:
     settings: ServerSettings
-    pool: ReplicaPool
+    engine: GenerationEngine
     tokenizer: object = None
     specs: ModelSpecs = field(default_factory=ModelSpecs)
     startup_error: str | None = None
@@ -80,18 +79,17 @@ class ServerState:
 
     @property
     def ready(self) -> bool:
-        return bool(self.pool.replicas) and all(r.engine is not None for r in self.pool.replicas) \
-            and self.tokenizer is not None
+        return self.engine.engine is not None and self.tokenizer is not None
 
     @property
     def max_model_len(self) -> int | None:
-        live = self.pool.live
-        return live[0].engine.model_config.max_model_len if live else self.settings.max_model_len
+        engine = self.engine.engine
+        return engine.model_config.max_model_len if engine is not None else self.settings.max_model_len
 
     @property
     def weight_transfer_ranks(self) -> int:
-        """Inference ranks a new weight-transfer group has: TP x live replicas."""
-        return self.settings.tensor_parallel_size * len(self.pool.live)
+        """Inference ranks of a weight-transfer group: every worker of every DP rank, on every node."""
+        return self.settings.world_size
 
 
 def server_state(request: Request) -> ServerState:

@@ -13,7 +13,7 @@ ANNOUNCE_TTL_S.
 
 The guarantee: generation runs only on weights that one whole push left behind.
 From the moment a push touches the engines until it has finished on every
-replica, `weights_consistent` is False; a push that fails half-way leaves it False
+DP rank, `weights_consistent` is False; a push that fails half-way leaves it False
 (and each engine's layerwise reload cleaned up, so the next push starts clean),
 and only a push that names every weight sets it True again. Recovery needs no
 human: the trainer pushes again (GRPOTrainer retries a failed sync), and
@@ -130,14 +130,13 @@ def end_pending(state: ServerState) -> None:
 
 
 async def close_group(state: ServerState) -> None:
-    """Leave the group on every live member (best effort); the trainer opens a new one."""
+    """Leave the group on every DP rank (best effort); the trainer opens a new one."""
     group, state.group = state.group, None
-    # vLLM 0.26's engines cannot leave a group (a new init replaces it): they are skipped.
-    live = [r for r in group.members if r.alive and has_engine_method(r.engine, "shutdown_weight_transfer_engine")] \
-        if group is not None else []
-    if live:
+    engine = state.engine
+    # vLLM 0.26's engines cannot leave a group (a new init replaces it).
+    if group is not None and engine.alive and has_engine_method(engine.engine, "shutdown_weight_transfer_engine"):
         try:
-            await state.pool.each("shutdown_weight_transfer_engine", replicas=live, timeout=FINISH_TIMEOUT_S)
+            await engine.each("shutdown_weight_transfer_engine", timeout=FINISH_TIMEOUT_S)
         except Exception:
             log.exception("leaving the weight-transfer group failed")
 
@@ -146,20 +145,22 @@ async def close_group(state: ServerState) -> None:
 async def weights_init(req: InitTransferRequest, request: Request, state: State):
     from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
 
-    members, tp = state.pool.live, state.settings.tensor_parallel_size
+    engine, s = state.engine, state.settings
     expected = state.weight_transfer_ranks + 1
     if req.world_size != expected:
         raise ApiError(400, "invalid_request", f"world_size={req.world_size}, but this server has "
-                       f"{state.weight_transfer_ranks} live inference ranks (TP {tp} x {len(members)} live "
-                       f"replicas), so the group is {expected} (they + the trainer); read weight_transfer_ranks "
-                       "from GET /health", "world_size")
-    if req.backend is not None and req.backend != state.pool.backend:
+                       f"{state.weight_transfer_ranks} inference ranks (TP {s.tensor_parallel_size} x DP "
+                       f"{s.data_parallel_size}, every node's), so the group is {expected} (they + the trainer); "
+                       "read weight_transfer_ranks from GET /health", "world_size")
+    if not engine.alive:
+        raise ApiError(503, "engine_dead", str(engine.dead_error()))
+    if req.backend is not None and req.backend != engine.backend:
         raise ApiError(400, "invalid_request", f"backend {req.backend!r} requested, but the engines were "
-                       f"built with {state.pool.backend!r} (gloo on the CPU build, nccl on GPUs); send "
+                       f"built with {engine.backend!r} (gloo on the CPU build, nccl on GPUs); send "
                        "tensors from the matching device", "backend")
     peer = request.client.host if request.client else None
     check_group_address(req.master_address, peer, request.app.state.weight_transfer_any_address)
-    if state.pool.backend == "ipc" and not is_loopback(peer):
+    if engine.backend == "ipc" and not is_loopback(peer):
         raise ApiError(403, "forbidden", f"this server takes CUDA IPC pushes (--weight_transfer_backend ipc) from "
                        f"this machine only, and {peer} is not loopback: CUDA IPC maps the trainer's GPU memory, "
                        "so the trainer must run here, on the server's GPU", "master_address")
@@ -186,33 +187,29 @@ async def weights_init(req: InitTransferRequest, request: Request, state: State)
                        f"{req.master_port} ({unreachable}): the trainer opens it before calling /weights/init "
                        "(VLLMClient does). Check the address and port, and any firewall between here and there.",
                        "master_port")
-    sender = sender_class(state.pool.backend)
-    infos = [WeightTransferInitRequest(init_info=sender.worker_init_info(
-        req.master_address, req.master_port, 1 + i * tp, req.world_size, req.bucket_bytes, req.timeout_s))
-        for i in range(len(members))]
+    # One init for every DP rank: each worker joins at 1 + dp_rank x TP + its TP rank (vLLM's rule).
+    info = WeightTransferInitRequest(init_info=sender_class(engine.backend).worker_init_info(
+        req.master_address, req.master_port, 1, req.world_size, req.bucket_bytes, req.timeout_s))
     try:
-        await state.pool.each_with("init_weight_transfer_engine", infos, members, timeout=req.timeout_s + 10)
+        await engine.each("init_weight_transfer_engine", info, timeout=req.timeout_s + 10)
     except TimeoutError:
-        raise ApiError(504, "weight_transfer", f"the trainer did not open the weight-transfer group at "
-                       f"{req.master_address}:{req.master_port} within {req.timeout_s:.0f} s: check that it did, "
-                       "and that this server can reach that address (firewall)") from None
+        raise ApiError(504, "weight_transfer", f"the weight-transfer group at {req.master_address}:"
+                       f"{req.master_port} did not form within {req.timeout_s:.0f} s: check that the trainer "
+                       "opened it, and that every node of this server (headless ones too) can reach that "
+                       f"address (firewall). {engine.error or ''}".rstrip()) from None
     except Exception as exc:
         raise ApiError(502, "weight_transfer", f"joining the weight-transfer group failed on the server: "
                        f"{exc}. Check master_address/master_port and that both sides run the same "
                        "torch and vLLM versions.") from exc
-    state.group = WeightGroup(uuid.uuid4().hex, req.master_address, req.master_port, members, req.bucket_bytes)
-    return InitTransferResponse(group_id=state.group.group_id, world_size=req.world_size, backend=state.pool.backend)
+    state.group = WeightGroup(uuid.uuid4().hex, req.master_address, req.master_port, req.bucket_bytes)
+    return InitTransferResponse(group_id=state.group.group_id, world_size=req.world_size, backend=engine.backend)
 
 
 @router.post("/start", response_model=StartUpdateResponse)
 async def weights_start(req: StartUpdateRequest, state: State):
-    group = owned_group(state, req.group_id)
-    dead = [r.index for r in group.members if not r.alive]
-    if dead:
-        await close_group(state)
-        raise ApiError(409, "group_stale", f"replica(s) {dead} died since the weight-transfer group opened: the "
-                       "group is closed; open a new one with the live replicas (weight_transfer_ranks in GET "
-                       "/health) and push again. VLLMClient.update_weights does this by itself.")
+    owned_group(state, req.group_id)
+    if not state.engine.alive:
+        raise ApiError(503, "engine_dead", str(state.engine.dead_error()))
     problems = check_push(state.specs, req.names, req.dtype_names, req.shapes)
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
@@ -234,12 +231,13 @@ async def weights_start(req: StartUpdateRequest, state: State):
     return StartUpdateResponse(transfer_id=transfer_id, num_tensors=len(req.names), bytes=nbytes)
 
 
-async def _finalize_after_failure(state: ServerState, members) -> None:
+async def _finalize_after_failure(state: ServerState) -> None:
     """Leave no layer half-loaded after a failed push (see RELOAD_CLEANUP_STEPS)."""
-    live = [r for r in members if r.alive]
     for method in RELOAD_CLEANUP_STEPS:
+        if not state.engine.alive:
+            return
         try:
-            await state.pool.each(method, replicas=live, timeout=FINISH_TIMEOUT_S)
+            await state.engine.each(method, timeout=FINISH_TIMEOUT_S)
         except Exception as exc:
             log.info("cleanup after a failed push: %s: %s", method, exc)
 
@@ -252,12 +250,13 @@ async def weights_update(req: FinishUpdateRequest, state: State):
     if pending is None or pending.transfer_id != req.transfer_id or pending.phase != "announced" or state.group is None:
         raise ApiError(409, "weight_transfer", f"transfer {req.transfer_id!r} is unknown, expired or already "
                        "loading: call /weights/start again", "transfer_id")
-    if (state.pool.backend == "ipc") != (req.ipc_handles_pickled is not None):
+    engine = state.engine
+    if (engine.backend == "ipc") != (req.ipc_handles_pickled is not None):
         raise ApiError(400, "invalid_request", "ipc_handles_pickled comes with a CUDA IPC push and only with one: "
-                       f"this server's engines take {state.pool.backend!r} pushes", "ipc_handles_pickled")
+                       f"this server's engines take {engine.backend!r} pushes", "ipc_handles_pickled")
     pending.expiry.cancel()
     pending.phase = "loading"
-    push, members = pending.request, state.group.members
+    push = pending.request
     try:
         # Wait for requests being admitted (new ones queue behind the push); running ones are paused below.
         await asyncio.wait_for(state.lock.acquire_write(), push.timeout_s)
@@ -269,17 +268,16 @@ async def weights_update(req: FinishUpdateRequest, state: State):
     info = {"names": push.names, "dtype_names": push.dtype_names, "shapes": push.shapes}
     if req.ipc_handles_pickled is not None:
         info["ipc_handles_pickled"] = req.ipc_handles_pickled
-    info.update(sender_class(state.pool.backend).worker_update_fields(state.group.bucket_bytes))
+    info.update(sender_class(engine.backend).worker_update_fields(state.group.bucket_bytes))
     was_consistent, state.weights_consistent = state.weights_consistent, False
     try:
         # Between two decode steps, keeping the requests in flight; "recompute" also preempts them and
         # resets the prefix cache, so that after the load every key and value is computed again.
-        await state.pool.each("pause_generation", replicas=members, timeout=FINISH_TIMEOUT_S, mode="keep",
-                              clear_cache=state.settings.kv_after_push == "recompute")
-        await state.pool.each("start_weight_update", replicas=members, timeout=FINISH_TIMEOUT_S)
-        await state.pool.each_with("update_weights", [WeightTransferUpdateRequest(update_info=info)] * len(members),
-                                   members, timeout=push.timeout_s + 10)
-        await state.pool.each("finish_weight_update", replicas=members, timeout=FINISH_TIMEOUT_S)
+        await engine.each("pause_generation", timeout=FINISH_TIMEOUT_S, mode="keep",
+                          clear_cache=state.settings.kv_after_push == "recompute")
+        await engine.each("start_weight_update", timeout=FINISH_TIMEOUT_S)
+        await engine.each("update_weights", WeightTransferUpdateRequest(update_info=info), timeout=push.timeout_s + 10)
+        await engine.each("finish_weight_update", timeout=FINISH_TIMEOUT_S)
         # Decided before the engines resume and the lock is released: a generation waiting for it must
         # see the outcome.
         state.weights_consistent = was_consistent or covers_all(state.specs, push.names)
@@ -292,10 +290,12 @@ async def weights_update(req: FinishUpdateRequest, state: State):
         for flight in state.inflight:
             flight.push_failed = True
         with contextlib.suppress(Exception):
-            await state.pool.abort_all([r for r in members if r.alive])
-        await _finalize_after_failure(state, members)
+            await engine.abort_all()
+        await _finalize_after_failure(state)
         await close_group(state)
-        if isinstance(exc, TimeoutError) or TRAINER_DID_NOT_SEND in str(exc):
+        if not engine.alive:
+            error = ApiError(503, "engine_dead", f"the weight push failed: {engine.dead_error()}")
+        elif isinstance(exc, TimeoutError) or TRAINER_DID_NOT_SEND in str(exc):
             error = ApiError(504, "weight_transfer", f"{TRAINER_DID_NOT_SEND} within {push.timeout_s:.0f} s (the "
                              "trainer side did not send): the group is closed and generation refused until a full "
                              "push lands; open the group again and push again")
@@ -306,8 +306,7 @@ async def weights_update(req: FinishUpdateRequest, state: State):
         raise error from None
     finally:
         with contextlib.suppress(Exception):  # resuming an engine that was not paused changes nothing
-            await state.pool.each("resume_generation", replicas=[r for r in members if r.alive],
-                                  timeout=FINISH_TIMEOUT_S)
+            await engine.each("resume_generation", timeout=FINISH_TIMEOUT_S)
         state.pending = None
         await state.lock.release_write()
     if not state.weights_consistent:

@@ -44,11 +44,11 @@ def cpu_cores(spec: str) -> set[int]:
 
 
 def cores_shared_with_server(health: dict, own_cores: set[int]) -> set[int]:
-    """The CPU cores that both this process and a CPU server's replicas run on (none for a GPU server,
+    """The CPU cores that both this process and a CPU server's local DP ranks run on (none for a GPU server,
     or one that does not say where it runs)."""
     if health.get("device_type") != "cpu":
         return set()
-    server = set().union(*(cpu_cores(r["devices"]) for r in health.get("replicas", []) if r.get("devices")))
+    server = set().union(*(cpu_cores(r["devices"]) for r in health.get("dp_ranks", []) if r.get("devices")))
     return server & own_cores
 
 

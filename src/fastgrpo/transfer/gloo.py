@@ -2,7 +2,7 @@
 
 NCCL needs GPUs, so on vLLM's CPU build weights travel over a gloo process group
 (a `TCPStore` rendezvous, TCP between processes). The trainer is rank 0 and the
-only sender; each vLLM worker of each replica joins at `rank_offset + its rank`.
+only sender; each vLLM worker of each DP rank joins at `rank_offset + dp_rank x TP + its rank`.
 The stream is bucketed (packing.py) and pipelined (bucketed.py). Workers load
 what arrives through `model.load_weights` inside vLLM's layerwise reload
 (`start_weight_update` / `finish_weight_update`), which re-processes weights
@@ -192,7 +192,9 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, 
             self.shutdown()
         if init_info.bucket_bytes != self.bucket_bytes:
             self.bucket_bytes, self.buffers = init_info.bucket_bytes, ReceiveBuffers(init_info.bucket_bytes)
-        rank = init_info.rank_offset + self.parallel_config.rank
+        # vLLM's rule (nccl_common.worker_init_process_group): DP ranks first, then TP ranks within one.
+        pc = self.parallel_config
+        rank = init_info.rank_offset + pc.data_parallel_index * pc.world_size + pc.rank
         store = rendezvous(init_info.master_address, init_info.master_port, rank, init_info.world_size,
                            min(init_info.timeout_s, WORKER_RENDEZVOUS_TIMEOUT_S))
         self.group = open_group(store, rank, init_info.world_size, init_info.timeout_s)
