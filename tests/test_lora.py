@@ -30,8 +30,9 @@ def lora_config(**overrides) -> LoraConfig:
 
 @pytest.fixture(scope="module")
 def server(server_factory, tiny_qwen2):
+    # DP=2: an adapter must reach both of vLLM's DP ranks (served() reads the probe from each).
     return server_factory(["--model", tiny_qwen2, "--dtype", "float32", "--max-model-len", "256", "--enable-lora",
-                           "--max-lora-rank", "8"])
+                           "--max-lora-rank", "8", "--data-parallel-size", "2"])
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +52,13 @@ def hf_logprobs(model, ids) -> list[float]:
 
 
 def served(client, ids, adapter=None) -> list[float]:
-    return client.generate(prompt_token_ids=[ids], max_tokens=1, prompt_logprobs=True,
-                           adapter=adapter).results[0].prompt_logprobs[1:]
+    """The probe's prompt logprobs, read on both DP ranks (two copies go one to each), which must agree."""
+    results = client.generate(prompt_token_ids=[ids, ids], max_tokens=1, prompt_logprobs=True,
+                              adapter=adapter).results
+    assert {r.completions[0].dp_rank for r in results} == {0, 1}
+    first, second = (r.prompt_logprobs[1:] for r in results)
+    assert gap(first, second) < 1e-5, "the DP ranks serve different weights"
+    return first
 
 
 def gap(a, b) -> float:

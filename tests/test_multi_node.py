@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import httpx
@@ -22,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from fastgrpo.client import ServerError, VLLMClient
 from fastgrpo.hardware import usable_cores
 from fastgrpo.serve.launcher import ServerProcess, free_port
+from generating import LongGeneration
 from test_weight_sync import LOGPROB_TOL, PROBE, SMALL_BUCKET, gap, hf_logprobs, perturbed, server_logprobs_by_rank
 
 pytestmark = pytest.mark.slow
@@ -90,22 +90,14 @@ def test_a_push_is_exact_on_the_remote_rank_at_every_bucket_size(nodes, tiny_qwe
 def test_a_remote_node_killed_mid_generation_fails_it_in_bounded_time_naming_the_rank(nodes):
     """Last: it kills the headless node."""
     head, node = nodes
-    out = {}
-
-    def generate():
-        out["response"] = httpx.post(head.base_url + "/generate", timeout=120, json={
-            "prompts": [f"question {i}" for i in range(96)], "max_tokens": 240, "ignore_eos": True})
-
-    thread = threading.Thread(target=generate)
+    thread = LongGeneration(head.base_url, max_tokens=240)
     thread.start()
-    time.sleep(0.5)
-    assert thread.is_alive()
     os.killpg(node.proc.pid, signal.SIGKILL)  # the whole node: its process, engine core and worker
     killed = time.monotonic()
     thread.join(RANK_TIMEOUT_S + 30)
     waited = time.monotonic() - killed
     assert not thread.is_alive(), "the generation hung after the remote node died"
-    response = out["response"]
+    response = thread.response
     assert response.status_code == 503, response.text[:300]
     body = response.json()
     assert body["type"] == "engine_dead" and "DP rank 1" in body["error"] and "headless node" in body["error"]

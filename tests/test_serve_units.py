@@ -5,27 +5,43 @@ import random
 import pytest
 
 from fastgrpo.serve.specs import ModelSpecs, check_push
-from fastgrpo.serve.engines import GenerationEngine, ServerSettings, assign_by_load, check_devices, cpu_binding
+from fastgrpo.serve.engines import GenerationEngine, ServerSettings, check_devices, cpu_binding, split_by_load
 
 
-def test_assign_by_load_balances_tokens_not_counts():
-    # One long item and many short ones: the long one gets a rank to itself.
-    costs = [1000] + [100] * 10
-    owners = assign_by_load(costs, [0, 0])
-    loads = [sum(c for c, o in zip(costs, owners) if o == r) for r in range(2)]
-    assert loads == [1000, 1000]
-    # Splitting evenly by count would have put 6 items (1500 tokens) on one side.
+def test_whole_prompts_go_to_the_least_loaded_rank_when_that_balances():
+    # B1's round: 4 prompts x 8 completions x 64 tokens on 2 ranks: two whole prompts each, none cut.
+    assert split_by_load([(8, 64)] * 4, [0, 0]) == [[(0, 8)], [(1, 8)], [(0, 8)], [(1, 8)]]
+    # Work already running counts: the idle rank takes more.
+    assert split_by_load([(8, 64)] * 4, [0, 1024]) == [[(0, 8)], [(0, 8)], [(0, 8)], [(1, 8)]]
 
 
-def test_assign_by_load_respects_existing_load_and_is_near_optimal():
+def test_a_prompt_that_asks_for_ten_times_the_tokens_is_cut_across_ranks():
+    prompts = [(8, 640), (8, 64), (8, 64), (8, 64)]
+    plan = split_by_load(prompts, [0, 0])
+    loads = [0, 0]
+    for (n, cost), chunks in zip(prompts, plan):
+        assert sum(count for _, count in chunks) == n  # every completion, once
+        for rank, count in chunks:
+            loads[rank] += count * cost
+    # Whole prompts would leave 5120 tokens against 1536. Cut: 3 of the long completions move, then 2 short ones.
+    assert plan == [[(0, 5), (1, 3)], [(0, 2), (1, 6)], [(1, 8)], [(1, 8)]] and loads == [3328, 3328]
+
+
+def test_split_by_load_is_near_optimal_and_keeps_every_completion():
     rng = random.Random(0)
-    for _ in range(50):
-        costs = [rng.randint(1, 500) for _ in range(rng.randint(1, 30))]
-        start = [rng.randint(0, 300) for _ in range(3)]
-        owners = assign_by_load(costs, start)
-        loads = [start[r] + sum(c for c, o in zip(costs, owners) if o == r) for r in range(3)]
-        # Longest-processing-time greedy is within 4/3 of optimal; a simple bound checks it is sane:
-        assert max(loads) <= (sum(costs) + sum(start)) / 3 + max(costs)
+    for _ in range(200):
+        prompts = [(rng.randint(1, 16), rng.randint(1, 500)) for _ in range(rng.randint(1, 12))]
+        start = [rng.randint(0, 300) for _ in range(rng.randint(1, 4))]
+        plan = split_by_load(prompts, start)
+        loads = list(start)
+        for (n, cost), chunks in zip(prompts, plan):
+            assert sum(c for _, c in chunks) == n and len({r for r, _ in chunks}) == len(chunks)
+            for rank, count in chunks:
+                loads[rank] += count * cost
+        # No completion can move from the busiest rank to the idlest and narrow the gap.
+        busy, idle = max(range(len(loads)), key=loads.__getitem__), min(range(len(loads)), key=loads.__getitem__)
+        on_busy = [cost for (n, cost), chunks in zip(prompts, plan) if any(r == busy for r, _ in chunks)]
+        assert all(cost >= loads[busy] - loads[idle] for cost in on_busy) or busy == idle
 
 
 def test_check_push_names_the_tensor_and_the_problem():

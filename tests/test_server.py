@@ -7,7 +7,6 @@ most tests; tests that break things (timeouts, a killed DP rank) come last.
 import concurrent.futures
 import os
 import signal
-import threading
 import time
 
 import httpx
@@ -18,6 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from fastgrpo.client import ServerError, VLLMClient
 from fastgrpo.transfer import WeightTransferError
+from generating import LongGeneration
 
 pytestmark = pytest.mark.slow
 
@@ -140,7 +140,20 @@ def test_seeded_requests_with_chunked_size_prefills_do_not_kill_the_engine(clien
 
 def test_work_is_split_across_dp_ranks(client):
     response = client.generate([f"prompt number {i}" for i in range(8)], n=2, max_tokens=4)
-    assert {r.dp_rank for r in response.results} == {0, 1}
+    assert {c.dp_rank for r in response.results for c in r.completions} == {0, 1}
+
+
+def test_a_seeded_prompt_gets_the_same_completions_whether_its_n_is_cut_across_ranks_or_not(client):
+    # Alone, a prompt's 8 completions are cut 4 + 4 over the two ranks (split_by_load); beside another prompt
+    # of the same size it stays whole on one rank. Each chunk carries seed + its first index, as vLLM seeds
+    # the children of one request, so both give the same 8 completions in the same order.
+    alone = client.generate(["seeded prompt"], n=8, seed=5, max_tokens=16, ignore_eos=True).results[0]
+    beside = client.generate(["seeded prompt", "another one"], n=8, seeds=[5, 9], max_tokens=16,
+                             ignore_eos=True).results[0]
+    assert sorted({c.dp_rank for c in alone.completions}) == [0, 1]
+    assert len({c.dp_rank for c in beside.completions}) == 1
+    assert [c.token_ids for c in alone.completions] == [c.token_ids for c in beside.completions]
+    assert len({tuple(c.token_ids) for c in alone.completions}) == 8  # and they differ from one another
 
 
 def test_concurrent_requests_are_served_concurrently(client):
@@ -301,7 +314,7 @@ def test_weight_push_changes_server_logprobs_to_match_transformers(client, hf_mo
     assert max(abs(a - b) for a, b in zip(after, before)) > 0.05  # the push really changed the model
     # Every DP rank got the push: a batch spread over both agrees on the probe.
     spread = client.generate(prompt_token_ids=[ids] * 4, max_tokens=1, prompt_logprobs=True)
-    assert {r.dp_rank for r in spread.results} == {0, 1}
+    assert {c.dp_rank for r in spread.results for c in r.completions} == {0, 1}
     for result in spread.results:
         assert max(abs(a - b) for a, b in zip(result.prompt_logprobs[1:], expected)) < LOGPROB_TOL
     assert spread.weight_version == version
@@ -413,21 +426,13 @@ def test_a_dead_dp_rank_ends_generations_in_flight_and_after_with_its_name(serve
     engine_1 = [p for p in psutil.Process(server.proc.pid).children(recursive=True)
                 if "EngineCore_DP1" in " ".join(p.cmdline())]
     assert len(engine_1) == 1, [p.cmdline() for p in psutil.Process(server.proc.pid).children(recursive=True)]
-    out = {}
-
-    def generate():
-        out["response"] = httpx.post(server.base_url + "/generate", timeout=120, json={
-            "prompts": [f"question {i}" for i in range(96)], "max_tokens": 200, "ignore_eos": True})
-
-    thread = threading.Thread(target=generate)
+    thread = LongGeneration(server.base_url)
     thread.start()
-    time.sleep(0.5)
-    assert thread.is_alive()
     for proc in [engine_1[0], *engine_1[0].children(recursive=True)]:
         os.kill(proc.pid, signal.SIGKILL)
     thread.join(60)
     assert not thread.is_alive(), "the generation hung after a DP rank died"
-    response = out["response"]
+    response = thread.response
     assert response.status_code == 503 and response.json()["type"] == "engine_dead", response.text[:300]
     assert "EngineCore_DP1" in response.json()["error"] and "restart" in response.json()["error"]
 

@@ -57,7 +57,7 @@ def hf_logprobs(model, ids) -> list[float]:
 def server_logprobs_by_rank(client, ids) -> dict[int, list[float]]:
     """The probe's prompt logprobs from every DP rank (a batch of copies spreads over both)."""
     response = client.generate(prompt_token_ids=[ids] * 4, max_tokens=1, prompt_logprobs=True)
-    by_rank = {r.dp_rank: r.prompt_logprobs[1:] for r in response.results}
+    by_rank = {r.completions[0].dp_rank: r.prompt_logprobs[1:] for r in response.results}
     assert set(by_rank) == {0, 1}
     return by_rank
 

@@ -226,7 +226,7 @@ def measure_candidate(cand: Candidate, model: str, workload: parallel.Workload, 
                 prompt_token_ids=prompts, n=workload.num_generations, max_tokens=workload.max_completion_length,
                 temperature=1.0, ignore_eos=True), label, server)
             tokens = sum(len(c["token_ids"]) for result in body["results"] for c in result["completions"])
-            cand.replicas_used = sorted({result["replica"] for result in body["results"]})
+            cand.replicas_used = sorted({c["dp_rank"] for result in body["results"] for c in result["completions"]})
             cand.round_seconds.append(seconds)
             cand.completion_tokens = tokens
             cand.load_average = os.getloadavg()[0]

@@ -101,14 +101,13 @@ async def run_generation(state: ServerState, prompts: list[list[int]], fields: S
 
     try:
         if seeds is None and max_tokens is None:
-            params = sampling_params(fields, prompt_logprobs)
+            params = [sampling_params(fields, prompt_logprobs)] * len(prompts)
         else:
             params = [sampling_params(fields, prompt_logprobs, seed, cap) for seed, cap in
                       zip(seeds or [None] * len(prompts), max_tokens or [None] * len(prompts))]
     except request_error_types() as exc:  # vLLM's own limits, where ours let a value through
         raise ApiError(400, "invalid_request", f"vLLM refused the sampling parameters: {exc}",
                        getattr(exc, "parameter", None) or field_named_in(str(exc), SamplingFields.model_fields)) from exc
-    costs = [len(p) + fields.n * cap for p, cap in zip(prompts, max_tokens or [fields.max_tokens] * len(prompts))]
     async with state.lock.read():  # admission: a push waits for it, and it waits for a push
         # Read under the lock: a request that queued behind a push sees how that push ended.
         if not state.weights_consistent:
@@ -128,7 +127,7 @@ async def run_generation(state: ServerState, prompts: list[list[int]], fields: S
         flight = InFlight([version])
         state.inflight.append(flight)
         running = asyncio.ensure_future(state.engine.generate(
-            [{"prompt_token_ids": p, "cache_salt": salt} for p in prompts], params, costs,
+            [{"prompt_token_ids": p, "cache_salt": salt} for p in prompts], params,
             lora.request if lora is not None else None))
         try:
             # Let it hand its requests to the engines before a push may pause them. One still on its way
@@ -157,20 +156,19 @@ async def run_generation(state: ServerState, prompts: list[list[int]], fields: S
                        "model again (VLLMClient.update_weights) and retry.")
     versions = [flight.versions[0], flight.versions[-1]] if lora is None else [version, version]
     results = []
-    for (out, dp_rank), ids in zip(outputs, prompts):
+    for out, ids in zip(outputs, prompts):
         completions = [
             Completion(
                 token_ids=list(c.token_ids),
                 logprobs=[lp[t].logprob for lp, t in zip(c.logprobs or [], c.token_ids)],
-                text=c.text, finish_reason=c.finish_reason, weight_versions=versions,
+                text=c.text, finish_reason=c.finish_reason, weight_versions=versions, dp_rank=rank,
             )
-            for c in out.outputs
+            for c, rank in zip(out.completions, out.dp_ranks)
         ]
         plp = None
         if prompt_logprobs and out.prompt_logprobs is not None:
             plp = [None if d is None else d[t].logprob for d, t in zip(out.prompt_logprobs, ids)]
-        results.append(PromptResult(prompt_token_ids=ids, prompt_logprobs=plp, completions=completions,
-                                    dp_rank=dp_rank))
+        results.append(PromptResult(prompt_token_ids=ids, prompt_logprobs=plp, completions=completions))
     return results, version
 
 

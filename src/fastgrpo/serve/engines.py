@@ -227,19 +227,45 @@ class EngineRejected(ValueError):
     """vLLM refused a request while validating it (a bad input, not a broken engine)."""
 
 
-def assign_by_load(costs: list[int], loads: list[int]) -> list[int]:
-    """Greedy longest-first assignment of work items to the least-loaded rank.
+def split_by_load(prompts: list[tuple[int, int]], loads: list[int]) -> list[list[tuple[int, int]]]:
+    """Which DP rank generates which completions: for each prompt, its chunks as (rank, count), in rank order.
 
-    `costs[i]` is item i's tokens to generate, `loads[r]` rank r's outstanding
-    tokens. Returns the rank of each item. Pure, so tests can check it alone.
+    `prompts[i]` is (n, tokens of one completion), `loads[r]` rank r's tokens still to generate. Prompts go
+    whole to the least-loaded rank, longest first (their completions then share one prefill); then, while
+    moving one completion from the busiest rank to the idlest narrows the gap, one moves. A round whose one
+    prompt asks for 10x the tokens thus spreads that prompt's completions instead of leaving a rank idle.
+    Pure, so tests can check it alone.
     """
     loads = list(loads)
-    owner = [0] * len(costs)
-    for i in sorted(range(len(costs)), key=lambda i: -costs[i]):
+    chunks = [dict() for _ in prompts]  # prompt -> {rank: count}
+    for i in sorted(range(len(prompts)), key=lambda i: -prompts[i][0] * prompts[i][1]):
+        n, cost = prompts[i]
         r = min(range(len(loads)), key=lambda r: (loads[r], r))
-        owner[i] = r
-        loads[r] += costs[i]
-    return owner
+        chunks[i][r] = n
+        loads[r] += n * cost
+    while len(loads) > 1:
+        busy = max(range(len(loads)), key=lambda r: (loads[r], -r))
+        idle = min(range(len(loads)), key=lambda r: (loads[r], r))
+        gap = loads[busy] - loads[idle]
+        # the busiest rank's costliest completion that, moved, narrows the gap (cost < gap)
+        movable = [i for i in range(len(prompts)) if chunks[i].get(busy) and 0 < prompts[i][1] < gap]
+        if not movable:
+            break
+        i = max(movable, key=lambda i: (prompts[i][1], -i))
+        chunks[i][busy] -= 1
+        chunks[i][idle] = chunks[i].get(idle, 0) + 1
+        loads[busy] -= prompts[i][1]
+        loads[idle] += prompts[i][1]
+    return [sorted((r, c) for r, c in chunk.items() if c) for chunk in chunks]
+
+
+@dataclass
+class PromptOutput:
+    """One prompt's completions, gathered from the DP ranks that generated them."""
+
+    completions: list  # vLLM CompletionOutputs, in the order of their seeds (seed, seed + 1, ...)
+    prompt_logprobs: list | None
+    dp_ranks: list[int | None]  # the rank of each completion; None where vLLM chose
 
 
 @dataclass
@@ -366,14 +392,9 @@ class GenerationEngine:
 
     # --- generation ---------------------------------------------------------------------------------------
 
-    def route(self, costs: list[int]) -> list[int | None]:
-        """Each request's DP rank: ours by tokens to generate, or None (vLLM's choice)."""
-        if self.settings.load_balance == "vllm" and len(self.ranks) > 1:
-            return [None] * len(costs)
-        return assign_by_load(costs, [r.load_tokens for r in self.ranks])
-
     async def generate_one(self, prompt, params, cost: int, rank: int | None, lora_request=None):
-        """One prompt (with its n completions); returns the final RequestOutput."""
+        """One request (a prompt with its n completions, or some of them) on `rank`; returns the final
+        RequestOutput."""
         if self.failed is None:
             self.failed = asyncio.Event()
         self.check_dead()
@@ -382,7 +403,6 @@ class GenerationEngine:
         counted = self.ranks[rank] if rank is not None else None
         if counted is not None:
             counted.load_tokens += cost
-
         request_id = uuid.uuid4().hex
         self.requests.add(request_id)
 
@@ -421,15 +441,41 @@ class GenerationEngine:
             if counted is not None:
                 counted.load_tokens -= cost
 
-    async def generate(self, prompts: list, params, costs: list[int], lora_request=None):
-        """Run prompts across the DP ranks; results in input order with the rank each ran on (None: vLLM chose).
-        `params`: one SamplingParams for every prompt, or a list of one per prompt; `lora_request`: an adapter."""
-        if not isinstance(params, list):
-            params = [params] * len(prompts)
-        owners = self.route(costs)
-        outputs = await asyncio.gather(*[self.generate_one(p, sp, c, o, lora_request)
-                                         for p, sp, c, o in zip(prompts, params, costs, owners)])
-        return list(zip(outputs, owners))
+    async def generate(self, prompts: list, params: list, lora_request=None) -> list[PromptOutput]:
+        """Generate every prompt's completions across the DP ranks; one PromptOutput per prompt, in order.
+
+        `params`: one SamplingParams per prompt. With --load_balance tokens a prompt's n completions may be
+        cut into chunks on several ranks (`split_by_load`); a chunk of completions first..first+k-1 is one
+        request with n=k and seed+first, which is what vLLM gives those children of the whole request, so
+        a seeded prompt gets the same completions however it is cut."""
+        if self.settings.load_balance == "vllm" and len(self.ranks) > 1:
+            plan = [[(None, sp.n)] for sp in params]
+        else:
+            plan = split_by_load([(sp.n, sp.max_tokens) for sp in params], [r.load_tokens for r in self.ranks])
+        calls, owners = [], []
+        for i, (prompt, sp) in enumerate(zip(prompts, params)):
+            first = 0
+            for rank, count in plan[i]:
+                chunk = sp
+                if count != sp.n:
+                    chunk = sp.clone()
+                    chunk.n = count
+                    if sp.seed is not None:
+                        chunk.seed = sp.seed + first
+                    if first:  # the prompt's logprobs come with its first chunk
+                        chunk.prompt_logprobs = None
+                calls.append(self.generate_one(prompt, chunk, count * sp.max_tokens, rank, lora_request))
+                owners.append((i, rank, count))
+                first += count
+        outputs = await asyncio.gather(*calls)
+        results = [PromptOutput([], None, []) for _ in prompts]
+        for (i, rank, count), out in zip(owners, outputs):
+            result = results[i]
+            if not result.completions:
+                result.prompt_logprobs = out.prompt_logprobs
+            result.completions.extend(out.outputs)
+            result.dp_ranks.extend([rank] * len(out.outputs))
+        return results
 
     # --- engine-wide calls --------------------------------------------------------------------------------
 

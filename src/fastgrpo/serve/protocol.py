@@ -124,13 +124,13 @@ class Completion(BaseModel):
     # The weight versions it ran under: [first, last]. first is the version when the request was admitted,
     # last the newest one a push loaded while it ran; equal unless a push landed in flight.
     weight_versions: list[int]
+    dp_rank: int | None = None  # the vLLM DP rank that generated it; None where vLLM chose (--load_balance vllm)
 
 
 class PromptResult(BaseModel):
     prompt_token_ids: list[int]
     prompt_logprobs: list[float | None] | None = None  # first token has none
-    completions: list[Completion]
-    dp_rank: int | None  # the vLLM DP rank that generated it; None when vLLM chose (--load_balance vllm)
+    completions: list[Completion]  # a prompt's completions may come from several DP ranks (see dp_rank)
 
 
 class GenerateResponse(BaseModel):
