@@ -318,11 +318,11 @@ INFLIGHT_TOL = 1e-3
 BATCH = 32
 
 
-def decode_step_seconds(client, prompt) -> float:
+def decode_step_seconds(client, prompt, batch: int = BATCH) -> float:
     """How long a decode step of BATCH sequences takes on this machine (an upper bound: the prefill counts
     too), so that a push can land about 20 tokens into a generation on a fast CPU and a slow one alike."""
     began = time.monotonic()
-    client.generate(prompt_token_ids=[prompt] * BATCH, max_tokens=32, ignore_eos=True, seed=4)
+    client.generate(prompt_token_ids=[prompt] * batch, max_tokens=32, ignore_eos=True, seed=4)
     return (time.monotonic() - began) / 32
 
 
@@ -383,12 +383,15 @@ def test_a_push_that_fails_during_a_generation_stops_it_rather_than_finish_it_on
     good = perturbed(tiny_qwen2, seed=13)
     with VLLMClient(base_url=server.base_url, weight_transfer_timeout=10) as client:
         client.update_weights(good)
-        step_s = decode_step_seconds(client, probe_ids[:12])
+        # Three times B1's batch: a failing push takes a second or two to reach the engines (the group, the
+        # announcement, the first buckets), and 240 steps of 16 sequences per DP rank were sometimes over by then.
+        batch = 3 * BATCH
+        step_s = decode_step_seconds(client, probe_ids[:12], batch)
         out = {}
 
         def generate():
             out["response"] = httpx.post(server.base_url + "/generate", timeout=120, json={
-                "prompt_token_ids": [probe_ids[:12]] * BATCH, "max_tokens": 240, "ignore_eos": True})
+                "prompt_token_ids": [probe_ids[:12]] * batch, "max_tokens": 240, "ignore_eos": True})
 
         # The push must reach the engines while the generation runs. How far into it that is depends on the
         # machine's load (under CI's, 240 steps once ended before a push started 20 steps in got there, and a
