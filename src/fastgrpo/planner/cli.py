@@ -2,7 +2,7 @@
 
 Prints the prompt batch size, a table of every TP x DP layout (does it fit,
 KV cache, sequences per replica, predicted round time and tokens/s) and a
-recommendation. The model behind it is `fastgrpo.parallel` (see docs/tp-dp.md).
+recommendation. The model behind it is `fastgrpo.planner.model` (see docs/tp-dp.md).
 This module imports only the standard library at top level; matplotlib and
 yaml are imported where they are used.
 """
