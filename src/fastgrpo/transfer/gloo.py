@@ -193,6 +193,7 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, 
         if init_info.bucket_bytes != self.bucket_bytes:
             self.bucket_bytes, self.buffers = init_info.bucket_bytes, ReceiveBuffers(init_info.bucket_bytes)
         # vLLM's rule (nccl_common.worker_init_process_group): DP ranks first, then TP ranks within one.
+        # data_parallel_index is the DP rank, which data_parallel_rank is not for a dense model's engine cores.
         pc = self.parallel_config
         rank = init_info.rank_offset + pc.data_parallel_index * pc.world_size + pc.rank
         store = rendezvous(init_info.master_address, init_info.master_port, rank, init_info.world_size,
