@@ -179,6 +179,25 @@ def test_concurrent_requests_are_served_concurrently(client):
     assert finished == ["short", "long"]
 
 
+def test_a_generation_whose_client_went_away_is_aborted_in_the_engines_and_counted(server, client):
+    before = client.health()["abandoned_generations"]
+    # 256 prompts x 240 tokens: several seconds of work for the tiny model here; the client gives up after 1 s.
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.base_url + "/generate", timeout=1.0, json={
+            "prompts": [f"abandoned {i}" for i in range(256)], "max_tokens": 240, "ignore_eos": True})
+    deadline = time.monotonic() + 10
+    while True:  # vLLM's own counts (its DP coordinator's, every 100 ms), not only ours, drop to nothing
+        health = client.health()
+        if health["abandoned_generations"] == before + 1 and not any(
+                r["load_tokens"] or r["waiting"] or r["running"] for r in health["dp_ranks"]):
+            break
+        assert time.monotonic() < deadline, health
+        time.sleep(0.2)
+    began = time.monotonic()  # and the engines are free: a short request runs alone
+    client.generate(["after"], max_tokens=4)
+    assert time.monotonic() - began < 2
+
+
 def test_reset_prefix_cache(client):
     client.reset_prefix_cache()
     assert client.generate(["after reset"], max_tokens=2).results

@@ -109,3 +109,10 @@ async def call_on_dp_rank(engine, rank: int, method: str, *args):
     Both releases keep the rank-ordered `core_engines` identities and `_call_utility_async(..., engine=)`."""
     client = engine.engine_core
     return await client._call_utility_async(method, *args, engine=client.core_engines[rank])
+
+
+def dp_rank_counts(engine) -> list[tuple[int, int]] | None:
+    """(waiting, running) requests per DP rank, as vLLM's DP coordinator last reported them (every 100 ms);
+    None without data parallelism (no coordinator)."""
+    counts = getattr(engine.engine_core, "lb_engines", None)
+    return None if counts is None else [(int(c[0]), int(c[1])) for c in counts]

@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from fastgrpo.serve import errors
+from fastgrpo.serve.disconnects import CancelAbandoned
 from fastgrpo.serve.protocol import (
     Completion,
     ErrorResponse,
@@ -215,6 +216,7 @@ def create_app(settings: ServerSettings, api_key: str | None = None, body_timeou
     app.state.weight_transfer_any_address = weight_transfer_any_address
 
     errors.install(app, body_timeout_s)
+    app.add_middleware(CancelAbandoned, on_abandoned=state.count_abandoned)
 
     @app.middleware("http")
     async def _auth_and_readiness(request: Request, call_next):
@@ -246,7 +248,7 @@ def create_app(settings: ServerSettings, api_key: str | None = None, body_timeou
             device_type="cpu" if engine.on_cpu else "gpu",
             tensor_parallel_size=settings.tensor_parallel_size, data_parallel_size=settings.data_parallel_size,
             world_size=settings.world_size, weight_transfer_ranks=state.weight_transfer_ranks,
-            weight_version=state.weight_version,
+            weight_version=state.weight_version, abandoned_generations=state.abandoned_generations,
             weights_consistent=state.weights_consistent, weight_push=state.push_phase,
             last_push_error=state.last_push_error, weight_transfer_backend=engine.backend,
             dtype=_served_dtype(state), max_model_len=state.max_model_len,

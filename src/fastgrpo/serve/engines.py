@@ -29,7 +29,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from fastgrpo.hardware import usable_cores
-from fastgrpo.vllm_compat import call_on_dp_rank, request_error_types
+from fastgrpo.vllm_compat import call_on_dp_rank, dp_rank_counts, request_error_types
 
 log = logging.getLogger("fastgrpo.serve")
 
@@ -279,8 +279,10 @@ class DPRank:
     def describe(self, engine: "GenerationEngine") -> dict:
         # A live rank of a failed engine is "stopped": vLLM's DP client serves as one engine or not at all.
         state = "failed" if self.error else ("stopped" if engine.error else engine.state)
+        counts = engine.request_counts()
+        waiting, running = counts[self.index] if counts else (None, None)
         return {"rank": self.index, "node": self.node, "devices": self.devices, "state": state,
-                "load_tokens": self.load_tokens, "error": self.error}
+                "load_tokens": self.load_tokens, "waiting": waiting, "running": running, "error": self.error}
 
 
 @dataclass
@@ -347,6 +349,13 @@ class GenerationEngine:
         for child in alive:
             with contextlib.suppress(psutil.Error):
                 child.kill()
+
+    def request_counts(self) -> list[tuple[int, int]] | None:
+        """vLLM's own (waiting, running) per DP rank, where its DP coordinator reports them (DP > 1)."""
+        if self.engine is None or self.error is not None:
+            return None
+        counts = dp_rank_counts(self.engine)
+        return counts if counts is not None and len(counts) == len(self.ranks) else None
 
     @property
     def state(self) -> str:

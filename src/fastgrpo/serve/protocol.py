@@ -141,13 +141,16 @@ class GenerateResponse(BaseModel):
 class HealthResponse(BaseModel):
     status: Literal["ok", "starting", "degraded", "failed"]
     model: str
-    dp_ranks: list[dict]  # one per vLLM DP rank: rank, node (local / remote), devices, state, load, error
+    # one per vLLM DP rank: rank, node (local / remote), devices, state, load_tokens (ours), waiting and running
+    # (vLLM's, DP > 1), error
+    dp_ranks: list[dict]
     device_type: Literal["cpu", "gpu"]  # what each rank's "devices" name: CPU cores, or GPU indices
     tensor_parallel_size: int
     data_parallel_size: int
     world_size: int  # TP x DP, every node's
     weight_transfer_ranks: int  # TP x DP: the inference ranks of a weight-transfer group (the trainer is one more)
     weight_version: int
+    abandoned_generations: int  # generations cancelled (and aborted in the engines) because their client went away
     weights_consistent: bool
     weight_push: Literal["none", "announced", "loading"]  # announced: validated, its data not started yet
     last_push_error: str | None  # why the last push failed, until one succeeds

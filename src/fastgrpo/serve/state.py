@@ -72,6 +72,10 @@ class ServerState:
     adapters: object = None  # serve.adapters.AdapterRegistry (LoRA runs), set by create_app
     recorder: object = None  # serve.recordings.Recorder (agents' chat calls by rollout id), set by create_app
     chats: dict = field(default_factory=dict)  # rollouts.chat.ChatTokens per tool set (the OpenAI chat route)
+    abandoned_generations: int = 0  # generations cancelled because their client went away (serve/disconnects.py)
+
+    def count_abandoned(self) -> None:
+        self.abandoned_generations += 1
 
     @property
     def push_phase(self) -> Literal["none", "announced", "loading"]:
