@@ -7,6 +7,7 @@ probe by more than 1e-3 (asserted), a wrong or missing adapter by far more.
 """
 
 import math
+import time
 
 import pytest
 import torch
@@ -21,6 +22,8 @@ from test_trainer import PROBE_TOL, ProbeCallback, StopAt, base_config, reward_d
 pytestmark = pytest.mark.slow
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PROBE = "What is 12 + 35? The answer is 47."
+# An adapter whose owner pushed nothing this long may be taken over (the server's --adapter_lease; 600 by default).
+LEASE_S = 3
 COLOCATE_TOL = 0.1  # bf16 engine against float32 trainer (see the colocate test)
 
 
@@ -32,7 +35,7 @@ def lora_config(**overrides) -> LoraConfig:
 def server(server_factory, tiny_qwen2):
     # DP=2: an adapter must reach both of vLLM's DP ranks (served() reads the probe from each).
     return server_factory(["--model", tiny_qwen2, "--dtype", "float32", "--max-model-len", "256", "--enable-lora",
-                           "--max-lora-rank", "8", "--data-parallel-size", "2"])
+                           "--max-lora-rank", "8", "--data-parallel-size", "2", "--adapter-lease", str(LEASE_S)])
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +140,25 @@ def test_two_runs_interleave_pushes_and_generations_and_neither_sees_the_others_
         with pytest.raises(ServerError, match="no adapter named 'run-a'") as excinfo:
             served(run_a, probe_ids, "run-a")
         assert excinfo.value.status == 404
+
+
+def test_an_adapter_name_belongs_to_the_run_that_pushed_it_until_that_run_is_gone(server, tiny_qwen2, probe_ids):
+    a, b = (random_adapter(tiny_qwen2, seed) for seed in (4, 5))
+    with VLLMClient(base_url=server.base_url) as client:
+        client.push_adapter("shared", adapter_tensors(a), adapter_config(a), 1, owner="run-a")
+        with pytest.raises(ServerError, match="belongs to another run") as error:
+            client.push_adapter("shared", adapter_tensors(b), adapter_config(b), 1, owner="run-b")
+        assert error.value.status == 409 and "vllm_lora_name" in str(error.value)
+        with pytest.raises(ServerError, match="belongs to another run"):
+            client.delete_adapter("shared", owner="run-b")
+        assert gap(served(client, probe_ids, "shared"), hf_logprobs(a, probe_ids)) < PROBE_TOL  # a's, untouched
+        client.push_adapter("shared", adapter_tensors(a), adapter_config(a), 2, owner="run-a")  # the owner goes on
+        time.sleep(LEASE_S + 0.5)  # run-a pushes nothing more: it is gone, and its name can be taken over
+        client.push_adapter("shared", adapter_tensors(b), adapter_config(b), 1, owner="run-b")
+        assert gap(served(client, probe_ids, "shared"), hf_logprobs(b, probe_ids)) < PROBE_TOL
+        with pytest.raises(ServerError, match="belongs to another run"):  # and now run-a is the stranger
+            client.push_adapter("shared", adapter_tensors(a), adapter_config(a), 3, owner="run-a")
+        client.delete_adapter("shared", owner="run-b")
 
 
 def test_an_adapter_the_server_cannot_serve_is_refused_with_the_reason(server, tiny_qwen2):

@@ -1,10 +1,12 @@
 """LoRA's pure parts: the adapter payload, the checks a push gets, names, and the run spec's `peft` section."""
 
+import re
+
 import pytest
 import torch
 
 from fastgrpo.run import SpecError, build_peft_config, server_flags
-from fastgrpo.trainer.lora import default_adapter_name
+from fastgrpo.trainer.lora import default_adapter_name, run_identity
 from fastgrpo.transfer.adapters import (check_adapter_shapes, pack_adapter, rank_limit, unpack_adapter,
                                         unsupported_targets)
 
@@ -58,8 +60,13 @@ def test_rank_limits_and_adapter_names():
     assert [rank_limit(r) for r in (1, 2, 8, 9, 16, 17)] == [1, 8, 8, 16, 16, 32]
     with pytest.raises(ValueError, match="above vLLM's largest"):
         rank_limit(1024)
-    assert default_adapter_name("/runs/exp 3 (lr=2e-4)/") == "exp-3--lr-2e-4-"
+    # The folder's name in the characters the server takes, then 8 hex digits of the whole path's digest.
+    assert re.fullmatch(r"exp-3--lr-2e-4--[0-9a-f]{8}", default_adapter_name("/runs/exp 3 (lr=2e-4)/"))
     assert len(default_adapter_name("x" * 100)) == 64
+    # Two runs whose folders share a name do not share an adapter; a run resumed in its folder keeps its own.
+    assert default_adapter_name("/runs/a/out") != default_adapter_name("/runs/b/out")
+    assert default_adapter_name("/runs/a/out") == default_adapter_name("/runs/a/out/")
+    assert run_identity("/runs/a/out") != run_identity("/runs/b/out")
 
 
 def test_the_specs_peft_section_is_a_lora_config_and_its_server_serves_adapters():

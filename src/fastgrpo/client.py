@@ -25,6 +25,7 @@ from fastgrpo.transfer import (
     push_weights,
     sender_class,
 )
+from fastgrpo.transfer.adapters import ADAPTER_OWNER_HEADER
 from fastgrpo.transfer.packing import check_bucket_bytes
 
 log = logging.getLogger("fastgrpo.client")
@@ -187,17 +188,19 @@ class VLLMClient:
 
     # --- LoRA adapters (a server started with --enable_lora) ----------------------
 
-    def push_adapter(self, name: str, tensors: dict, config: dict, weight_version: int) -> dict:
+    def push_adapter(self, name: str, tensors: dict, config: dict, weight_version: int, owner: str | None = None) -> dict:
         """Load or replace adapter `name` (peft's tensor names and config) at `weight_version`; one request, the
-        adapter's tensors only. Generations that name it (`generate(adapter=name)`) use the new version."""
+        adapter's tensors only. Generations that name it (`generate(adapter=name)`) use the new version. `owner`:
+        the run's token; the server keeps the name for the run that first pushed it (GRPOTrainer sends one)."""
         from fastgrpo.transfer.adapters import pack_adapter
 
         payload = pack_adapter(tensors, config, weight_version)
-        return self._request("PUT", f"/adapters/{name}", retry_connect=False, content=payload,
-                             headers={"content-type": "application/octet-stream"})
+        headers = {"content-type": "application/octet-stream", **({ADAPTER_OWNER_HEADER: owner} if owner else {})}
+        return self._request("PUT", f"/adapters/{name}", retry_connect=False, content=payload, headers=headers)
 
-    def delete_adapter(self, name: str) -> None:
-        self._request("DELETE", f"/adapters/{name}", retry_connect=False)
+    def delete_adapter(self, name: str, owner: str | None = None) -> None:
+        self._request("DELETE", f"/adapters/{name}", retry_connect=False,
+                      headers={ADAPTER_OWNER_HEADER: owner} if owner else None)
 
     def adapters(self) -> list[dict]:
         return self._request("GET", "/adapters")["adapters"]

@@ -7,10 +7,17 @@ the push answers. Generations name an adapter (`adapter` on /generate, `model` o
 OpenAI routes) and keep the version they started with: a push changes neither a running
 generation nor any other adapter, so several runs share one server. A replaced version
 is unloaded once its last generation has ended.
+
+A name belongs to the run that first pushed it, as a weight-transfer group belongs
+to its trainer: its pushes and deletes carry the run's token (`X-Adapter-Owner`;
+GRPOTrainer sends a digest of its machine and output folder, the same when it
+resumes). Another run gets 409, until the owner has pushed nothing for
+--adapter_lease seconds (it is gone) and the name can be taken over.
 """
 
 import asyncio
 import contextlib
+import logging
 import re
 import shutil
 import tempfile
@@ -23,10 +30,17 @@ from fastapi import APIRouter, Depends, Request
 
 from fastgrpo.serve.protocol import AdapterInfo, AdapterListResponse, ErrorResponse, OkResponse
 from fastgrpo.serve.state import ApiError, ServerState, server_state
-from fastgrpo.transfer.adapters import check_adapter_shapes, unpack_adapter, unsupported_targets, write_adapter_dir
+from fastgrpo.transfer.adapters import (
+    ADAPTER_OWNER_HEADER,
+    check_adapter_shapes,
+    unpack_adapter,
+    unsupported_targets,
+    write_adapter_dir,
+)
 
+log = logging.getLogger("fastgrpo.serve")
 router = APIRouter(prefix="/adapters", tags=["LoRA adapters"], responses={
-    code: {"model": ErrorResponse} for code in (400, 404, 502)})
+    code: {"model": ErrorResponse} for code in (400, 404, 409, 502)})
 State = Annotated[ServerState, Depends(server_state)]
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 LOAD_TIMEOUT_S = 120.0
@@ -40,6 +54,8 @@ class Adapter:
     path: Path
     rank: int
     bytes: int
+    owner: str | None = None  # the token of the run that pushed it
+    pushed_at: float = 0.0  # time.monotonic() of the push
     users: int = 0  # generations running on this version
 
     def info(self) -> AdapterInfo:
@@ -81,6 +97,20 @@ class AdapterRegistry:
         if adapter is not None:
             self.retired.append(adapter)
 
+    def check_owner(self, name: str, owner: str | None, lease_s: float) -> None:
+        """Refuse a push or delete of `name` by another run than its owner, unless the owner is gone (silent for
+        `lease_s`); a takeover is logged."""
+        current = self.current.get(name)
+        if current is None or current.owner == owner:
+            return
+        idle = time.monotonic() - current.pushed_at
+        if idle < lease_s:
+            raise ApiError(409, "adapter_owned", f"adapter {name!r} belongs to another run (its last push was "
+                           f"{idle:.0f} s ago): give this run another name (GRPOConfig.vllm_lora_name), or wait "
+                           f"{lease_s - idle:.0f} s more, after which a name whose owner pushed nothing for "
+                           f"--adapter_lease ({lease_s:.0f} s) can be taken over", "name")
+        log.warning("adapter %r taken over from a run silent for %.0f s", name, idle)
+
 
 def _lora_enabled(state: ServerState) -> None:
     if not state.settings.enable_lora:
@@ -119,6 +149,8 @@ async def push_adapter(name: str, request: Request, state: State):
             raise ApiError(400, "invalid_request", f"adapter {name!r} does not fit this model: "
                            f"{'; '.join(bad[:3])}{more}", "body")
     registry = state.adapters
+    owner = request.headers.get(ADAPTER_OWNER_HEADER)
+    registry.check_owner(name, owner, state.settings.adapter_lease_s)
     lora_id, registry.next_id = registry.next_id, registry.next_id + 1
     path = registry.root / name / f"v{version}-{lora_id}"
     began = time.perf_counter()
@@ -131,7 +163,7 @@ async def push_adapter(name: str, request: Request, state: State):
             await state.engine.each("remove_lora", lora_id, timeout=LOAD_TIMEOUT_S)
         shutil.rmtree(path, ignore_errors=True)
         raise ApiError(400, "invalid_request", f"vLLM could not load adapter {name!r}: {exc}", "body") from None
-    adapter = Adapter(name, version, lora, path, rank, len(body))
+    adapter = Adapter(name, version, lora, path, rank, len(body), owner, time.monotonic())
     registry.retire(registry.current.get(name))
     registry.current[name] = adapter
     await registry.unload_idle(state.engine)
@@ -146,11 +178,12 @@ async def list_adapters(state: State):
 
 
 @router.delete("/{name}", response_model=OkResponse)
-async def delete_adapter(name: str, state: State):
+async def delete_adapter(name: str, request: Request, state: State):
     _lora_enabled(state)
     registry = state.adapters
     if name not in registry.current:
         raise ApiError(404, "not_found", f"no adapter named {name!r} on this server", "name")
+    registry.check_owner(name, request.headers.get(ADAPTER_OWNER_HEADER), state.settings.adapter_lease_s)
     registry.retire(registry.current.pop(name))
     await registry.unload_idle(state.engine)
     return OkResponse()

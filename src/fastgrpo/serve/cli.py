@@ -76,6 +76,9 @@ def add_parser(subparsers) -> None:
              help="the largest adapter rank served (vLLM's; default 16)")
     add_flag(p, "--max_loras", type=int, default=4,
              help="adapters one batch mixes (vLLM's; default 4): runs sharing the server at once")
+    add_flag(p, "--adapter_lease", type=float, default=600.0,
+             help="seconds after its owner's last push that another run may take an adapter's name over "
+                  "(default 600); until then its pushes and deletes get 409")
     add_flag(p, "--api_key", default=None, help="if set, every route but /health needs 'Authorization: Bearer KEY'")
     add_flag(p, "--log_level", default="info", choices=["critical", "error", "warning", "info", "debug"],
              help="log level (default info)")
@@ -103,6 +106,7 @@ def validate(args) -> None:
         (args.max_num_seqs is None or args.max_num_seqs >= 1, "--max_num_seqs must be >= 1"),
         (args.request_body_timeout > 0, "--request_body_timeout must be > 0 seconds"),
         (args.max_loras >= 1, "--max_loras must be >= 1"),
+        (args.adapter_lease > 0, "--adapter_lease must be > 0 seconds"),
         (args.max_recorded_rollouts >= 1, "--max_recorded_rollouts must be >= 1"),
         (args.join_timeout > 0 and args.rank_timeout > 0, "--join_timeout and --rank_timeout must be > 0 seconds"),
     ]
@@ -154,6 +158,7 @@ def run(args) -> int:
         max_num_seqs=args.max_num_seqs, kv_cache_space=args.kv_cache_space, seed=args.seed,
         kv_after_push=args.kv_after_push, weight_transfer_backend=args.weight_transfer_backend,
         enable_lora=args.enable_lora, max_lora_rank=args.max_lora_rank, max_loras=args.max_loras,
+        adapter_lease_s=args.adapter_lease,
     )
     try:  # a layout the machine cannot hold, or a backend it has not, fails here, before any engine starts
         check_devices(settings, on_cpu())

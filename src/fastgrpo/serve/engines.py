@@ -71,6 +71,7 @@ class ServerSettings:
     enable_lora: bool = False
     max_lora_rank: int = 16
     max_loras: int = 4
+    adapter_lease_s: float = 600.0  # an adapter whose owner pushed nothing this long may be taken over
 
     def engine_backend(self, on_cpu: bool) -> str:
         if self.weight_transfer_backend == "auto":

@@ -103,10 +103,12 @@ class ServerBackend(GenerationBackend):
     has_sampling_logprobs = True
 
     def __init__(self, base_url: str | None, host: str, port: int, timeout: float,
-                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, api_key: str | None = None, adapter: str | None = None):
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, api_key: str | None = None, adapter: str | None = None,
+                 adapter_owner: str | None = None):
         from fastgrpo.client import VLLMClient
 
         self.adapter = adapter  # LoRA: generations sample with this adapter (this run's)
+        self.adapter_owner = adapter_owner  # the run's token: the server keeps the adapter name for it
         if base_url is None and host == "0.0.0.0":
             host = "127.0.0.1"  # the server binds 0.0.0.0; the trainer connects locally
         self.client = VLLMClient(base_url=base_url, host=host, port=port, timeout=timeout, bucket_bytes=bucket_bytes,
@@ -130,7 +132,7 @@ class ServerBackend(GenerationBackend):
         self.client.update_weights(weights, weight_version=version)
 
     def sync_adapter(self, name, tensors, config, version) -> None:
-        self.client.push_adapter(name, tensors, config, version)
+        self.client.push_adapter(name, tensors, config, version, owner=self.adapter_owner)
 
     def close(self) -> None:
         self.client.close()

@@ -51,7 +51,7 @@ from fastgrpo.trainer.loss import (
     selective_log_softmax,
     weighted_rewards,
 )
-from fastgrpo.trainer.lora import LoraSync, adapter_config, adapter_tensors, default_adapter_name
+from fastgrpo.trainer.lora import LoraSync, adapter_config, adapter_tensors, default_adapter_name, run_identity
 from fastgrpo.trainer.multi_turn import MultiTurn, RoundRollout, turn_generator
 from fastgrpo.trainer.reporting import report_completions
 from fastgrpo.trainer.rewards import compute_rewards, env_reward, prepare_reward_funcs, reward_func_name
@@ -248,7 +248,7 @@ class GRPOTrainer(Trainer):
         a = self.args
         return ServerBackend(a.vllm_server_base_url, a.vllm_server_host, a.vllm_server_port, a.vllm_server_timeout,
                              bucket_bytes=a.weight_sync_bucket_bytes, api_key=a.vllm_server_api_key,
-                             adapter=self._adapter_name())
+                             adapter=self._adapter_name(), adapter_owner=run_identity(a.output_dir))
 
     def _adapter_name(self) -> str | None:
         """The adapter this run's generations use: its own, when only adapters are pushed."""

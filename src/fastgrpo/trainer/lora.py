@@ -9,9 +9,11 @@ travels as in full fine-tuning; the trainer says so at start, never silently.
 """
 
 import contextlib
+import hashlib
 import json
 import logging
 import re
+import socket
 from pathlib import Path
 
 from fastgrpo.transfer.adapters import unsupported_targets
@@ -32,10 +34,17 @@ def adapter_tensors(peft_model, adapter: str = "default") -> dict:
     return get_peft_model_state_dict(peft_model, adapter_name=adapter)
 
 
+def run_identity(output_dir: str) -> str:
+    """What tells one run from another on a shared server: this machine and the run's whole output path. A run
+    resumed in the same folder is the same run."""
+    return hashlib.sha256(f"{socket.gethostname()}:{Path(output_dir).resolve()}".encode()).hexdigest()
+
+
 def default_adapter_name(output_dir: str) -> str:
-    """A run's adapter name on a shared server: its output folder's name, in the characters the server takes."""
+    """A run's adapter name on a shared server: its output folder's name, in the characters the server takes, and
+    a digest of the whole path, so that `a/out` and `b/out` do not collide."""
     name = re.sub(r"[^A-Za-z0-9._-]", "-", Path(output_dir).resolve().name).lstrip("._-")
-    return (name or "run")[:64]
+    return f"{(name or 'run')[:55]}-{run_identity(output_dir)[:8]}"
 
 
 class LoraSync:

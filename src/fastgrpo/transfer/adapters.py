@@ -7,6 +7,7 @@ config and the weight version. The receiver writes it as a peft folder
 Safetensors, not pickle: a payload cannot run code on the server.
 """
 
+
 import json
 from pathlib import Path
 
@@ -20,6 +21,10 @@ from safetensors.torch import save as save_safetensors
 VLLM_LORA_MODULES = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj",
                                "down_proj", "gate_up_proj"})
 CONFIG_KEY, VERSION_KEY = "adapter_config", "weight_version"
+# The header with which a run names itself when it pushes or deletes an adapter (the server keeps a name for the
+# run that first pushed it, see serve/adapters.py).
+ADAPTER_OWNER_HEADER = "X-Adapter-Owner"
+
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM's LoRA kernels take
 
 
