@@ -11,12 +11,15 @@ import os
 import random
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from fastgrpo.serve.launcher import free_port
+from fastgrpo.transfer import WeightTransferError
 from fastgrpo.transfer.bucketed import ReceiveBuffers, receive_buckets, send_buckets
 from fastgrpo.transfer.packing import (
     ALIGN,
@@ -316,3 +319,68 @@ def test_a_push_whose_request_carries_handles_shares_them_before_receive_and_rel
     with pytest.raises(RuntimeError, match="could not map"):  # the generator's own error, as it said it
         push_weights(_RecordingControl(events, fail=True), _HandleSender(events), metas, iter(tensors.values()), 5)
     assert events[-2:] == ["close", "abort"] and "finish" not in events
+
+
+# --- NCCL has no timeout of its own: ours bound it. NCCL needs GPUs, so these stand a blocking fake in for its
+# init and its broadcast (the only parts mocked); the code around them is the real one.
+
+def blocking_nccl(monkeypatch):
+    """Replace NCCL's init and broadcast with calls that block until the communicator is aborted."""
+    import fastgrpo.transfer.nccl as nccl
+
+    aborted = threading.Event()
+
+    class Communicator:
+        def destroy(self):  # vLLM's destroy: ncclCommAbort
+            aborted.set()
+
+    def init(info):
+        aborted.wait()
+        raise RuntimeError("NCCL error: the init was aborted")
+
+    def broadcast(**kwargs):
+        for _ in kwargs["iterator"]:
+            pass
+        aborted.wait()
+        raise RuntimeError("NCCL error: remote process exited or there was a network error")
+
+    monkeypatch.setattr(nccl, "trainer_init", init)
+    monkeypatch.setattr(nccl, "packed_nccl_broadcast_producer", broadcast)
+    return nccl, Communicator, aborted
+
+
+def test_an_nccl_group_the_server_refuses_fails_at_once(monkeypatch):
+    from fastgrpo.transfer.push import open_sender
+
+    nccl, _, _ = blocking_nccl(monkeypatch)
+
+    def refuse():  # the server's answer takes a round trip: NCCL's init has begun by then
+        time.sleep(0.2)
+        raise RuntimeError("409: another trainer owns this server's weight-transfer group")
+
+    began = time.monotonic()
+    with pytest.raises(WeightTransferError, match="did not join.*409: another trainer"):
+        open_sender(nccl.NcclSender(), refuse, "127.0.0.1", 1, 2, timeout_s=60)
+    assert time.monotonic() - began < 5  # not the 60 s timeout, and not for ever
+
+
+def test_an_nccl_group_nobody_joins_fails_after_its_timeout(monkeypatch):
+    from fastgrpo.transfer.push import open_sender
+
+    nccl, _, _ = blocking_nccl(monkeypatch)
+    joined = threading.Event()
+    began = time.monotonic()
+    with pytest.raises(WeightTransferError, match="did not join .* within 1 s.*left waiting"):
+        open_sender(nccl.NcclSender(), lambda: joined.wait(30), "127.0.0.1", 1, 2, timeout_s=1)
+    assert time.monotonic() - began < 5
+
+
+def test_a_stuck_nccl_broadcast_is_aborted_after_the_push_timeout(monkeypatch):
+    nccl, Communicator, aborted = blocking_nccl(monkeypatch)
+    sender = nccl.NcclSender()
+    sender.group, sender.timeout_s = Communicator(), 1.0
+    metas = [TensorMeta("w", "float32", (2, 2))]
+    began = time.monotonic()
+    with pytest.raises(TimeoutError, match="did not complete within 1 s.*communicator was aborted"):
+        sender.send(metas, iter([torch.ones(2, 2)]))
+    assert aborted.is_set() and sender.group is None and time.monotonic() - began < 5

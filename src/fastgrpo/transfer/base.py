@@ -24,6 +24,7 @@ DEFAULT_TIMEOUT_S = 120.0
 class WeightSender(ABC):
     backend: str
     handles_in_update = False  # True: `share` hands out the tensors' handles, and `send` moves no bytes
+    tells_arrivals = True  # False: `peers_arrived` cannot tell, and `open` may wait for ever (NCCL's init)
 
     def __init__(self, bucket_bytes: int = DEFAULT_BUCKET_BYTES):
         self.bucket_bytes = check_bucket_bytes(bucket_bytes)

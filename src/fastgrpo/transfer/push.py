@@ -101,6 +101,8 @@ def open_sender(sender: WeightSender, join: Callable[[], object], master_address
     """
     sender.listen(master_address, master_port, world_size, timeout_s)
     joined = Background(join)
+    if not sender.tells_arrivals:
+        return _open_beside_join(sender, joined, master_address, master_port, world_size, timeout_s, peer)
     deadline = time.monotonic() + timeout_s
     while not joined.done.is_set() and not sender.peers_arrived() and time.monotonic() < deadline:
         joined.done.wait(0.02)
@@ -122,6 +124,33 @@ def open_sender(sender: WeightSender, join: Callable[[], object], master_address
     except Exception as exc:
         sender.close()
         raise WeightTransferError(f"{peer} failed to join the weight-transfer group: {exc}") from exc
+
+
+def _open_beside_join(sender: WeightSender, joined: Background, master_address: str, master_port: int,
+                      world_size: int, timeout_s: float, peer: str):
+    """open_sender for a backend whose open waits for ever and cannot tell who is coming (NCCL): the open runs
+    on a thread beside the join, and a refused join, a failed open or the timeout ends the wait at once. An
+    init left waiting is abandoned on its thread (NCCL cannot cancel one); the error says so."""
+    opening = Background(sender.open, master_address, master_port, world_size, timeout_s)
+    deadline = time.monotonic() + timeout_s
+    while not opening.done.is_set() and joined.error is None and time.monotonic() < deadline:
+        opening.done.wait(0.02)
+    where = f"the weight-transfer group at {master_address}:{master_port}"
+    if joined.error is not None:
+        sender.close()
+        raise WeightTransferError(f"{peer} did not join {where}: it answered {joined.error}") from joined.error
+    if not opening.done.is_set():
+        sender.close()
+        raise WeightTransferError(
+            f"{peer} ({world_size - 1} workers) did not join {where} within {timeout_s:.0f} s.{joined.said()} "
+            f"Check that they can reach this machine at {master_address} (firewall). NCCL cannot cancel its "
+            "init: it is left waiting on a thread of its own.")
+    try:
+        opening.result(0)
+        return joined.result(timeout_s + 30)
+    except Exception as exc:
+        sender.close()
+        raise WeightTransferError(f"{peer} failed to join {where}: {exc}") from exc
 
 
 def push_weights(control: WeightControl, sender: WeightSender, metas: list[TensorMeta],
