@@ -95,8 +95,8 @@ class GRPOConfig(TrainingArguments):
         default=None, metadata={"help": "the server's --api_key, if it was started with one (ours)"})
     vllm_gpu_memory_utilization: float = 0.3
     vllm_lora_name: str | None = field(default=None, metadata={
-        "help": "LoRA (peft_config): this run's adapter name on the server (default: the output_dir's folder name); "
-                "runs sharing a server need different names"})
+        "help": "LoRA (peft_config): this run's adapter name on the server (default: the output_dir's folder name "
+                "and 8 hex digits of its path's digest); a name belongs to the run that first pushed it"})
     vllm_enable_sleep_mode: bool = field(default=False, metadata={
         "help": "colocate on a GPU: free the engine's KV cache and offload its weights while the trainer trains"})
     vllm_tensor_parallel_size: int = 1

@@ -6,9 +6,9 @@ on this machine and, headless (serve/headless.py), on others. What fastgrpo adds
 - devices: vLLM gives local DP rank d the devices d*TP..(d+1)*TP-1 of what it sees
   (GPU: CUDA_VISIBLE_DEVICES; CPU: the '|'-separated core lists of
   VLLM_CPU_OMP_THREADS_BIND, which we always name, see `cpu_binding`);
-- the load split: each request goes to the DP rank with the fewest tokens still to
-  generate (`assign_by_load`, through `data_parallel_rank`), or, with
-  `--load_balance vllm`, to vLLM's own choice (fewest requests);
+- the load split: a prompt's completions go to DP ranks by tokens still to generate
+  (`split_by_load`, through `data_parallel_rank`), or, with `--load_balance vllm`,
+  where vLLM chooses (fewest requests);
 - failure: a local engine core that dies fails vLLM's whole client; a remote one is
   not watched by vLLM, so `watch` asks every rank a cheap question and declares a
   rank that stays silent dead. Either way every generation in flight ends with
