@@ -71,12 +71,17 @@ class NcclSender(WeightSender):
             torch.cuda.synchronize()  # vLLM 0.26's producer returns with its side streams still running
         except Exception as exc:
             if self.aborted:
-                raise TimeoutError(f"the NCCL broadcast did not complete within {self.timeout_s:.0f} s (a worker "
-                                   "gone or stuck); the communicator was aborted") from exc
+                raise self._overdue() from exc
             raise
         finally:
             watchdog.cancel()
+        if self.aborted:  # it finished as the watchdog fired: the communicator is gone all the same
+            raise self._overdue()
         return sum(m.nbytes for m in metas)
+
+    def _overdue(self) -> TimeoutError:
+        return TimeoutError(f"the NCCL broadcast did not complete within {self.timeout_s:.0f} s (a worker gone or "
+                            "stuck); the communicator was aborted")
 
     def _abort_stuck_push(self) -> None:
         self.aborted = True
