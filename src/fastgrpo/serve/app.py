@@ -244,7 +244,7 @@ def create_app(settings: ServerSettings, api_key: str | None = None, body_timeou
         else:
             status = "ok"
         body = HealthResponse(
-            status=status, model=settings.model, dp_ranks=[r.describe(engine) for r in engine.ranks],
+            status=status, model=settings.model, dp_ranks=engine.describe(),
             device_type="cpu" if engine.on_cpu else "gpu",
             tensor_parallel_size=settings.tensor_parallel_size, data_parallel_size=settings.data_parallel_size,
             world_size=settings.world_size, weight_transfer_ranks=state.weight_transfer_ranks,

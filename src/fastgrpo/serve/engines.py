@@ -113,15 +113,21 @@ def cpu_binding(settings: ServerSettings) -> str:
     return "|".join(",".join(map(str, cores[i * per_worker:(i + 1) * per_worker])) for i in range(workers))
 
 
+def visible_gpus() -> list[str] | None:
+    """The GPUs CUDA_VISIBLE_DEVICES names, or None where it is unset (then every GPU is visible)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return None if visible is None else [d.strip() for d in visible.split(",") if d.strip()]
+
+
 def check_devices(settings: ServerSettings, on_cpu: bool) -> None:
     """Refuse, before any engine starts, a layout this node cannot hold."""
     if on_cpu:
         cpu_binding(settings)
         return
     workers = settings.tensor_parallel_size * settings.local_ranks
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    visible = visible_gpus()
     if visible is not None:
-        count = len([d for d in visible.split(",") if d.strip()])
+        count = len(visible)
     else:
         from vllm.platforms import current_platform
 
@@ -129,7 +135,7 @@ def check_devices(settings: ServerSettings, on_cpu: bool) -> None:
     if count < workers:
         raise ValueError(f"--data_parallel_size {settings.local_ranks} (on this node) x --tensor_parallel_size "
                          f"{settings.tensor_parallel_size} needs {workers} GPUs, {count} are visible "
-                         f"(CUDA_VISIBLE_DEVICES={visible!r}): lower DP or TP")
+                         f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}): lower DP or TP")
 
 
 def engine_args(settings: ServerSettings, on_cpu: bool, backend: str):
@@ -277,10 +283,10 @@ class DPRank:
     load_tokens: int = 0  # tokens still to be generated for requests routed here
     error: str | None = None  # why this rank is dead
 
-    def describe(self, engine: "GenerationEngine") -> dict:
+    def describe(self, engine: "GenerationEngine", counts: list[tuple[int, int]] | None) -> dict:
+        """`counts`: vLLM's (waiting, running) per rank (GenerationEngine.request_counts)."""
         # A live rank of a failed engine is "stopped": vLLM's DP client serves as one engine or not at all.
         state = "failed" if self.error else ("stopped" if engine.error else engine.state)
-        counts = engine.request_counts()
         waiting, running = counts[self.index] if counts else (None, None)
         return {"rank": self.index, "node": self.node, "devices": self.devices, "state": state,
                 "load_tokens": self.load_tokens, "waiting": waiting, "running": running, "error": self.error}
@@ -294,7 +300,6 @@ class GenerationEngine:
     engine: object = None  # vllm AsyncLLM
     ranks: list[DPRank] = field(default_factory=list)
     error: str | None = None
-    started_s: float | None = None
     failed: asyncio.Event | None = None  # set (in the server's loop) once a rank is dead
     requests: set[str] = field(default_factory=set)  # ids of the requests in flight (to abort them)
     busy: int = 0  # engine-wide calls running: a rank is silent meanwhile, and not for being dead
@@ -314,8 +319,7 @@ class GenerationEngine:
 
     def _gpu_slice(self, local: int) -> str:
         tp = self.settings.tensor_parallel_size
-        visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
-        names = visible or [str(i) for i in range((local + 1) * tp)]
+        names = visible_gpus() or [str(i) for i in range((local + 1) * tp)]
         return ",".join(names[local * tp:(local + 1) * tp])
 
     def start(self) -> None:
@@ -328,8 +332,7 @@ class GenerationEngine:
         except Exception as exc:
             self.error = f"the engines failed to start: {exc}"
             raise
-        self.started_s = round(time.perf_counter() - began, 1)
-        log.info("%d DP rank(s) ready in %.1f s", len(self.ranks), self.started_s)
+        log.info("%d DP rank(s) ready in %.1f s", len(self.ranks), time.perf_counter() - began)
 
     def shutdown(self) -> None:
         if self.engine is not None:
@@ -396,6 +399,12 @@ class GenerationEngine:
         if self.failed is not None:
             self.failed.set()
 
+    def failure_event(self) -> asyncio.Event:
+        """Set once the engine fails; made on first use, inside the server's event loop."""
+        if self.failed is None:
+            self.failed = asyncio.Event()
+        return self.failed
+
     def dead_error(self) -> EngineDead:
         return EngineDead(f"{self.error}. vLLM's data parallelism runs its DP ranks as one engine, so the server "
                           "serves no more: restart it (and its headless nodes).")
@@ -405,8 +414,6 @@ class GenerationEngine:
     async def generate_one(self, prompt, params, cost: int, rank: int | None, lora_request=None):
         """One request (a prompt with its n completions, or some of them) on `rank`; returns the final
         RequestOutput."""
-        if self.failed is None:
-            self.failed = asyncio.Event()
         self.check_dead()
         if self.error is not None:
             raise self.dead_error()
@@ -424,7 +431,7 @@ class GenerationEngine:
             return last
 
         running = asyncio.ensure_future(final())
-        dead = asyncio.ensure_future(self.failed.wait())
+        dead = asyncio.ensure_future(self.failure_event().wait())
         try:
             await asyncio.wait({running, dead}, return_when=asyncio.FIRST_COMPLETED)
             if not running.done():  # a rank died: requests on the others may go on, but the engine is gone
@@ -516,8 +523,6 @@ class GenerationEngine:
         two steps. vLLM notices a local engine core that exits, but not a remote node that dies or drops off
         the network: its requests would wait forever. A rank silent for `rank_timeout_s`, while no engine-wide
         call (a weight push) was keeping it busy, is dead."""
-        if self.failed is None:
-            self.failed = asyncio.Event()
         timeout = self.settings.rank_timeout_s
         while self.error is None:
             await asyncio.sleep(interval_s)
@@ -547,6 +552,10 @@ class GenerationEngine:
             return f"this node, devices {rank.devices}"
         return (f"a headless node that joined {self.settings.data_parallel_address}:"
                 f"{self.settings.data_parallel_rpc_port}: it died or the network between the nodes failed")
+
+    def describe(self) -> list[dict]:
+        counts = self.request_counts()
+        return [r.describe(self, counts) for r in self.ranks]
 
     def describe_remote_ranks(self) -> str:
         remote = [r.index for r in self.ranks if r.node == "remote"]
