@@ -20,6 +20,12 @@ def tiny_llama(tmp_path_factory) -> str:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), arch="llama")
 
 
+@pytest.fixture(scope="session")
+def tiny_llama3(tmp_path_factory) -> str:
+    """A tiny Llama with Llama 3's chat markers and JSON tool calls (vLLM's llama3_json tool parser)."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama3"), arch="llama", chat_format="llama3")
+
+
 def _serve(tmp_path_factory):
     started = []
 

@@ -13,7 +13,7 @@ from fastgrpo.config import ConfigError
 from fastgrpo.rollouts import Environment, StepResult, ToolEnvironment, ToolRunner, Turn, run_episodes
 from fastgrpo.rollouts.chat import ChatTokens
 from fastgrpo.rollouts.tool_calls import ToolCall, calls_as_text, parse_hermes, tool_schema
-from fastgrpo.serve.recordings import Recorder
+from fastgrpo.serve.recordings import Recorder, StreamedReply
 
 
 def add(a: int, b: int) -> int:
@@ -196,30 +196,53 @@ def test_the_recorder_continues_a_session_only_when_the_history_matches(tokenize
     chat = ChatTokens(tokenizer)
     recorder = Recorder(max_rollouts=2)
     messages = [{"role": "user", "content": "What is 2 + 3?"}]
-    plan = recorder.plan("r1", messages, "[]", chat)
-    assert plan.prompt_ids == chat.prompt(messages) and plan.sequence is None
+    plan = recorder.plan("r1", messages, "[]", lambda: chat)
+    assert plan.prompt_ids is None and plan.sequence is None  # new: vLLM renders it
+    first_prompt = chat.prompt(messages)  # what the engine generated from
     reply = {"role": "assistant", "content": "five"}
-    recorder.record("r1", plan, messages, "[]", reply, [10, 11, 2], [-0.1, -0.2, -0.3], [0, 0])
+    recorder.record("r1", plan, messages, "[]", reply, [10, 11, 2], [-0.1, -0.2, -0.3], [0, 0], first_prompt)
     # The agent sends its history back (as the openai client does: None fields, the reply object) plus a message.
     echoed = messages + [{"role": "assistant", "content": "five", "refusal": None, "tool_calls": None},
                          {"role": "user", "content": "sure?"}]
-    plan2 = recorder.plan("r1", echoed, "[]", chat)
+    plan2 = recorder.plan("r1", echoed, "[]", lambda: chat)
     following = chat.continuation([10, 11, 2], echoed[2:])
-    assert plan2.prompt_ids == chat.prompt(messages) + [10, 11, 2] + following
-    recorder.record("r1", plan2, echoed, "[]", {"role": "assistant", "content": "yes"}, [12], [-0.4], [1, 1])
+    assert plan2.prompt_ids == first_prompt + [10, 11, 2] + following
+    recorder.record("r1", plan2, echoed, "[]", {"role": "assistant", "content": "yes"}, [12], [-0.4], [1, 1],
+                    plan2.prompt_ids)
     (sequence,) = recorder.get("r1").sequences
+    assert sequence.prompt_ids == first_prompt
     assert sequence.completion_ids == [10, 11, 2] + following + [12]
     assert sequence.mask == [1, 1, 1] + [0] * len(following) + [1]
     assert sequence.logprobs == [-0.1, -0.2, -0.3] + [0.0] * len(following) + [-0.4]
     assert sequence.as_response().weight_versions == [0, 1]
     # An edited history starts a new sequence.
     edited = [{"role": "user", "content": "What is 2 + 4?"}, *echoed[1:]]
-    assert recorder.plan("r1", edited, "[]", chat).sequence is None
+    assert recorder.plan("r1", edited, "[]", lambda: chat).sequence is None
     # The oldest recording goes beyond max_rollouts, and a GET says why it is gone.
     for rid in ("r2", "r3"):
-        recorder.record(rid, recorder.plan(rid, messages, "[]", chat), messages, "[]", reply, [10], [-1.0], [0, 0])
+        recorder.record(rid, recorder.plan(rid, messages, "[]", lambda: chat), messages, "[]", reply, [10], [-1.0],
+                        [0, 0], first_prompt)
     with pytest.raises(Exception, match="dropped"):
         recorder.get("r1")
+
+
+def test_a_streamed_reply_is_put_together_as_the_openai_client_does():
+    reply = StreamedReply()
+    events = [
+        {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]},
+        {"choices": [{"index": 0, "delta": {"content": "Let me "}}]},
+        {"choices": [{"index": 0, "delta": {"content": "look."}}]},
+        {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                                                            "function": {"name": "lookup", "arguments": ""}}]}}]},
+        {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": '{"key": '}}]}}]},
+        {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": '"a"}'}}]}}]},
+        {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]},
+    ]
+    stream = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+    for cut in range(0, len(stream), 37):  # chunks cut anywhere, as a network may deliver them
+        reply.add(stream[cut:cut + 37])
+    assert reply.message() == {"role": "assistant", "content": "Let me look.", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": '{"key": "a"}'}}]}
 
 
 def test_multi_turn_options_fail_at_construction_naming_the_fix(tiny_qwen2, tmp_path):

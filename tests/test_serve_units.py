@@ -175,3 +175,24 @@ def test_ipc_pushes_are_taken_from_loopback_only(peer, loopback):
     from fastgrpo.serve.weights import is_loopback
 
     assert is_loopback(peer) is loopback
+
+
+# --- weight versions in vLLM's answers (serve/vllm_api.py) ---------------------------------
+
+
+def test_weight_versions_go_on_every_choice_and_on_the_stream_chunk_that_finishes_one():
+    import json
+
+    from fastgrpo.serve.vllm_api import tag_json, tag_stream_chunk
+
+    body = json.dumps({"id": "x", "choices": [{"index": 0, "text": "a"}, {"index": 1, "text": "b"}]}).encode()
+    assert [c["weight_versions"] for c in json.loads(tag_json(body, [3, 4]))["choices"]] == [[3, 4], [3, 4]]
+    assert tag_json(body, None) == body  # nothing generated (an error before admission): untouched
+    assert tag_json(b"not json", [1, 1]) == b"not json"
+    going = b'data: {"choices":[{"index":0,"delta":{"content":"a"},"finish_reason":null}]}\n\n'
+    assert tag_stream_chunk(going, [3, 3]) == going
+    done = (b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"length"}]}\n\n'
+            b'data: {"choices":[],"usage":{"completion_tokens":2}}\n\ndata: [DONE]\n\n')
+    lines = tag_stream_chunk(done, [3, 5]).split(b"\n")
+    assert json.loads(lines[0][6:])["choices"][0]["weight_versions"] == [3, 5]
+    assert lines[2:] == done.split(b"\n")[2:]  # the usage chunk and [DONE] as they were

@@ -139,6 +139,8 @@ class VLLMClient:
         while True:
             try:
                 response = self.http.get("/health", timeout=10.0)
+                if response.status_code == 200 and "weight_transfer_backend" not in response.text:
+                    self._refuse_stock_vllm()
                 body = response.json()
                 if response.status_code == 200:
                     return body
@@ -158,6 +160,22 @@ class VLLMClient:
                     "the client and server should run the same fastgrpo version."
                 )
             time.sleep(1.0)
+
+    def _refuse_stock_vllm(self) -> None:
+        """A server whose /health is not ours: a stock `vllm serve` (it answers 200 with no body) is named."""
+        try:
+            version = self.http.get("/version", timeout=10.0).json().get("version")
+        except (httpx.HTTPError, ValueError, AttributeError):
+            version = None
+        what = f"a stock `vllm serve` (vLLM {version})" if version else "not `fastgrpo vllm-serve`"
+        raise ServerError(400, "not_fastgrpo", (
+            f"the server at {self.base_url} is {what}. fastgrpo's trainer needs the routes only `fastgrpo "
+            "vllm-serve` has: /generate (a round's prompts, per-prompt seeds and n in one call, with token ids, the "
+            "sampler's logprobs and the weight versions each completion ran under, which async rounds and the "
+            "importance-sampling correction need) and /weights/* (a push checked before any collective, owned by "
+            "one trainer, never mixing weights into a generation). Start the server with `fastgrpo vllm-serve "
+            "--model <model>` instead: it serves vLLM's own API too (OpenAI routes, /metrics, vLLM's weight "
+            "routes), so other clients of that server keep working."))
 
     def health(self) -> dict:
         """GET /health's body, also when it answers 503 (starting, degraded)."""

@@ -130,6 +130,32 @@ TINY_CHAT_TEMPLATE = (
 )
 _TINY_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
+# Llama 3.1's markers and its JSON tool calling (the format of vLLM's llama3_json tool parser): tools are
+# described as JSON in a system turn, a call is `{"name": ..., "parameters": {...}}`, a tool's result is an
+# `ipython` turn. Written here for tests; not Meta's template.
+TINY_LLAMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if tools %}<|start_header_id|>system<|end_header_id|>\n\nTo call a function, answer with JSON: "
+    '{"name": function name, "parameters": {argument: value}}. Functions:\n'
+    "{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}<|eot_id|>{% endif %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' and message.get('tool_calls') %}"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n<|python_tag|>"
+    "{% for call in message['tool_calls'] %}"
+    '{"name": "{{ call.function.name }}", "parameters": '
+    "{% if call.function.arguments is string %}{{ call.function.arguments }}"
+    "{% else %}{{ call.function.arguments | tojson }}{% endif %}}"
+    "{% endfor %}<|eot_id|>"
+    "{% elif message['role'] == 'tool' %}"
+    "<|start_header_id|>ipython<|end_header_id|>\n\n{{ message['content'] }}<|eot_id|>"
+    "{% else %}"
+    "<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n{{ message['content'] }}<|eot_id|>"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+_LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+                    "<|python_tag|>", "<|finetune_right_pad_id|>"]
+
 
 def _tiny_corpus() -> list[str]:
     words = "what is the sum of plus minus times answer question user assistant system hello".split()
@@ -138,8 +164,9 @@ def _tiny_corpus() -> list[str]:
     return lines
 
 
-def build_tiny_tokenizer(vocab_size: int = 384):
-    """A byte-level BPE tokenizer trained on a small arithmetic corpus, with ChatML specials."""
+def build_tiny_tokenizer(vocab_size: int = 384, chat_format: str = "chatml"):
+    """A byte-level BPE tokenizer trained on a small arithmetic corpus, with ChatML specials and template, or
+    ("llama3") Llama 3's, with its JSON tool calling."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -148,11 +175,16 @@ def build_tiny_tokenizer(vocab_size: int = 384):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=_TINY_SPECIALS,
+        special_tokens=_TINY_SPECIALS if chat_format == "chatml" else _LLAMA3_SPECIALS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(_tiny_corpus(), trainer=trainer)
+    if chat_format == "llama3":
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                       pad_token="<|finetune_right_pad_id|>", unk_token="<|finetune_right_pad_id|>")
+        fast.chat_template = TINY_LLAMA3_CHAT_TEMPLATE
+        return fast
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<|endoftext|>",
@@ -171,18 +203,20 @@ QWEN25_05B_SHAPE = dict(hidden_size=896, intermediate_size=4864, num_hidden_laye
                         num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1000000.0)
 
 
-def build_tiny_model(path: str | os.PathLike, arch: str = "qwen2", seed: int = 0, **shape_overrides) -> str:
+def build_tiny_model(path: str | os.PathLike, arch: str = "qwen2", seed: int = 0, chat_format: str = "chatml",
+                     **shape_overrides) -> str:
     """Write a tiny random causal LM (a few MB) with a trained tokenizer to `path`.
 
     `arch` is "qwen2" or "llama". Head size 64 is one the CPU attention kernels
     support; 2 layers keep vLLM's engine start and the trainer's steps fast.
-    `shape_overrides` change the config (e.g. QWEN25_05B_SHAPE for benchmarks).
+    `shape_overrides` change the config (e.g. QWEN25_05B_SHAPE for benchmarks). `chat_format` "llama3" gives
+    Llama 3's markers and JSON tool calls (vLLM's llama3_json parser) instead of ChatML.
     """
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     path = Path(path)
-    tokenizer = build_tiny_tokenizer()
+    tokenizer = build_tiny_tokenizer(chat_format=chat_format)
     shape = dict(
         vocab_size=len(tokenizer),
         hidden_size=128,

@@ -116,3 +116,17 @@ def dp_rank_counts(engine) -> list[tuple[int, int]] | None:
     None without data parallelism (no coordinator)."""
     counts = getattr(engine.engine_core, "lb_engines", None)
     return None if counts is None else [(int(c[0]), int(c[1])) for c in counts]
+
+
+def allow_amx() -> None:
+    """Ask Linux for the AMX tile state in this process, where the CPU has AMX.
+
+    vLLM 0.32's CPU attention picks its AMX kernel for bf16 whenever the CPU reports AMX, but never asks the
+    kernel for the tile state (arch_prctl ARCH_REQ_XCOMP_PERM), which Linux requires per process; oneDNN asks
+    only when it runs an AMX matmul itself. Seen on an Intel Xeon with AMX (2026-12): every bf16 generation
+    killed the worker with SIGILL in cpu_attention_with_kv_cache; after this call it ran.
+    """
+    import torch
+
+    if hasattr(torch.cpu, "_init_amx") and torch.cpu._is_amx_tile_supported():
+        torch.cpu._init_amx()

@@ -30,6 +30,7 @@ from fastapi import APIRouter, Depends, Request
 
 from fastgrpo.serve.protocol import AdapterInfo, AdapterListResponse, ErrorResponse, OkResponse
 from fastgrpo.serve.state import ApiError, ServerState, server_state
+from fastgrpo.serve.vllm_api import sync_adapters
 from fastgrpo.transfer.adapters import (
     ADAPTER_OWNER_HEADER,
     check_adapter_shapes,
@@ -166,6 +167,7 @@ async def push_adapter(name: str, request: Request, state: State):
     adapter = Adapter(name, version, lora, path, rank, len(body), owner, time.monotonic())
     registry.retire(registry.current.get(name))
     registry.current[name] = adapter
+    sync_adapters(request.app, state)
     await registry.unload_idle(state.engine)
     info = adapter.info()
     info.seconds = round(time.perf_counter() - began, 4)
@@ -185,5 +187,6 @@ async def delete_adapter(name: str, request: Request, state: State):
         raise ApiError(404, "not_found", f"no adapter named {name!r} on this server", "name")
     registry.check_owner(name, request.headers.get(ADAPTER_OWNER_HEADER), state.settings.adapter_lease_s)
     registry.retire(registry.current.pop(name))
+    sync_adapters(request.app, state)
     await registry.unload_idle(state.engine)
     return OkResponse()

@@ -1,5 +1,6 @@
-"""The server's HTTP routes: health, generate, prefix cache. Routers: weights.py (weight sync), adapters.py (LoRA),
-openai_routes.py (OpenAI's API), recordings.py (agents' rollouts recorded through it)."""
+"""The server's HTTP app: our routes (health, generate, prefix cache) and routers: weights.py (weight sync, ours
+and vLLM's routes), adapters.py (LoRA), recordings.py (agents' rollouts recorded through the OpenAI chat
+route), and vLLM's own API (vllm_api.py)."""
 
 import asyncio
 import contextlib
@@ -11,7 +12,7 @@ import threading
 import time
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from fastgrpo.serve import errors
 from fastgrpo.serve.disconnects import CancelAbandoned
@@ -27,7 +28,17 @@ from fastgrpo.serve.protocol import (
 from fastgrpo.serve import DEFAULT_MAX_ROLLOUTS
 from fastgrpo.serve.engines import EngineDead, EngineRejected, GenerationEngine, ServerSettings
 from fastgrpo.serve.specs import model_specs
-from fastgrpo.serve.state import ApiError, InFlight, ServerState, error_response
+from fastgrpo.serve.admission import admit, check_not_mixed, release
+from fastgrpo.serve.state import ApiError, ServerState, error_response
+from fastgrpo.serve.vllm_api import (
+    WeightVersionTags,
+    frontend_args,
+    include_vllm_routes,
+    init_vllm_api,
+    openai_error,
+    openai_shaped,
+    sync_adapters,
+)
 
 log = logging.getLogger("fastgrpo.serve")
 
@@ -109,37 +120,9 @@ async def run_generation(state: ServerState, prompts: list[list[int]], fields: S
     except request_error_types() as exc:  # vLLM's own limits, where ours let a value through
         raise ApiError(400, "invalid_request", f"vLLM refused the sampling parameters: {exc}",
                        getattr(exc, "parameter", None) or field_named_in(str(exc), SamplingFields.model_fields)) from exc
-    async with state.lock.read():  # admission: a push waits for it, and it waits for a push
-        # Read under the lock: a request that queued behind a push sees how that push ended.
-        if not state.weights_consistent:
-            raise ApiError(503, "weights_inconsistent", "the last weight push failed half-way, so the engines hold "
-                           "a mix of old and new weights; push the whole model again (VLLMClient.update_weights).")
-        version = state.weight_version
-        # Prefix-cache keys salted by weight version: no request reuses keys and values computed under
-        # other weights (with --kv_after_push keep, the cache is not reset at a push).
-        salt = f"fastgrpo-weights-{version}"
-        lora = None
-        if adapter is not None:  # the adapter's version, kept to the end (a push loads a new one beside it)
-            if not state.settings.enable_lora:
-                raise ApiError(400, "invalid_request", f"adapter {adapter!r} asked for, but this server serves no "
-                               "LoRA adapters: start it with --enable_lora", "adapter")
-            lora = state.adapters.acquire(adapter)
-            version, salt = lora.version, f"{salt}-lora-{lora.request.lora_int_id}"
-        flight = InFlight([version])
-        state.inflight.append(flight)
-        running = asyncio.ensure_future(state.engine.generate(
-            [{"prompt_token_ids": p, "cache_salt": salt} for p in prompts], params,
-            lora.request if lora is not None else None))
-        try:
-            # Let it hand its requests to the engines before a push may pause them. One still on its way
-            # then waits in the engine's queue and runs on the new weights: versions[0] is a lower bound.
-            await asyncio.sleep(0)
-        except BaseException:  # the client went away: nothing waits for this generation
-            running.cancel()
-            state.inflight.remove(flight)
-            if lora is not None:
-                await state.adapters.release(lora, state.engine)
-            raise
+    ticket, running = await admit(state, adapter, lambda t: state.engine.generate(
+        [{"prompt_token_ids": p, "cache_salt": t.salt} for p in prompts], params,
+        t.adapter.request if t.adapter is not None else None))
     try:
         outputs = await running
     except EngineDead as exc:
@@ -148,14 +131,9 @@ async def run_generation(state: ServerState, prompts: list[list[int]], fields: S
         raise ApiError(400, "invalid_request", f"the engine refused the request: {exc}",
                        field_named_in(str(exc), SamplingFields.model_fields)) from exc
     finally:
-        state.inflight.remove(flight)
-        if lora is not None:
-            await state.adapters.release(lora, state.engine)
-    if flight.push_failed:
-        raise ApiError(503, "weights_inconsistent", "a weight push failed half-way while this request was "
-                       "generating, so it was stopped (its tokens could mix old and new weights); push the whole "
-                       "model again (VLLMClient.update_weights) and retry.")
-    versions = [flight.versions[0], flight.versions[-1]] if lora is None else [version, version]
+        await release(state, ticket)
+    check_not_mixed(ticket)
+    versions = ticket.versions
     results = []
     for out, ids in zip(outputs, prompts):
         completions = [
@@ -170,7 +148,7 @@ async def run_generation(state: ServerState, prompts: list[list[int]], fields: S
         if prompt_logprobs and out.prompt_logprobs is not None:
             plp = [None if d is None else d[t].logprob for d, t in zip(out.prompt_logprobs, ids)]
         results.append(PromptResult(prompt_token_ids=ids, prompt_logprobs=plp, completions=completions))
-    return results, version
+    return results, ticket.versions[0]
 
 
 # ---------------------------------------------------------------------------
@@ -181,7 +159,16 @@ def create_app(settings: ServerSettings, api_key: str | None = None, body_timeou
     from fastgrpo.engine import on_cpu
 
     cpu = on_cpu()
+    vllm_args = frontend_args(settings)  # a bad parser name or chat template fails here, before any engine starts
     state = ServerState(settings, GenerationEngine(settings, cpu, backend=settings.engine_backend(cpu)))
+
+    def fail_start(what: str, exc: Exception) -> None:
+        # A server that cannot serve should not linger looking alive: say why and exit non-zero.
+        state.startup_error = f"{what} failed to start: {type(exc).__name__}: {exc}"
+        log.exception("server failed to start")
+        print(f"fastgrpo vllm-serve: error: {state.startup_error}", flush=True)
+        state.engine.kill_processes()
+        os._exit(1)
 
     def start_engines() -> None:
         try:
@@ -192,19 +179,26 @@ def create_app(settings: ServerSettings, api_key: str | None = None, body_timeou
             state.specs = model_specs(settings.model, settings.revision)
             state.tokenizer = AutoTokenizer.from_pretrained(settings.model, revision=settings.revision)
         except Exception as exc:
-            # A server that cannot serve should not linger looking alive: say why and exit non-zero.
-            state.startup_error = f"{type(exc).__name__}: {exc}"
-            log.exception("server failed to start")
-            print(f"fastgrpo vllm-serve: error: the engines failed to start: {state.startup_error}", flush=True)
-            state.engine.kill_processes()
-            os._exit(1)
+            fail_start("the engines", exc)
+
+    async def start_vllm_api(app: FastAPI) -> None:
+        try:
+            await init_vllm_api(app, state, vllm_args)
+            if settings.chat_template:
+                from vllm.renderers.chat_utils import load_chat_template
+
+                state.chat_template = load_chat_template(settings.chat_template)
+            sync_adapters(app, state)
+            state.vllm_api_ready = True
+        except Exception as exc:
+            fail_start("vLLM's API", exc)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         # Engines start in the background so /health can say "starting" meanwhile.
         thread = threading.Thread(target=start_engines, name="engine-start", daemon=True)
         thread.start()
-        watchdog = asyncio.create_task(watch_engine(state, thread))
+        watchdog = asyncio.create_task(watch_engine(state, thread, lambda: start_vllm_api(app)))
         yield
         watchdog.cancel()
         state.engine.shutdown()
@@ -217,20 +211,27 @@ def create_app(settings: ServerSettings, api_key: str | None = None, body_timeou
 
     errors.install(app, body_timeout_s)
     app.add_middleware(CancelAbandoned, on_abandoned=state.count_abandoned)
+    app.add_middleware(WeightVersionTags)  # outside CancelAbandoned: its Tap is seen by the handler's task
 
     @app.middleware("http")
     async def _auth_and_readiness(request: Request, call_next):
         path = request.url.path
+        refuse = openai_error if openai_shaped(path) else error_response
         if api_key is not None and path != "/health":
             if request.headers.get("authorization") != f"Bearer {api_key}":
-                return error_response(401, "unauthorized", "missing or wrong API key: send the header "
-                                      "'Authorization: Bearer <key>' (the server's --api-key)")
+                return refuse(401, "unauthorized", "missing or wrong API key: send the header "
+                              "'Authorization: Bearer <key>' (the server's --api-key)")
         if path not in ("/health", "/docs", "/openapi.json", "/docs/oauth2-redirect") and not state.ready:
             if state.startup_error:
-                return error_response(503, "failed", f"the server failed to start: {state.startup_error}")
-            return error_response(503, "not_ready", "the engines are still starting; wait for GET /health to "
-                                  "return 200 (VLLMClient does this)")
-        return await call_next(request)
+                return refuse(503, "failed", f"the server failed to start: {state.startup_error}")
+            return refuse(503, "not_ready", "the engines are still starting; wait for GET /health to return 200 "
+                          "(VLLMClient does this)")
+        try:
+            return await call_next(request)
+        except RuntimeError as exc:  # a client that went away: CancelAbandoned ended its handler unanswered
+            if str(exc) != "No response returned.":
+                raise
+            return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
 
     @app.get("/health", response_model=HealthResponse)
     async def health():
@@ -277,17 +278,18 @@ def create_app(settings: ServerSettings, api_key: str | None = None, body_timeou
 
     from fastgrpo.serve.adapters import AdapterRegistry
     from fastgrpo.serve.adapters import router as adapters_router
-    from fastgrpo.serve.openai_routes import router as openai_router
     from fastgrpo.serve.recordings import Recorder
     from fastgrpo.serve.recordings import router as recordings_router
+    from fastgrpo.serve.vllm_weights import router as vllm_weights_router
     from fastgrpo.serve.weights import router as weights_router
 
     state.adapters = AdapterRegistry()
     state.recorder = Recorder(max_recorded_rollouts)
     app.include_router(weights_router)
+    app.include_router(vllm_weights_router)
     app.include_router(adapters_router)
-    app.include_router(openai_router)
     app.include_router(recordings_router)
+    include_vllm_routes(app, vllm_args)
     return app
 
 
@@ -298,15 +300,15 @@ def _served_dtype(state: ServerState) -> str:
     return str(engine.model_config.dtype).removeprefix("torch.")
 
 
-async def watch_engine(state: ServerState, starting) -> None:
+async def watch_engine(state: ServerState, starting, started) -> None:
     """Fail a start that other nodes never join, then watch the DP ranks for good (engines.watch).
 
     vLLM's head waits for remote engines without a limit: a node that never starts would leave the server
     "starting" forever."""
     engine, s = state.engine, state.settings
     deadline = time.monotonic() + s.join_timeout_s
-    while starting.is_alive() and engine.engine is None:
-        if time.monotonic() > deadline and s.local_ranks < s.data_parallel_size:
+    while starting.is_alive():
+        if engine.engine is None and time.monotonic() > deadline and s.local_ranks < s.data_parallel_size:
             state.startup_error = (
                 f"{engine.describe_remote_ranks()} did not join within {s.join_timeout_s:.0f} s (--join_timeout): "
                 f"start `fastgrpo vllm-serve --headless` on the other node(s) with the same model and DP flags, "
@@ -316,7 +318,8 @@ async def watch_engine(state: ServerState, starting) -> None:
             log.error(state.startup_error)
             engine.kill_processes()
             os._exit(1)
-        await asyncio.sleep(1)
-    if engine.engine is not None:
+        await asyncio.sleep(0.25 if engine.engine is not None else 1)
+    if engine.engine is not None and state.tokenizer is not None:
+        await started()
         await engine.watch()
 

@@ -91,6 +91,14 @@ def add_parser(subparsers) -> None:
     add_flag(p, "--max_recorded_rollouts", type=int, default=DEFAULT_MAX_ROLLOUTS,
              help="agent rollouts recorded through /rollouts/{id}/v1 kept at once; the oldest are dropped beyond "
                   f"(default {DEFAULT_MAX_ROLLOUTS})")
+    api = p.add_argument_group("vLLM's OpenAI API (served from vLLM's own serving layer; docs/server-flags.md)")
+    add_flag(api, "--tool_call_parser", default=None, metavar="NAME",
+             help="vLLM's tool-call parser for the chat routes (hermes, llama3_json, mistral, ...; vLLM's "
+                  "--tool-call-parser); turns on tool_choice 'auto'. Default: none (tool calls stay text)")
+    add_flag(api, "--reasoning_parser", default=None, metavar="NAME",
+             help="vLLM's reasoning parser (deepseek_r1, qwen3, ...; vLLM's --reasoning-parser)")
+    add_flag(api, "--chat_template", default=None, metavar="FILE",
+             help="a chat template (a file or the template itself) instead of the tokenizer's")
     p.set_defaults(func=run)
 
 
@@ -132,6 +140,19 @@ def validate(args) -> None:
     for ok, message in checks:
         if not ok:
             raise SystemExit(f"fastgrpo vllm-serve: error: {message}")
+    check_parser_names(args.tool_call_parser, args.reasoning_parser)
+
+
+def check_parser_names(tool_call_parser: str | None, reasoning_parser: str | None) -> None:
+    """vLLM's parsers by name: a name vLLM does not ship fails at start, listing the ones it does."""
+    from vllm.reasoning import ReasoningParserManager
+    from vllm.tool_parsers import ToolParserManager
+
+    for flag, name, manager in (("--tool_call_parser", tool_call_parser, ToolParserManager),
+                                ("--reasoning_parser", reasoning_parser, ReasoningParserManager)):
+        known = sorted(manager.list_registered())
+        if name is not None and name not in known:
+            raise SystemExit(f"fastgrpo vllm-serve: error: {flag} {name!r} is not one of vLLM's: {', '.join(known)}")
 
 
 def run(args) -> int:
@@ -158,7 +179,8 @@ def run(args) -> int:
         max_num_seqs=args.max_num_seqs, kv_cache_space=args.kv_cache_space, seed=args.seed,
         kv_after_push=args.kv_after_push, weight_transfer_backend=args.weight_transfer_backend,
         enable_lora=args.enable_lora, max_lora_rank=args.max_lora_rank, max_loras=args.max_loras,
-        adapter_lease_s=args.adapter_lease,
+        adapter_lease_s=args.adapter_lease, tool_call_parser=args.tool_call_parser,
+        reasoning_parser=args.reasoning_parser, chat_template=args.chat_template,
     )
     try:  # a layout the machine cannot hold, or a backend it has not, fails here, before any engine starts
         check_devices(settings, on_cpu())

@@ -13,7 +13,7 @@ import contextlib
 from collections.abc import Callable
 
 # POST routes that only generate: cancelling one mid-way loses nothing (a weight push is never cancelled).
-GENERATION_PATHS = ("/generate", "/v1/completions", "/v1/chat/completions")
+GENERATION_PATHS = ("/generate", "/v1/completions", "/v1/chat/completions", "/inference/v1/generate")
 
 
 def is_generation(method: str, path: str) -> bool:

@@ -72,6 +72,10 @@ class ServerSettings:
     max_lora_rank: int = 16
     max_loras: int = 4
     adapter_lease_s: float = 600.0  # an adapter whose owner pushed nothing this long may be taken over
+    # vLLM's OpenAI layer (serve/vllm_api.py): its tool-call and reasoning parsers by name, a chat template file.
+    tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
+    chat_template: str | None = None
 
     def engine_backend(self, on_cpu: bool) -> str:
         if self.weight_transfer_backend == "auto":
@@ -165,7 +169,8 @@ def engine_args(settings: ServerSettings, on_cpu: bool, backend: str):
         gpu_memory_utilization=s.gpu_memory_utilization, dtype=engine_dtype(s.dtype),
         max_model_len=s.max_model_len, enable_prefix_caching=s.enable_prefix_caching, seed=s.seed,
         logprobs_mode="processed_logprobs",  # logprobs of what was sampled from
-        weight_transfer_config=WeightTransferConfig(backend=backend), disable_log_stats=True, **chosen,
+        weight_transfer_config=WeightTransferConfig(backend=backend), reasoning_parser=s.reasoning_parser or "",
+        disable_log_stats=False, **chosen,  # stats: vLLM's Prometheus /metrics
     )
 
 
@@ -228,6 +233,14 @@ class RWLock:
 
 class EngineDead(RuntimeError):
     pass
+
+
+def refused_request(exc: BaseException) -> BaseException | None:
+    """The request's own fault behind what vLLM raised, if it was one: its input validation, or what failed while
+    AsyncLLM handed the request to the engine (an int that does not serialize, say), which it wraps in an
+    EngineGenerateError without a message."""
+    cause = exc.__cause__ if type(exc).__name__ == "EngineGenerateError" else exc
+    return cause if isinstance(cause, (*request_error_types(), TypeError, OverflowError)) else None
 
 
 class EngineRejected(ValueError):
@@ -444,10 +457,8 @@ class GenerationEngine:
             self.check_dead()
             if self.error is not None:
                 raise self.dead_error() from exc
-            # vLLM's input validation; AsyncLLM wraps what fails while it hands a request to the engine (an
-            # int that does not serialize, say) in an EngineGenerateError without a message.
-            cause = exc.__cause__ if type(exc).__name__ == "EngineGenerateError" else exc
-            if isinstance(cause, (*request_error_types(), TypeError, OverflowError)):
+            cause = refused_request(exc)
+            if cause is not None:
                 raise EngineRejected(str(cause)) from exc
             raise
         finally:

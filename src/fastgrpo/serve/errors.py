@@ -52,6 +52,12 @@ class BodyReadTimeout:
         await response(scope, receive, send)
 
 
+def internal_error(request: Request, exc: Exception):
+    log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(500, "internal", f"{type(exc).__name__}: {exc}. This is a bug in the server; the server "
+                          "keeps serving. Please report it with the server's log.")
+
+
 def install(app: FastAPI, body_timeout_s: float) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
@@ -92,8 +98,6 @@ def install(app: FastAPI, body_timeout_s: float) -> None:
         try:
             return await call_next(request)
         except Exception as exc:
-            log.exception("unexpected error on %s %s", request.method, request.url.path)
-            return error_response(500, "internal", f"{type(exc).__name__}: {exc}. This is a bug in the server; "
-                                  "the server keeps serving. Please report it with the server's log.")
+            return internal_error(request, exc)
 
     app.add_middleware(BodyReadTimeout, timeout_s=body_timeout_s)

@@ -19,7 +19,7 @@ class ChatMessage(BaseModel):
     content: str
 
 
-# The limits of every sampling field, defined once: the native and the OpenAI routes both use them.
+# The limits of /generate's sampling fields (vLLM's OpenAI routes validate with vLLM's own models).
 NonEmptyStr = Annotated[str, Field(min_length=1)]
 TokenId = Annotated[int, Field(ge=0)]  # the vocabulary's upper bound is checked against the served tokenizer
 Completions = Annotated[int, Field(ge=1, le=1024, description="completions per prompt")]
@@ -35,7 +35,7 @@ StopStrings = Annotated[list[NonEmptyStr], Field(max_length=64)]
 
 
 class SamplerFields(BaseModel):
-    """The sampler's settings, with vLLM's meanings: the same fields on the native and the OpenAI routes."""
+    """The sampler's settings, with vLLM's meanings."""
 
     n: Completions = 1
     temperature: Temperature = 1.0

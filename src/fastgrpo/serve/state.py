@@ -72,6 +72,8 @@ class ServerState:
     adapters: object = None  # serve.adapters.AdapterRegistry (LoRA runs), set by create_app
     recorder: object = None  # serve.recordings.Recorder (agents' chat calls by rollout id), set by create_app
     chats: dict = field(default_factory=dict)  # rollouts.chat.ChatTokens per tool set (the OpenAI chat route)
+    chat_template: str | None = None  # --chat_template, read: what vLLM's chat renders with, and recordings too
+    vllm_api_ready: bool = False  # vLLM's serving classes are on the app (serve/vllm_api.py)
     abandoned_generations: int = 0  # generations cancelled because their client went away (serve/disconnects.py)
 
     def count_abandoned(self) -> None:
@@ -83,7 +85,7 @@ class ServerState:
 
     @property
     def ready(self) -> bool:
-        return self.engine.engine is not None and self.tokenizer is not None
+        return self.engine.engine is not None and self.tokenizer is not None and self.vllm_api_ready
 
     @property
     def max_model_len(self) -> int | None:

@@ -242,6 +242,82 @@ async def _finalize_after_failure(state: ServerState) -> None:
             log.info("cleanup after a failed push: %s: %s", method, exc)
 
 
+# --- a push's phases on the engines, shared by /weights/update and vLLM's weight routes (vllm_weights.py) ---
+
+
+async def begin_load(state: ServerState, timeout_s: float) -> bool:
+    """Take the engines for a load: wait for requests being admitted (new ones queue behind the push), pause the
+    running ones between two decode steps keeping them in flight, and start vLLM's layerwise reload. Returns
+    whether the weights were consistent before; the caller ends with `end_load` (after `fail_load` on an error).
+    Raises ApiError with nothing held."""
+    engine = state.engine
+    try:
+        await asyncio.wait_for(state.lock.acquire_write(), timeout_s)
+    except TimeoutError:
+        raise ApiError(503, "busy", f"requests being admitted did not reach the engines within {timeout_s:.0f} s; "
+                       "retry the push") from None
+    was_consistent, state.weights_consistent = state.weights_consistent, False
+    try:
+        # "recompute" also preempts them and resets the prefix cache, so that after the load every key and
+        # value is computed again.
+        await engine.each("pause_generation", timeout=FINISH_TIMEOUT_S, mode="keep",
+                          clear_cache=state.settings.kv_after_push == "recompute")
+        await engine.each("start_weight_update", timeout=FINISH_TIMEOUT_S)
+    except Exception as exc:
+        error = await fail_load(state, exc, FINISH_TIMEOUT_S)
+        await end_load(state)
+        raise error from None
+    return was_consistent
+
+
+async def finish_load(state: ServerState, names: list[str], was_consistent: bool, version: int | None) -> None:
+    """vLLM's finish_weight_update, then the new version; decided before the engines resume and the lock is
+    released, so a generation waiting for it sees the outcome."""
+    new_version = version if version is not None else state.weight_version + 1
+    # vLLM's own version too: its /inference/v1/generate reports spans of it per completion.
+    await state.engine.each("finish_weight_update", str(new_version), timeout=FINISH_TIMEOUT_S)
+    state.weights_consistent = was_consistent or covers_all(state.specs, names)
+    state.weight_version = new_version
+    state.last_push_error = None
+    for flight in state.inflight:
+        flight.versions.append(state.weight_version)
+    if not state.weights_consistent:
+        log.warning("a partial push (%d tensors) after a failed one: generation stays refused until a push names "
+                    "every weight", len(names))
+
+
+async def fail_load(state: ServerState, exc: BaseException, timeout_s: float) -> ApiError:
+    """After a load failed half-way: stop the requests in flight (they would go on with mixed weights, and answer
+    503), leave no layer half-loaded, close the group. Returns the error to answer."""
+    engine = state.engine
+    for flight in state.inflight:
+        flight.push_failed = True
+    with contextlib.suppress(Exception):
+        await engine.abort_all()
+    await _finalize_after_failure(state)
+    await close_group(state)
+    if isinstance(exc, ApiError):
+        error = exc
+    elif not engine.alive:
+        error = ApiError(503, "engine_dead", f"the weight push failed: {engine.dead_error()}")
+    elif isinstance(exc, TimeoutError) or TRAINER_DID_NOT_SEND in str(exc):
+        error = ApiError(504, "weight_transfer", f"{TRAINER_DID_NOT_SEND} within {timeout_s:.0f} s (the trainer "
+                         "side did not send): the group is closed and generation refused until a full push "
+                         "lands; open the group again and push again")
+    else:
+        error = ApiError(502, "weight_transfer", f"the weight push failed on the server: {exc}. The group is "
+                         "closed and generation refused until a full push lands: open it again and push again.")
+    state.last_push_error = error.message
+    return error
+
+
+async def end_load(state: ServerState) -> None:
+    with contextlib.suppress(Exception):  # resuming an engine that was not paused changes nothing
+        await state.engine.each("resume_generation", timeout=FINISH_TIMEOUT_S)
+    state.pending = None
+    await state.lock.release_write()
+
+
 @router.post("/update", response_model=WeightVersionResponse)
 async def weights_update(req: FinishUpdateRequest, state: State):
     from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
@@ -258,60 +334,22 @@ async def weights_update(req: FinishUpdateRequest, state: State):
     pending.phase = "loading"
     push = pending.request
     try:
-        # Wait for requests being admitted (new ones queue behind the push); running ones are paused below.
-        await asyncio.wait_for(state.lock.acquire_write(), push.timeout_s)
-    except TimeoutError:
+        was_consistent = await begin_load(state, push.timeout_s)
+    except ApiError:
         state.pending = None
-        raise ApiError(503, "busy", f"requests being admitted did not reach the engines within "
-                       f"{push.timeout_s:.0f} s; retry the push") from None
+        raise
     began = time.perf_counter()
     info = {"names": push.names, "dtype_names": push.dtype_names, "shapes": push.shapes}
     if req.ipc_handles_pickled is not None:
         info["ipc_handles_pickled"] = req.ipc_handles_pickled
     info.update(sender_class(engine.backend).worker_update_fields(state.group.bucket_bytes))
-    was_consistent, state.weights_consistent = state.weights_consistent, False
     try:
-        # Between two decode steps, keeping the requests in flight; "recompute" also preempts them and
-        # resets the prefix cache, so that after the load every key and value is computed again.
-        await engine.each("pause_generation", timeout=FINISH_TIMEOUT_S, mode="keep",
-                          clear_cache=state.settings.kv_after_push == "recompute")
-        await engine.each("start_weight_update", timeout=FINISH_TIMEOUT_S)
         await engine.each("update_weights", WeightTransferUpdateRequest(update_info=info), timeout=push.timeout_s + 10)
-        await engine.each("finish_weight_update", timeout=FINISH_TIMEOUT_S)
-        # Decided before the engines resume and the lock is released: a generation waiting for it must
-        # see the outcome.
-        state.weights_consistent = was_consistent or covers_all(state.specs, push.names)
-        state.weight_version = push.weight_version if push.weight_version is not None else state.weight_version + 1
-        state.last_push_error = None
-        for flight in state.inflight:
-            flight.versions.append(state.weight_version)
+        await finish_load(state, push.names, was_consistent, push.weight_version)
     except Exception as exc:
-        # Requests in flight would go on with mixed weights: stop them (they answer 503) before resuming.
-        for flight in state.inflight:
-            flight.push_failed = True
-        with contextlib.suppress(Exception):
-            await engine.abort_all()
-        await _finalize_after_failure(state)
-        await close_group(state)
-        if not engine.alive:
-            error = ApiError(503, "engine_dead", f"the weight push failed: {engine.dead_error()}")
-        elif isinstance(exc, TimeoutError) or TRAINER_DID_NOT_SEND in str(exc):
-            error = ApiError(504, "weight_transfer", f"{TRAINER_DID_NOT_SEND} within {push.timeout_s:.0f} s (the "
-                             "trainer side did not send): the group is closed and generation refused until a full "
-                             "push lands; open the group again and push again")
-        else:
-            error = ApiError(502, "weight_transfer", f"the weight push failed on the server: {exc}. The group is "
-                             "closed and generation refused until a full push lands: open it again and push again.")
-        state.last_push_error = error.message
-        raise error from None
+        raise await fail_load(state, exc, push.timeout_s) from None
     finally:
-        with contextlib.suppress(Exception):  # resuming an engine that was not paused changes nothing
-            await engine.each("resume_generation", timeout=FINISH_TIMEOUT_S)
-        state.pending = None
-        await state.lock.release_write()
-    if not state.weights_consistent:
-        log.warning("a partial push (%d tensors) after a failed one: generation stays refused until a push names "
-                    "every weight", len(push.names))
+        await end_load(state)
     return WeightVersionResponse(weight_version=state.weight_version, seconds=round(time.perf_counter() - began, 4))
 
 

@@ -1,7 +1,7 @@
 """vLLM general plugin: registers fastgrpo's gloo weight-transfer backend (and loads vLLM 0.26's IPC
 engine without ray, which that module imports but vLLM does not install: fastgrpo.vllm_compat).
 
-vLLM calls every `vllm.general_plugins` entry point in each of its processes
+It also lets each process use Intel AMX (vllm_compat.allow_amx). vLLM calls every `vllm.general_plugins` entry point in each of its processes
 (API server, engine core, workers), so the backend exists wherever
 `WeightTransferEngineFactory.create_engine` runs. Safe to call repeatedly.
 """
@@ -22,3 +22,4 @@ def register() -> None:
     from fastgrpo import vllm_compat
 
     WeightTransferEngineFactory._registry["ipc"] = vllm_compat.ipc_engine_loader()
+    vllm_compat.allow_amx()
