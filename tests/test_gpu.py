@@ -37,13 +37,14 @@ pytestmark = [pytest.mark.gpu, pytest.mark.slow,
 
 GPU_TOL = 1e-2
 PROBE = "What is 12 + 35? The answer is 47."
+KEY = "gpu-tests"  # an IPC server needs an API key: its engines unpickle what a push sends
 
 
 @pytest.fixture(scope="module")
 def ipc_server(server_factory, tiny_qwen2):
     """A server on the trainer's own GPU, taking a small share of its memory."""
     return server_factory(["--model", tiny_qwen2, "--dtype", "float32", "--max-model-len", "256",
-                           "--weight-transfer-backend", "ipc", "--gpu-memory-utilization", "0.15"])
+                           "--weight-transfer-backend", "ipc", "--gpu-memory-utilization", "0.15", "--api-key", KEY])
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +88,7 @@ def test_an_ipc_push_to_a_server_on_the_trainers_gpu_is_exact_in_any_order(ipc_s
     from fastgrpo.client import VLLMClient
     from fastgrpo.transfer import WeightTransferError
 
-    with VLLMClient(base_url=ipc_server.base_url, weight_transfer_timeout=60) as client:
+    with VLLMClient(base_url=ipc_server.base_url, weight_transfer_timeout=60, api_key=KEY) as client:
         assert client.health()["weight_transfer_backend"] == "ipc"
         for seed in (1, 2):
             model = perturbed_on_gpu(tiny_qwen2, seed)
@@ -111,10 +112,11 @@ def test_server_mode_on_one_gpu_trains_and_keeps_the_servers_weights_equal(ipc_s
 
     port = int(ipc_server.base_url.rsplit(":", 1)[1])
     config = gpu_config(tmp_path, vllm_mode="server", vllm_server_host="127.0.0.1", vllm_server_port=port,
+                        vllm_server_api_key=KEY,
                         model_init_kwargs={"dtype": torch.float32})
     trainer = GRPOTrainer(tiny_qwen2, [reward_digits, reward_length], args=config, train_dataset=tiny_dataset())
     assert trainer.accelerator.device.type == "cuda"
-    observer = VLLMClient(base_url=ipc_server.base_url)
+    observer = VLLMClient(base_url=ipc_server.base_url, api_key=KEY)
     probe_cb = ProbeCallback(trainer, probe_ids, lambda ids: server_logprobs(observer, ids))
     trainer.add_callback(probe_cb)
     try:
@@ -169,12 +171,13 @@ def test_bf16_training_on_a_gpu_pushes_bf16_weights_that_match_within_their_roun
     from fastgrpo.client import VLLMClient
 
     server = server_factory(["--model", tiny_qwen2, "--dtype", "bfloat16", "--max-model-len", "256",
-                             "--weight-transfer-backend", "ipc", "--gpu-memory-utilization", "0.15"])
+                             "--weight-transfer-backend", "ipc", "--gpu-memory-utilization", "0.15", "--api-key", KEY])
     port = int(server.base_url.rsplit(":", 1)[1])
-    config = gpu_config(tmp_path, bf16=True, vllm_mode="server", vllm_server_host="127.0.0.1", vllm_server_port=port)
+    config = gpu_config(tmp_path, bf16=True, vllm_mode="server", vllm_server_host="127.0.0.1", vllm_server_port=port,
+                        vllm_server_api_key=KEY)
     trainer = GRPOTrainer(tiny_qwen2, [reward_digits, reward_length], args=config, train_dataset=tiny_dataset())
     assert trainer.args.bf16 and next(trainer.model.parameters()).dtype == torch.float32  # master weights
-    observer = VLLMClient(base_url=server.base_url)
+    observer = VLLMClient(base_url=server.base_url, api_key=KEY)
     assert observer.health()["dtype"] == "bfloat16"
     probe_cb = ProbeCallback(trainer, probe_ids, lambda ids: server_logprobs(observer, ids))
     trainer.add_callback(probe_cb)

@@ -136,6 +136,20 @@ def test_two_runs_interleave_pushes_and_generations_and_neither_sees_the_others_
         native = run_a.generate(prompt_token_ids=[probe_ids], max_tokens=6, temperature=0, adapter="run-a")
         assert text == native.results[0].completions[0].text
         assert {"run-a", "run-b"} <= {m["id"] for m in run_a.http.get("/v1/models").json()["data"]}
+        # An agent of run a, whatever model it names, samples from run a's adapter (the trainer opens its rollout).
+        run_a.open_rollout("agent-a", "run-a", temperature=1.0)
+        chat = {"model": "policy", "messages": [{"role": "user", "content": "What is 12 + 35?"}], "max_tokens": 6,
+                "seed": 3}
+        assert run_a.http.post(run_a.rollout_url("agent-a").removeprefix(run_a.base_url) + "/chat/completions",
+                               json=chat).status_code == 200
+        (sequence,) = run_a.rollout("agent-a").sequences
+        for adapter in ("run-a", None):
+            direct = run_a.generate(prompt_token_ids=[sequence.prompt_ids], max_tokens=6, seed=3, temperature=1.0,
+                                    adapter=adapter).results[0].completions[0]
+            same = direct.token_ids == sequence.completion_ids and \
+                max(abs(a - b) for a, b in zip(direct.logprobs, sequence.logprobs)) < 1e-5
+            assert same == (adapter == "run-a")  # the adapter's tokens and logprobs, not the base model's
+        assert sequence.weight_versions == [2, 2]  # the adapter's version
         run_a.delete_adapter("run-a")
         with pytest.raises(ServerError, match="no adapter named 'run-a'") as excinfo:
             served(run_a, probe_ids, "run-a")

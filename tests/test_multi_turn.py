@@ -368,6 +368,7 @@ def test_an_openai_agent_recorded_by_the_server_gives_the_tokens_of_a_direct_rol
 
     prompt = [{"role": "user", "content": "What is 4 + 3?"}]
     client = VLLMClient(base_url=server.base_url)
+    client.open_rollout("agent-1", temperature=1.0)  # the base model, as the trainer opens it
     chat_agent(prompt, client.rollout_url("agent-1"))
     (recorded,) = client.rollout("agent-1").sequences
     assert recorded.calls == 3

@@ -303,7 +303,9 @@ def test_the_recording_protocol_round_trips():
     from fastgrpo.serve.protocol import RolloutRecording
 
     body = {"rollout_id": "a", "sequences": [{"prompt_ids": [1], "completion_ids": [2, 3], "completion_mask": [1, 0],
-                                              "logprobs": [-1.0, 0.0], "calls": 1, "weight_versions": [0, 0]}]}
+                                              "logprobs": [-1.0, 0.0], "calls": 1, "weight_versions": [0, 0]}],
+            "policy": {"model": "run-a", "temperature": 0.7, "top_p": 1.0, "top_k": -1, "min_p": 0.0,
+                       "repetition_penalty": 1.0}, "overridden": {"temperature": 0.0}}
     assert RolloutRecording.model_validate(json.loads(json.dumps(body))).model_dump() == body
 
 
@@ -328,3 +330,89 @@ def test_continuations_with_a_template_that_rewrites_the_last_assistant_turn(tok
     # What the template writes after a middle assistant turn, the model's own <|im_end|> left out.
     assert tok.decode(following) == "\n<|im_start|>user\nsure?<|im_end|>\n<|im_start|>assistant\n"
     assert "<think>" not in tok.decode(following)
+
+
+# --- under load: environments step at once, each bounded; a turn's tool calls run at once, async ones too ------
+
+
+class Rendezvous:
+    """Counts steps in progress; each waits (briefly) for `expected` to be in progress at once."""
+
+    def __init__(self, expected: int, wait_s: float = 2.0):
+        self.expected, self.wait_s, self.now, self.most = expected, wait_s, 0, 0
+        self.cond = __import__("threading").Condition()
+
+    def __enter__(self):
+        with self.cond:
+            self.now += 1
+            self.most = max(self.most, self.now)
+            self.cond.notify_all()
+            self.cond.wait_for(lambda: self.now >= self.expected, timeout=self.wait_s)
+
+    def __exit__(self, *exc):
+        with self.cond:
+            self.now -= 1
+
+
+def one_turn(n: int, environments, timeout_s=5.0, concurrency=16):
+    from fastgrpo.rollouts.episode import run_episodes
+
+    chat = type("Chat", (), {"continuation": staticmethod(lambda generated, messages: [9])})()
+    return run_episodes([[1]] * n, environments, lambda prompts, budgets, seeds: [Turn([5], [-1.0], True)] * len(prompts),
+                        chat, lambda ids: "turn", 16, lambda i, t: i, timeout_s, concurrency)
+
+
+def test_a_rounds_environments_step_at_once_within_the_bound_and_a_hung_step_ends_only_its_episode():
+    import threading
+
+    class Busy(Environment):
+        def __init__(self, meeting, hang=False):
+            self.meeting, self.hang = meeting, hang
+
+        def step(self, turn):
+            if self.hang:
+                threading.Event().wait(30)  # a step that never returns in time
+            with self.meeting:
+                return StepResult(reward=1.0, done=True)
+
+    meeting = Rendezvous(expected=4)
+    episodes = one_turn(4, [Busy(meeting) for _ in range(4)])
+    assert meeting.most == 4 and [e.turn_rewards for e in episodes] == [[1.0]] * 4
+    bounded = Rendezvous(expected=3, wait_s=0.3)  # 3 never meet: each waits 0.3 s
+    one_turn(6, [Busy(bounded) for _ in range(6)], concurrency=2)
+    assert bounded.most == 2  # never more than environment_concurrency at once
+    began = time.monotonic()
+    episodes = one_turn(3, [Busy(Rendezvous(1)), Busy(None, hang=True), Busy(Rendezvous(1))], timeout_s=0.5)
+    assert time.monotonic() - began < 5
+    assert [e.step_timed_out for e in episodes] == [False, True, False]
+    assert [e.turn_rewards for e in episodes] == [[1.0], [], [1.0]]
+
+
+def test_a_turns_tool_calls_run_at_once_and_async_tools_run_as_coroutines():
+    import asyncio
+
+    meeting = Rendezvous(expected=3)
+
+    def lookup(key: str) -> str:
+        """Look a key up.
+
+        Args:
+            key: the key
+        """
+        with meeting:
+            return key.upper()
+
+    async def fetch(key: str) -> str:
+        """Fetch a key.
+
+        Args:
+            key: the key
+        """
+        await asyncio.sleep(0.01)
+        return f"fetched {key}"
+
+    runner = ToolRunner([lookup, fetch], timeout_s=5.0)
+    calls = [ToolCall("lookup", {"key": k}) for k in "abc"] + [ToolCall("fetch", {"key": "d"})]
+    results = runner.run_all(calls)
+    assert meeting.most == 3 and [r.content for r in results] == ["A", "B", "C", "fetched d"]
+    assert all(r.failure is None for r in results)

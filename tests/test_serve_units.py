@@ -97,6 +97,9 @@ def test_multi_node_flags_fail_at_start_naming_the_fix():
         "--headless", "--data-parallel-size", "2", "--data-parallel-size-local", "1", "--data-parallel-address", "h")
     assert "for --headless nodes" in refused("--data-parallel-start-rank", "1", "--data-parallel-size", "2")
     assert "in 1..--data_parallel_size (2)" in refused("--data-parallel-size", "2", "--data-parallel-size-local", "3")
+    # CUDA IPC pushes are unpickled in the engines: never without an API key.
+    assert "--api_key KEY" in refused("--weight-transfer-backend", "ipc")
+    validate(parser.parse_args(["vllm-serve", "--model", "m", "--weight-transfer-backend", "ipc", "--api-key", "k"]))
     ok = parser.parse_args(["vllm-serve", "--model", "m", "--headless", "--data-parallel-size", "2",
                             "--data-parallel-size-local", "1", "--data-parallel-start-rank", "1",
                             "--data-parallel-address", "10.0.0.1", "--data-parallel-rpc-port", "13400"])

@@ -8,6 +8,7 @@ with both (server: prompt logprobs over HTTP; transformers: a forward pass).
 
 import json
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -679,6 +680,114 @@ def test_without_the_sampler_correction_stale_rounds_are_clipped_against_the_gen
     # rounding; the later rounds are a step of training stale (0.27 to 0.84 nats measured with the correction on).
     assert gaps[0] < PROBE_TOL and min(gaps[1:]) > 10 * PROBE_TOL, gaps
     assert [h["async/staleness_max"] for h in logs] == [0, 1, 1, 1]
+
+
+@pytest.mark.slow
+def test_a_generation_slower_than_vllm_generation_timeout_fails_naming_it(server, tiny_qwen2, tmp_path):
+    config = server_config(tmp_path, server, vllm_generation_timeout=0.2, max_completion_length=200,
+                           generation_kwargs={"ignore_eos": True})
+    trainer = GRPOTrainer(tiny_qwen2, reward_digits, args=config, train_dataset=tiny_dataset())
+    began = time.monotonic()
+    with pytest.raises(TimeoutError, match="vllm_generation_timeout"):
+        trainer.train()
+    trainer.close()
+    assert time.monotonic() - began < 30  # one request's timeout, not retried
+
+
+@pytest.mark.slow
+def test_a_server_restarted_mid_run_is_waited_for_and_gets_the_weights_again_before_generating(
+        transient_server_factory, tiny_qwen2, tmp_path, caplog):
+    from fastgrpo.client import VLLMClient
+    from fastgrpo.serve.launcher import ServerProcess
+
+    args = ["--model", tiny_qwen2, "--dtype", "float32", "--max-model-len", "256"]
+    first = transient_server_factory(args)
+    config = base_config(tmp_path, use_vllm=True, vllm_server_port=first.port, vllm_server_host="127.0.0.1")
+    trainer = GRPOTrainer(tiny_qwen2, reward_digits, args=config, train_dataset=tiny_dataset())
+    pushes, real_sync, second = [], trainer.backend.sync_weights, {}
+
+    def restarts_after_push_2(weights, version):
+        pushes.append(version)
+        result = real_sync(weights, version)
+        if pushes == [0, 1, 2]:  # the server dies between the push and the round's generation, and comes back
+            first.stop()
+            second["server"] = ServerProcess(args, tmp_path / "second.log", port=first.port)
+        return result
+
+    trainer.backend.sync_weights = restarts_after_push_2
+    probe = AutoTokenizer.from_pretrained(tiny_qwen2)("What is 12 + 35? The answer is 47.")["input_ids"]
+    try:
+        with caplog.at_level(logging.WARNING):
+            trainer.train()
+        assert trainer.state.global_step == 3 and pushes == [0, 1, 2, 2, 3]  # step 2's weights pushed again
+        assert "waiting for the server" in caplog.text and "restarted" in caplog.text
+        # The new server holds exactly the trainer's weights at the end.
+        with VLLMClient(base_url=first.base_url) as observer:
+            served = observer.generate(prompt_token_ids=[probe], max_tokens=1,
+                                       prompt_logprobs=True).results[0].prompt_logprobs[1:]
+            assert observer.health()["weight_version"] == 3
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([probe])).logits[0].float(), dim=-1)
+        own = [logp[i, probe[i + 1]].item() for i in range(len(probe) - 1)]
+        assert max(abs(a - b) for a, b in zip(served, own)) < PROBE_TOL
+    finally:
+        trainer.close()
+        if "server" in second:
+            second["server"].stop()
+
+
+@pytest.mark.slow
+def test_an_async_run_goes_on_after_a_push_that_broke_while_a_round_was_generating(server, tiny_qwen2, tmp_path,
+                                                                                  monkeypatch, caplog):
+    from fastgrpo.trainer import generation
+    from fastgrpo.trainer.grpo_trainer import generation_may_pass
+
+    # Round 2 (the producer's third round) is generated while step 2's push is broken half-way: the server
+    # refuses it (503, weights mixed); the trainer pushes step 2 again, and the run must go on, training round 2
+    # generated again on the whole weights.
+    broke, refused, calls, pushes = threading.Event(), threading.Event(), [], []
+    real_generate = generation.ServerBackend.generate
+
+    def generate(self, *args, **kwargs):
+        if threading.current_thread().name == "fastgrpo-rounds":
+            calls.append(len(calls))
+            if len(calls) == 3:
+                assert broke.wait(120), "step 2's push never broke"
+                try:
+                    return real_generate(self, *args, **kwargs)
+                except Exception as exc:
+                    refused.set()
+                    assert generation_may_pass(exc), exc  # the server's 503: the weights are mixed
+                    raise
+        return real_generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(generation.ServerBackend, "generate", generate)
+    config = server_config(tmp_path, server, async_generation=True, max_steps=4, vllm_max_weight_staleness=1)
+    trainer = GRPOTrainer(tiny_qwen2, reward_digits, args=config, train_dataset=tiny_dataset(3))
+    real_sync = trainer.backend.sync_weights
+
+    def breaks_once(weights, version):
+        pushes.append(version)
+        if pushes == [0, 1, 2]:
+            try:
+                return real_sync(HalfWay(weights, fail_after=5), version)
+            finally:  # the server holds mixed weights now: let the round ask, before the trainer pushes again
+                broke.set()
+                assert refused.wait(60), "the round was not refused"
+        return real_sync(weights, version)
+
+    trainer.backend.sync_weights = breaks_once
+    # The server gives up on the broken push's missing data after this (120 s by default), refusing the round.
+    trainer.backend.client.weight_transfer_timeout = 10
+    with caplog.at_level(logging.WARNING):
+        trainer.train()
+    trainer.close()
+    assert trainer.state.global_step == 4 and pushes[:5] == [0, 1, 2, 2, 3]
+    assert "generating round 2 ahead failed" in caplog.text and "and the push since landed" in caplog.text
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["async/regenerated_rounds"] for h in logs] == [0, 0, 1, 1]
+    assert logs[2]["async/staleness_max"] == 0  # generated again now, on step 2's weights
 
 
 @pytest.mark.slow

@@ -193,6 +193,7 @@ def tool_agent(base_url: str, seed: int | None = None) -> dict:
 
 def test_a_streamed_tool_calling_agent_is_recorded_as_exactly_the_streamed_tokens(server, tiny_llama3):
     with VLLMClient(base_url=server.base_url, timeout=60) as client:
+        client.open_rollout("tools-1", temperature=1.0)
         run = tool_agent(client.rollout_url("tools-1"), seed=5)
         (recorded,) = client.rollout("tools-1").sequences
     first, second = run["first"], run["second"]
@@ -213,8 +214,33 @@ def test_a_streamed_tool_calling_agent_is_recorded_as_exactly_the_streamed_token
     assert "ipython" in tokenizer.decode(following) and "forty-two" in tokenizer.decode(following)
 
 
-def test_a_stream_cut_short_is_not_recorded(server):
-    body = {"model": "policy", "messages": [{"role": "user", "content": "Talk."}], "max_tokens": 400,
+def test_an_opened_rollout_samples_with_the_runs_settings_and_an_unknown_model_is_a_404(server, oa, model_name):
+    import openai
+
+    with VLLMClient(base_url=server.base_url, timeout=60) as client:
+        client.open_rollout("policy-1", temperature=1.0, top_p=1.0)
+        agent = openai.OpenAI(base_url=client.rollout_url("policy-1"), api_key="unused")
+        # The agent asks for greedy decoding under a placeholder name: it gets the run's policy and temperature.
+        agent.chat.completions.create(model="policy", messages=[{"role": "user", "content": "Hi"}], max_tokens=6,
+                                      temperature=0.0, seed=7)
+        recording = client.rollout("policy-1")
+        (sequence,) = recording.sequences
+        assert recording.overridden == {"temperature": 0.0} and recording.policy.temperature == 1.0
+        direct = client.generate(prompt_token_ids=[sequence.prompt_ids], max_tokens=6, temperature=1.0, seed=7)
+        completion = direct.results[0].completions[0]
+        assert sequence.completion_ids == completion.token_ids
+        assert max(abs(a - b) for a, b in zip(sequence.logprobs, completion.logprobs)) < 1e-6
+        # Not opened by a trainer, a name the server does not serve is vLLM's 404, never the base model.
+        stray = openai.OpenAI(base_url=client.rollout_url("policy-2"), api_key="unused")
+        for c in (stray, oa):
+            with pytest.raises(openai.NotFoundError, match="policy"):
+                c.chat.completions.create(model="policy", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+        with pytest.raises(Exception, match="no adapter named 'ghost'"):
+            client.open_rollout("policy-3", "ghost")
+
+
+def test_a_stream_cut_short_is_not_recorded(server, model_name):
+    body = {"model": model_name, "messages": [{"role": "user", "content": "Talk."}], "max_tokens": 400,
             "stream": True, "temperature": 1.0, "ignore_eos": True}
     with httpx.Client(base_url=server.base_url, timeout=60) as http:
         with http.stream("POST", "/rollouts/cut-1/v1/chat/completions", json=body) as response:
@@ -233,11 +259,18 @@ def test_the_trainer_trains_on_streamed_tool_calling_agents(server, tiny_llama3,
     from fastgrpo import GRPOConfig, GRPOTrainer
     from fastgrpo.rollouts.agent import agent_rollout_func
 
-    seen = []
+    seen, versions = [], []
 
     def called_lookup(completions, agent_output, **kwargs):
         seen.extend(agent_output)
         return [float(i % 2) for i in range(len(agent_output))]
+
+    def recording_versions(rollout_func):
+        def run(prompts, trainer):
+            out = rollout_func(prompts, trainer)
+            versions.append((trainer._synced_version, out["weight_versions"]))
+            return out
+        return run
 
     port = int(server.base_url.rsplit(":", 1)[1])
     args = GRPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_generations=2,
@@ -246,14 +279,41 @@ def test_the_trainer_trains_on_streamed_tool_calling_agents(server, tiny_llama3,
                       use_vllm=True, vllm_mode="server", vllm_server_host="127.0.0.1", vllm_server_port=port)
     data = Dataset.from_dict({"prompt": [[{"role": "user", "content": "What is under key a?"}]] * 4})
     trainer = GRPOTrainer(tiny_llama3, [called_lookup], args=args, train_dataset=data,
-                          rollout_func=agent_rollout_func(lambda prompt, url: tool_agent(url)["call"]["name"]))
+                          rollout_func=recording_versions(agent_rollout_func(
+                              lambda prompt, url: tool_agent(url)["call"]["name"])))
     trainer.train()
     trainer.close()
     assert trainer.state.global_step == 2 and seen == ["lookup"] * 8
+    # Each step's agents ran on the weights the trainer had pushed for it (and the trainer checked so).
+    assert [pushed for pushed, _ in versions] == [versions[0][0], versions[0][0] + 1]
+    assert all(rows == [[pushed, pushed]] * 4 for pushed, rows in versions)
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert logs and all(h["completions/env_tokens_mean"] > 0 for h in logs)
     health = httpx.get(server.base_url + "/health", timeout=30).json()
     assert health["weight_version"] >= 2  # the server generated the second step from the first step's weights
+
+
+def test_episodes_on_weights_the_trainer_never_pushed_stop_the_run_naming_the_version(server, tiny_llama3, tmp_path):
+    from datasets import Dataset
+
+    from fastgrpo import GRPOConfig, GRPOTrainer
+    from fastgrpo.trainer.grpo_trainer import StaleGenerationError
+
+    def from_another_run(prompts, trainer):  # say, a second trainer pushing to the same server
+        n = len(prompts)
+        return {"prompt_ids": [[1, 2]] * n, "completion_ids": [[5, 6]] * n, "logprobs": [[-1.0, -1.0]] * n,
+                "weight_versions": [[99, 99]] * n}
+
+    port = int(server.base_url.rsplit(":", 1)[1])
+    args = GRPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, num_generations=2,
+                      max_completion_length=8, max_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+                      bf16=False, disable_tqdm=True, use_vllm=True, vllm_mode="server",
+                      vllm_server_host="127.0.0.1", vllm_server_port=port)
+    trainer = GRPOTrainer(tiny_llama3, [lambda completions, **kw: [0.0] * len(completions)], args=args,
+                          train_dataset=Dataset.from_dict({"prompt": ["hi"] * 2}), rollout_func=from_another_run)
+    with pytest.raises(StaleGenerationError, match="version 99"):
+        trainer.train()
+    trainer.close()
 
 
 # --- TRL 1.16's client ---------------------------------------------------------------

@@ -43,6 +43,11 @@ class ServerUnavailable(ConnectionError):
     pass
 
 
+class ServerRestarted(RuntimeError):
+    """The server that answered is not the process this client pushed its weights to (it restarted): its
+    weights are its checkpoint's, so the trainer pushes again before generating."""
+
+
 def _address_seen_by(host: str, port: int) -> str:
     """Our address on the route to `host`: what the server's workers must connect to."""
     if host in ("localhost", "127.0.0.1", "::1", "0.0.0.0"):
@@ -84,6 +89,7 @@ class VLLMClient:
         self.weight_transfer_timeout = weight_transfer_timeout
         self.bucket_bytes = check_bucket_bytes(bucket_bytes)
         self.sender, self.group_id = None, None
+        self.pushed_instance: str | None = None  # the server process that received our last push
         self.info = self.wait_for_server(timeout)
 
     # --- plumbing -------------------------------------------------------------
@@ -103,8 +109,11 @@ class VLLMClient:
                     ) from exc
                 time.sleep(0.5 * (attempt + 1))
             except httpx.TimeoutException as exc:
-                raise TimeoutError(f"{method} {path} to {self.base_url} got no answer in time ({exc}); the "
-                                   "server may be overloaded, or raise request_timeout") from exc
+                waited = kwargs.get("timeout") or self.http.timeout.read
+                raise TimeoutError(f"{method} {path} to {self.base_url} got no answer within "
+                                   f"{waited:g} s ({exc}): the server may be overloaded or frozen, or the "
+                                   "request too large for that; raise GRPOConfig.vllm_generation_timeout "
+                                   "(VLLMClient's request_timeout)") from exc
             except httpx.TransportError as exc:  # the connection broke mid-request: the server may have died
                 raise ServerUnavailable(
                     f"the connection to the fastgrpo server at {self.base_url} broke during {method} {path} "
@@ -214,7 +223,9 @@ class VLLMClient:
 
         payload = pack_adapter(tensors, config, weight_version)
         headers = {"content-type": "application/octet-stream", **({ADAPTER_OWNER_HEADER: owner} if owner else {})}
-        return self._request("PUT", f"/adapters/{name}", retry_connect=False, content=payload, headers=headers)
+        answer = self._request("PUT", f"/adapters/{name}", retry_connect=False, content=payload, headers=headers)
+        self.pushed_instance = self.health()["instance"]
+        return answer
 
     def delete_adapter(self, name: str, owner: str | None = None) -> None:
         self._request("DELETE", f"/adapters/{name}", retry_connect=False,
@@ -228,6 +239,11 @@ class VLLMClient:
     def rollout_url(self, rollout_id: str) -> str:
         """The OpenAI base URL that records an agent's chat calls under `rollout_id`."""
         return f"{self.base_url}/rollouts/{rollout_id}/v1"
+
+    def open_rollout(self, rollout_id: str, model: str | None = None, **sampling) -> None:
+        """Open `rollout_id` for an agent: its calls sample from `model` (an adapter pushed to the server; None: the
+        base model) with `sampling` (temperature, top_p, top_k, min_p, repetition_penalty), whatever it asks for."""
+        self._request("PUT", f"/rollouts/{rollout_id}", json={"model": model, **sampling})
 
     def rollout(self, rollout_id: str) -> RolloutRecording:
         """What the server recorded under `rollout_id`: its token sequences (usually one)."""
@@ -281,6 +297,7 @@ class VLLMClient:
             try:
                 result = push_weights(_ServerControl(self, weight_version), self.sender, metas, iter(weights),
                                       self.weight_transfer_timeout)
+                self.pushed_instance = self.info["instance"]  # the server process that holds these weights
                 return result["weight_version"]
             except ServerError as exc:
                 self.close_weight_transfer()

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from fastgrpo.rollouts.episode import DEFAULT_CONCURRENCY, DEFAULT_STEP_TIMEOUT_S
 from fastgrpo.rollouts.tools import DEFAULT_MAX_TOOL_RESULT_CHARS, DEFAULT_TOOL_TIMEOUT_S
 from fastgrpo.serve.protocol import GENERATION_KWARGS
 from fastgrpo.trainer.loss import (
@@ -93,6 +94,11 @@ class GRPOConfig(TrainingArguments):
     vllm_server_timeout: float = 240.0
     vllm_server_api_key: str | None = field(
         default=None, metadata={"help": "the server's --api_key, if it was started with one (ours)"})
+    vllm_generation_timeout: float = field(default=600.0, metadata={
+        "help": "seconds one generation request to the server may take (ours): a round of many long completions "
+                "on a slow server needs more. A request that fails for a reason that may pass (the server "
+                "restarting, a dropped connection) is sent again with the same seeds; a restarted server gets the "
+                "weights pushed again first"})
     vllm_gpu_memory_utilization: float = 0.3
     vllm_lora_name: str | None = field(default=None, metadata={
         "help": "LoRA (peft_config): this run's adapter name on the server (default: the output_dir's folder name "
@@ -148,6 +154,11 @@ class GRPOConfig(TrainingArguments):
         "help": "seconds a tool call may run; past that the model gets an error result and the episode goes on"})
     max_tool_result_length: int = field(default=DEFAULT_MAX_TOOL_RESULT_CHARS, metadata={
         "help": "characters a tool result may have; a longer one is replaced by an error result"})
+    environment_step_timeout: float = field(default=DEFAULT_STEP_TIMEOUT_S, metadata={
+        "help": "seconds an environment's step may take (ours); past that its episode ends there, the others go on"})
+    environment_concurrency: int = field(default=DEFAULT_CONCURRENCY, metadata={
+        "help": "a round's environments that step at once (ours; each in a thread): tool calls and environment "
+                "steps of different episodes overlap"})
 
     # --- logging ----------------------------------------------------------------------
     log_completions: bool = False
@@ -281,6 +292,12 @@ class GRPOConfig(TrainingArguments):
         if self.ddp_timeout <= 0:
             fail(f"ddp_timeout={self.ddp_timeout}: must be > 0 seconds (the longest a collective between the "
                  "training processes may wait)")
+        if self.vllm_generation_timeout <= 0:
+            fail(f"vllm_generation_timeout={self.vllm_generation_timeout}: must be > 0 seconds")
+        if self.environment_step_timeout <= 0:
+            fail(f"environment_step_timeout={self.environment_step_timeout}: must be > 0 seconds")
+        if self.environment_concurrency < 1:
+            fail(f"environment_concurrency={self.environment_concurrency}: must be >= 1 (1: one step at a time)")
         if self.tool_timeout <= 0:
             fail(f"tool_timeout={self.tool_timeout}: must be > 0 seconds")
         if self.max_tool_result_length < 1:

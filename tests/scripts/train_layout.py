@@ -104,7 +104,7 @@ class Probe(TrainerCallback):
         ours = torch.log_softmax(logits, -1)[torch.arange(len(self.ids) - 1), self.ids[1:]]
         if self.client is not None:
             served = self.client.generate(prompt_token_ids=[self.ids], max_tokens=1, prompt_logprobs=True,
-                                          adapter=self.trainer._adapter_name())
+                                          adapter=self.trainer.policy_adapter)
             theirs = torch.tensor(served.results[0].prompt_logprobs[1:])
             self.gaps.append((ours - theirs).abs().max().item())
             self.mine.append(ours.tolist())

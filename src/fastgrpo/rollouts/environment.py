@@ -77,7 +77,7 @@ class ToolEnvironment(Environment):
         if self.max_iterations is not None and self.iterations >= self.max_iterations:
             return StepResult(done=True)  # its calls are not run, nor counted
         self.iterations += 1
-        results = [self.runner.run(call) for call in calls]
+        results = self.runner.run_all(calls)
         messages = [{"role": "tool", "name": r.name, "content": r.content} for r in results]
         return StepResult(messages, tool_calls=len(calls), tool_failures=[r.failure for r in results if r.failure])
 

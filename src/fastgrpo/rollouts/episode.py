@@ -15,8 +15,13 @@ length limit).
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -44,6 +49,7 @@ class Episode:
     stopped: bool = True  # False: cut by the length budget
     versions: list[tuple[int, int]] = field(default_factory=list)
     has_logprobs: bool = True
+    step_timed_out: bool = False  # its environment's step did not return in time: the episode ended there
 
     def add_generated(self, turn: Turn) -> None:
         self.completion_ids += turn.token_ids
@@ -82,20 +88,28 @@ class Episode:
 Generate = Callable[[list[list[int]], list[int], list[int]], list[Turn]]
 
 
+DEFAULT_STEP_TIMEOUT_S = 120.0
+DEFAULT_CONCURRENCY = 16
+
+
 def run_episodes(prompt_ids: list[list[int]], environments: list, generate: Generate, chat, decode,
-                 max_completion_length: int, seed_of: Callable[[int, int], int]) -> list[Episode]:
+                 max_completion_length: int, seed_of: Callable[[int, int], int],
+                 step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S, concurrency: int = DEFAULT_CONCURRENCY
+                 ) -> list[Episode]:
     """Run one episode per prompt to its end. environments[i] answers episode i (Environment.step); chat is a
     rollouts.chat.ChatTokens; decode turns a turn's ids into the text the environment reads; seed_of(i, turn)
-    seeds episode i's turn."""
+    seeds episode i's turn. Each turn, the episodes' environments step at once (at most `concurrency` at a time,
+    each in a thread); a step that does not return within `step_timeout_s` ends its episode (Python cannot stop
+    a thread: it is left behind, a daemon) and the others go on."""
     episodes = [Episode(list(p)) for p in prompt_ids]
     active, turn_index = list(range(len(episodes))), 0
     while active:
         budgets = [max_completion_length - len(episodes[i].completion_ids) for i in active]
         turns = generate([episodes[i].prompt_ids + episodes[i].completion_ids for i in active], budgets,
                          [seed_of(i, turn_index) for i in active])
-        still = []
+        stepping = []  # (episode index, turn, its text): those whose environment answers this turn
         for i, budget, turn in zip(active, budgets, turns):
-            episode, environment = episodes[i], environments[i]
+            episode = episodes[i]
             if len(turn.token_ids) > budget:  # a generator that cannot cap each prompt: its first tokens are exact
                 turn = Turn(turn.token_ids[:budget], None if turn.logprobs is None else turn.logprobs[:budget],
                             False, turn.versions)
@@ -105,11 +119,22 @@ def run_episodes(prompt_ids: list[list[int]], environments: list, generate: Gene
             if not turn.stopped:
                 episode.stopped = False  # the budget ran out inside the turn
                 continue
-            try:
-                result = environment.step(text)
-            except Exception as exc:
+            stepping.append((i, turn, text))
+        answers = step_all([environments[i] for i, _, _ in stepping], [text for _, _, text in stepping],
+                           step_timeout_s, concurrency)
+        still = []
+        for (i, turn, _), answer in zip(stepping, answers):
+            episode, environment = episodes[i], environments[i]
+            if answer is TIMED_OUT:
+                episode.step_timed_out = True
+                logger.warning("the environment (%s) did not answer turn %d of episode %d within %g s "
+                               "(environment_step_timeout): the episode ends there", type(environment).__name__,
+                               turn_index + 1, i, step_timeout_s)
+                continue
+            if isinstance(answer, BaseException):
                 raise RuntimeError(f"the environment ({type(environment).__name__}) failed on turn {turn_index + 1} "
-                                   f"of episode {i}: {type(exc).__name__}: {exc}") from exc
+                                   f"of episode {i}: {type(answer).__name__}: {answer}") from answer
+            result = answer
             episode.turn_rewards.append(float(result.reward or 0.0))
             episode.tool_calls += result.tool_calls
             episode.tool_failures += result.tool_failures
@@ -129,3 +154,42 @@ def run_episodes(prompt_ids: list[list[int]], environments: list, generate: Gene
             still.append(i)
         active, turn_index = still, turn_index + 1
     return episodes
+
+
+TIMED_OUT = object()
+
+
+def step_all(environments: list, texts: list[str], timeout_s: float, concurrency: int) -> list:
+    """Each environment's step(text), at most `concurrency` at once, each bounded by `timeout_s` from its start:
+    its StepResult, the exception it raised, or TIMED_OUT. A step given up on frees its place for the next."""
+    answers: list = [TIMED_OUT] * len(environments)
+    changed = threading.Condition()
+    finished, given_up = set(), set()
+
+    def step(k: int) -> None:
+        try:
+            answer = environments[k].step(texts[k])
+        except BaseException as exc:  # an environment's SystemExit must not end the run either
+            answer = exc
+        with changed:
+            if k not in given_up:
+                answers[k] = answer
+            finished.add(k)
+            changed.notify_all()
+
+    running: dict[int, float] = {}  # step -> its deadline
+    waiting = list(range(len(environments)))
+    with changed:
+        while waiting or running:
+            now = time.monotonic()
+            for k in [k for k, deadline in running.items() if k in finished or deadline <= now]:
+                if k not in finished:
+                    given_up.add(k)
+                del running[k]
+            while waiting and len(running) < max(1, concurrency):
+                k = waiting.pop(0)
+                running[k] = time.monotonic() + timeout_s
+                threading.Thread(target=step, args=(k,), name=f"environment-step-{k}", daemon=True).start()
+            if running:
+                changed.wait(max(0.0, min(running.values()) - time.monotonic()))
+    return answers

@@ -3,17 +3,20 @@
 A tool is the user's Python function, called with the arguments the model wrote. Whatever it
 does (raise, hang, return a megabyte, be called with arguments it does not take, not exist)
 the episode goes on: the model gets an error result saying what happened and the call counts
-as failed in the metrics. A call runs in a thread of its own; Python cannot stop a thread, so
-one that hangs is left behind (a daemon: it does not keep the process alive) and the episode
-continues without it. Tools that may hang forever should time out themselves.
+as failed in the metrics. A turn's calls run at once, each in a thread of its own (an async tool
+as a coroutine on its own event loop there), each bounded by the timeout; Python cannot stop a
+thread, so one that hangs is left behind (a daemon: it does not keep the process alive) and the
+episode continues without it. Tools that may hang forever should time out themselves.
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
 import logging
 import threading
+import time
 from dataclasses import dataclass
 
 from fastgrpo.rollouts.tool_calls import ToolCall, tool_name, tool_schema
@@ -42,9 +45,6 @@ class ToolRunner:
             if not callable(tool):
                 raise ValueError(f"tool {tool_name(schema)!r} is a schema without a function to run: give the "
                                  "Python function itself")
-            if inspect.iscoroutinefunction(tool):
-                raise ValueError(f"tool {tool_name(schema)!r} is async: give a plain function (wrap it with "
-                                 "asyncio.run)")
             if tool_name(schema) in self.functions:
                 raise ValueError(f"two tools are named {tool_name(schema)!r}: tool names must be unique")
             self.functions[tool_name(schema)] = tool
@@ -53,6 +53,17 @@ class ToolRunner:
         self.abandoned = 0  # calls that timed out and may still be running
 
     def run(self, call: ToolCall) -> ToolResult:
+        return self.run_all([call])[0]
+
+    def run_all(self, calls: list[ToolCall]) -> list[ToolResult]:
+        """A turn's calls, all at once; each gets `timeout_s` from the start."""
+        started = [self._start(call) for call in calls]
+        deadline = time.monotonic() + self.timeout_s
+        return [s if isinstance(s, ToolResult) else self._finish(call, *s, deadline)
+                for call, s in zip(calls, started)]
+
+    def _start(self, call: ToolCall):
+        """A ToolResult at once (a call that cannot run), or the running call's thread and result box."""
         if call.error is not None:
             return ToolResult(call.name, f"Error: {call.error}.", "parse")
         function = self.functions.get(call.name)
@@ -69,13 +80,17 @@ class ToolRunner:
 
         def target():
             try:
-                box["value"] = function(**call.arguments)
+                value = function(**call.arguments)
+                box["value"] = asyncio.run(value) if inspect.iscoroutine(value) else value
             except BaseException as exc:  # a tool's SystemExit or KeyboardInterrupt must not end the run either
                 box["error"] = exc
 
         thread = threading.Thread(target=target, name=f"tool-{call.name}", daemon=True)
         thread.start()
-        thread.join(self.timeout_s)
+        return thread, box
+
+    def _finish(self, call: ToolCall, thread: threading.Thread, box: dict, deadline: float) -> ToolResult:
+        thread.join(max(0.0, deadline - time.monotonic()))
         if thread.is_alive():
             self.abandoned += 1
             logger.warning("tool %r did not return within %.1f s; the episode goes on without it (%d calls abandoned "

@@ -249,7 +249,8 @@ def create_app(settings: ServerSettings, api_key: str | None = None, body_timeou
             device_type="cpu" if engine.on_cpu else "gpu",
             tensor_parallel_size=settings.tensor_parallel_size, data_parallel_size=settings.data_parallel_size,
             world_size=settings.world_size, weight_transfer_ranks=state.weight_transfer_ranks,
-            weight_version=state.weight_version, abandoned_generations=state.abandoned_generations,
+            weight_version=state.weight_version, instance=state.instance,
+            abandoned_generations=state.abandoned_generations,
             weights_consistent=state.weights_consistent, weight_push=state.push_phase,
             last_push_error=state.last_push_error, weight_transfer_backend=engine.backend,
             dtype=_served_dtype(state), max_model_len=state.max_model_len,
@@ -267,7 +268,7 @@ def create_app(settings: ServerSettings, api_key: str | None = None, body_timeou
             check_vocabulary(state, [req.stop_token_ids], "stop_token_ids")
         results, version = await run_generation(state, prompts, req, req.prompt_logprobs, req.seeds, req.adapter,
                                                 max_tokens=req.max_tokens_per_prompt)
-        return GenerateResponse(results=results, weight_version=version)
+        return GenerateResponse(results=results, weight_version=version, instance=state.instance)
 
     @app.post("/reset_prefix_cache")
     async def reset_prefix_cache():

@@ -117,6 +117,11 @@ def validate(args) -> None:
         (args.adapter_lease > 0, "--adapter_lease must be > 0 seconds"),
         (args.max_recorded_rollouts >= 1, "--max_recorded_rollouts must be >= 1"),
         (args.join_timeout > 0 and args.rank_timeout > 0, "--join_timeout and --rank_timeout must be > 0 seconds"),
+        # The engines unpickle what an IPC push sends (CUDA IPC handles, vLLM's form): without a key, any process
+        # that reaches the port could run code in them.
+        (args.weight_transfer_backend != "ipc" or args.api_key is not None, "--weight_transfer_backend ipc has "
+         "the engines unpickle the CUDA IPC handles a push sends, so whoever can call the server could run code "
+         "in them: start it with --api_key KEY too (the trainer passes it: GRPOConfig(vllm_server_api_key=KEY))"),
     ]
     dp, local, first = args.data_parallel_size, args.data_parallel_size_local, args.data_parallel_start_rank
     if local is not None:

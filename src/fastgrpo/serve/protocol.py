@@ -136,6 +136,7 @@ class PromptResult(BaseModel):
 class GenerateResponse(BaseModel):
     results: list[PromptResult]
     weight_version: int
+    instance: str = ""  # this server process's id: another one (a restart) holds none of the weights pushed here
 
 
 class HealthResponse(BaseModel):
@@ -150,6 +151,7 @@ class HealthResponse(BaseModel):
     world_size: int  # TP x DP, every node's
     weight_transfer_ranks: int  # TP x DP: the inference ranks of a weight-transfer group (the trainer is one more)
     weight_version: int
+    instance: str  # this server process's id, new at every start: a trainer tells a restarted server by it
     abandoned_generations: int  # generations cancelled (and aborted in the engines) because their client went away
     weights_consistent: bool
     weight_push: Literal["none", "announced", "loading"]  # announced: validated, its data not started yet
@@ -245,6 +247,21 @@ class RecordedSequence(BaseModel):
     weight_versions: list[int]  # [oldest, newest] its calls ran under
 
 
+class RolloutPolicy(BaseModel):
+    """What a rollout samples from, fixed by the trainer that opens it (`PUT /rollouts/{id}`): the run's policy
+    (an adapter it pushed, or the base model) and its sampling settings, whatever its agent asks for."""
+
+    model: NonEmptyStr | None = Field(None, description="a LoRA adapter on this server; None: the base model")
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    top_k: TopK = -1
+    min_p: MinP = 0.0
+    repetition_penalty: RepetitionPenalty = 1.0
+
+
 class RolloutRecording(BaseModel):
     rollout_id: str
     sequences: list[RecordedSequence]  # one, unless a call did not continue the previous one
+    policy: RolloutPolicy | None = None  # the trainer's, when it opened the rollout
+    # Sampling fields the agent asked for that the policy overrode, with the values it asked for.
+    overridden: dict[str, float] = Field(default_factory=dict)

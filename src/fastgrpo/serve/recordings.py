@@ -33,7 +33,7 @@ from vllm.entrypoints.serve.engine.protocol import ErrorResponse as VllmErrorRes
 
 from fastgrpo.rollouts.chat import ChatTokens, message_text
 from fastgrpo.serve import DEFAULT_MAX_ROLLOUTS
-from fastgrpo.serve.protocol import ErrorResponse, RecordedSequence, RolloutRecording
+from fastgrpo.serve.protocol import ErrorResponse, OkResponse, RecordedSequence, RolloutPolicy, RolloutRecording
 from fastgrpo.serve.state import ApiError, ServerState, server_state
 
 ROLLOUT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
@@ -91,6 +91,8 @@ class Recording:
     rollout_id: str
     sequences: list[Sequence] = field(default_factory=list)
     updated: float = field(default_factory=time.time)
+    policy: RolloutPolicy | None = None  # set by the trainer that opened it: what every call samples from
+    overridden: dict[str, float] = field(default_factory=dict)  # what the agent asked for, where the policy won
 
 
 class Recorder:
@@ -115,15 +117,29 @@ class Recorder:
             return Plan(last.prompt_ids + last.completion_ids + following, last, following, len(last.completion_ids))
         return Plan(None, None, [], 0)
 
-    def record(self, rollout_id: str, plan: Plan, messages: list[dict], tools: str, reply: dict,
-               token_ids: list[int], logprobs: list[float], versions: list[int], prompt_ids: list[int]) -> None:
-        """`prompt_ids`: what the engine generated from (for a new sequence, vLLM's rendering)."""
+    def open(self, rollout_id: str, policy: RolloutPolicy) -> None:
+        """A rollout the trainer runs an agent on: its calls sample from `policy`, whatever the agent asks."""
+        self.check_id(rollout_id)
+        self._fresh(rollout_id).policy = policy
+
+    def _fresh(self, rollout_id: str) -> Recording:
         recording = self.recordings.get(rollout_id)
         if recording is None:
             recording = self.recordings[rollout_id] = Recording(rollout_id)
             self.dropped.pop(rollout_id, None)
         self.recordings.move_to_end(rollout_id)
         recording.updated = time.time()
+        while len(self.recordings) > self.max_rollouts:
+            old, _ = self.recordings.popitem(last=False)
+            self.dropped[old] = None
+            while len(self.dropped) > self.max_rollouts:
+                self.dropped.popitem(last=False)
+        return recording
+
+    def record(self, rollout_id: str, plan: Plan, messages: list[dict], tools: str, reply: dict,
+               token_ids: list[int], logprobs: list[float], versions: list[int], prompt_ids: list[int]) -> None:
+        """`prompt_ids`: what the engine generated from (for a new sequence, vLLM's rendering)."""
+        recording = self._fresh(rollout_id)
         sequence = plan.sequence
         if sequence is None or sequence is not recording.sequences[-1] or len(sequence.completion_ids) != plan.length:
             sequence = Sequence(list(prompt_ids), tools)  # new, or the one it continued has moved on meanwhile
@@ -138,11 +154,6 @@ class Recorder:
         sequence.last_generated = list(token_ids)
         sequence.weight_versions += list(versions)
         sequence.calls += 1
-        while len(self.recordings) > self.max_rollouts:
-            old, _ = self.recordings.popitem(last=False)
-            self.dropped[old] = None
-            while len(self.dropped) > self.max_rollouts:
-                self.dropped.popitem(last=False)
 
     def get(self, rollout_id: str) -> Recording:
         recording = self.recordings.get(rollout_id)
@@ -171,6 +182,20 @@ def chat_tokens(state: ServerState, tools: list[dict], key: str) -> ChatTokens:
             state.chats.pop(next(iter(state.chats)))
         state.chats[key] = chat
     return chat
+
+
+def apply_policy(request: ChatCompletionRequest, recording: Recording, state: ServerState) -> None:
+    """The trainer's policy and sampling settings, in place of what the agent asked for (noted in `overridden`)."""
+    policy = recording.policy
+    if policy.model is not None and policy.model not in state.adapters.current:
+        raise ApiError(404, "not_found", f"rollout {recording.rollout_id!r} samples from adapter {policy.model!r}, "
+                       "which this server no longer has: the run that opened it pushes it again", "model")
+    request.model = policy.model or state.settings.model
+    for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
+        wanted, asked = getattr(policy, name), getattr(request, name)
+        if name in request.model_fields_set and asked is not None and asked != wanted:
+            recording.overridden[name] = asked
+        setattr(request, name, wanted)
 
 
 @dataclass
@@ -226,8 +251,9 @@ async def recorded_chat_completions(rollout_id: str, request: ChatCompletionRequ
     if request.n != 1:
         raise ApiError(400, "invalid_request", f"n={request.n} with a rollout id: a recorded rollout is one "
                        "conversation; send n=1 (and one rollout id per episode)", "n")
-    if request.model not in state.adapters.current:  # agents name a placeholder model ("policy"): the policy
-        request.model = state.settings.model
+    opened = state.recorder.recordings.get(rollout_id)
+    if opened is not None and opened.policy is not None:
+        apply_policy(request, opened, state)
     messages = [dict(m) for m in request.messages]
     tools = [] if request.tool_choice == "none" else [t.model_dump(exclude_none=True) for t in request.tools or []]
     tools_key = json.dumps(tools, sort_keys=True)  # a call with other tools starts a new recorded sequence
@@ -267,10 +293,26 @@ async def recorded_models(rollout_id: str, raw_request: Request):
     return JSONResponse(models.model_dump())
 
 
+@router.put("/{rollout_id}", response_model=OkResponse)
+async def open_rollout(rollout_id: str, policy: RolloutPolicy, state: State):
+    """Open a rollout for an agent the trainer runs: its calls sample from `policy` (the run's adapter or the base
+    model, the run's sampling settings), never from a model the agent names by mistake."""
+    if policy.model is not None and policy.model not in state.adapters.current:
+        known = ", ".join(sorted(state.adapters.current)) or "none"
+        raise ApiError(404, "not_found", f"no adapter named {policy.model!r} on this server (adapters: {known}): "
+                       "push it before opening rollouts on it", "model")
+    state.recorder.open(rollout_id, policy)
+    return OkResponse()
+
+
 @router.get("/{rollout_id}", response_model=RolloutRecording)
 async def get_rollout(rollout_id: str, state: State):
     recording = state.recorder.get(rollout_id)
-    return RolloutRecording(rollout_id=rollout_id, sequences=[s.as_response() for s in recording.sequences])
+    if not recording.sequences:
+        raise ApiError(404, "not_found", f"rollout {rollout_id!r} was opened but no chat call reached it: the agent "
+                       f"must send its calls to /rollouts/{rollout_id}/v1 (the base_url it is given)")
+    return RolloutRecording(rollout_id=rollout_id, sequences=[s.as_response() for s in recording.sequences],
+                            policy=recording.policy, overridden=recording.overridden)
 
 
 @router.delete("/{rollout_id}")

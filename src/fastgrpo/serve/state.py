@@ -1,6 +1,7 @@
 """What every router of the server shares: its state, and errors as data."""
 
 import asyncio
+import uuid
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -74,7 +75,8 @@ class ServerState:
     chats: dict = field(default_factory=dict)  # rollouts.chat.ChatTokens per tool set (the OpenAI chat route)
     chat_template: str | None = None  # --chat_template, read: what vLLM's chat renders with, and recordings too
     vllm_api_ready: bool = False  # vLLM's serving classes are on the app (serve/vllm_api.py)
-    abandoned_generations: int = 0  # generations cancelled because their client went away (serve/disconnects.py)
+    abandoned_generations: int = 0
+    instance: str = field(default_factory=lambda: uuid.uuid4().hex)  # new at every start (a restart is another)  # generations cancelled because their client went away (serve/disconnects.py)
 
     def count_abandoned(self) -> None:
         self.abandoned_generations += 1

@@ -39,7 +39,7 @@ from fastgrpo.serve.weights import (
 
 log = logging.getLogger("fastgrpo.serve")
 router = APIRouter(tags=["vLLM's weight transfer"], responses={  # errors in OpenAI's shape, as on vLLM's routes
-    code: {"model": ErrorResponse} for code in (400, 409, 502, 503, 504)})
+    code: {"model": ErrorResponse} for code in (400, 403, 409, 502, 503, 504)})
 State = Annotated[ServerState, Depends(server_state)]
 VLLM_API_OWNER = "vllm-api"  # the group id of a group opened through these routes (they carry none)
 INIT_TIMEOUT_S = 120.0  # for the group to form: the trainer joins it while this request runs
@@ -112,6 +112,10 @@ async def init_weight_transfer_engine(request: Request, state: State,
     engine = state.engine
     if not engine.alive:
         raise ApiError(503, "engine_dead", str(engine.dead_error()))
+    if engine.backend == "ipc":  # its handles are unpickled in the engines: only an owned group may send them
+        raise ApiError(403, "forbidden", "this server takes CUDA IPC pushes through /weights/* only, where the "
+                       "group's owner token guards each push (fastgrpo's VLLMClient); vLLM's weight routes carry no "
+                       "owner", "init_info")
     info = check_fields(engine_class(engine.backend).init_info_cls, init_info, "init_info")
     expected = state.weight_transfer_ranks + 1
     if getattr(info, "world_size", expected) != expected:

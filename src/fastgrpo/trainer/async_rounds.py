@@ -68,6 +68,7 @@ class GeneratedRound:
     prompt_ids: list  # the round's unique prompts, in order (multi-turn: this process's rows)
     completions: Completions | None = None  # (multi-turn: a trainer.multi_turn.RoundRollout)
     error: BaseException | None = None
+    recoverable: bool = False  # its error may pass once a push lands: the trainer generates it again
     seconds: float = 0.0  # spent generating
 
 
@@ -75,12 +76,16 @@ class RoundProducer:
     """Generates rounds start, start + 1, ... in a daemon thread, each once `may_start` allows it.
 
     `prompts_of(r)` gives round r's unique prompts, `generate(prompt_ids, r)` its completions, `trained_at(r)`
-    its first step. The trainer calls `pushed(version)` after each push and `take(r)` at each round."""
+    its first step. The trainer calls `pushed(version)` after each push and `take(r)` at each round.
+
+    A round whose generation fails with an error `recoverable(error)` accepts (the server refused it while a push
+    that failed half-way left its weights mixed, say) is handed over as failed-but-recoverable, and the producer
+    waits for the next push before it goes on; any other error ends the producer, and `take` raises it."""
 
     def __init__(self, prompts_of: Callable[[int], list[list[int]]],
                  generate: Callable[[list[list[int]], int], Completions], trained_at: Callable[[int], int],
-                 start: int, max_staleness: int):
-        self.prompts_of, self.generate = prompts_of, generate
+                 start: int, max_staleness: int, recoverable: Callable[[BaseException], bool] = lambda e: False):
+        self.prompts_of, self.generate, self.recoverable = prompts_of, generate, recoverable
         self.trained_at, self.max_staleness = trained_at, max_staleness
         self.start, self.next_index = start, start
         self.pushed_version: int | None = None
@@ -105,22 +110,30 @@ class RoundProducer:
                     return
                 index = self.next_index
                 self.next_index += 1
+                version = self.pushed_version
             generated = GeneratedRound(index, [])
             began = time.perf_counter()
             try:
                 generated.prompt_ids = self.prompts_of(index)
                 generated.completions = self.generate(generated.prompt_ids, index)
-            except BaseException as exc:  # handed to the trainer, which raises it
+            except BaseException as exc:  # handed to the trainer
                 generated.error = exc
+                generated.recoverable = isinstance(exc, Exception) and self.recoverable(exc)
             generated.seconds = time.perf_counter() - began
             with self.cond:
                 self.rounds[index] = generated
                 self.cond.notify_all()
-            if generated.error is not None:
+                if generated.recoverable:
+                    logger.warning("generating round %d ahead failed (%s); going on after the next push", index,
+                                   generated.error)
+                    while not self.closed and self.pushed_version == version:
+                        self.cond.wait(POLL_S)
+            if generated.error is not None and not generated.recoverable:
                 return
 
     def take(self, index: int) -> GeneratedRound:
-        """Round `index`, waiting for it; raises what its generation raised."""
+        """Round `index`, waiting for it; raises what its generation raised, unless that may pass (then the
+        round comes back with `recoverable` set, for the trainer to generate again)."""
         with self.cond:
             if index < self.start:
                 raise ValueError(f"round {index} comes before the first this producer generates ({self.start})")
@@ -132,7 +145,7 @@ class RoundProducer:
             generated = self.rounds.pop(index)
             for skipped in [i for i in self.rounds if i < index]:  # rounds the trainer went past
                 del self.rounds[skipped]
-        if generated.error is not None:
+        if generated.error is not None and not generated.recoverable:
             raise RuntimeError(f"generating round {index} failed: {generated.error}") from generated.error
         return generated
 

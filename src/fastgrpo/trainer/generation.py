@@ -10,7 +10,9 @@ only).
 
 import contextlib
 import dataclasses
+import logging
 import os
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -18,6 +20,8 @@ import torch
 
 from fastgrpo.transfer import DEFAULT_BUCKET_BYTES, DEFAULT_TIMEOUT_S, WeightControl, Weights
 from fastgrpo.transfer.push import RELOAD_CLEANUP_STEPS
+
+logger = logging.getLogger(__name__)
 
 
 MASK64 = 2**64 - 1
@@ -97,6 +101,22 @@ class GenerationBackend(ABC):
         pass
 
 
+GENERATION_ATTEMPTS = 3
+RETRY_PAUSE_S = 1.0
+
+
+def generation_may_retry(exc: Exception) -> bool:
+    """Whether sending the same generation again may succeed: the connection failed or broke (a restart, a network
+    blip), or the server answered that it is starting or that a proxy in front of it failed. Not a timeout (the
+    same request would take as long: raise vllm_generation_timeout), nor a refusal of the request itself."""
+    from fastgrpo.client import ServerError, ServerUnavailable
+
+    if isinstance(exc, ServerUnavailable):
+        return True
+    return isinstance(exc, ServerError) and (exc.status in (502, 504) or
+                                             (exc.status == 503 and exc.type in ("not_ready", "busy")))
+
+
 class ServerBackend(GenerationBackend):
     """`fastgrpo vllm-serve` over HTTP; weights over the server's collective."""
 
@@ -104,22 +124,42 @@ class ServerBackend(GenerationBackend):
 
     def __init__(self, base_url: str | None, host: str, port: int, timeout: float,
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, api_key: str | None = None, adapter: str | None = None,
-                 adapter_owner: str | None = None):
+                 adapter_owner: str | None = None, request_timeout: float = 600.0):
         from fastgrpo.client import VLLMClient
 
         self.adapter = adapter  # LoRA: generations sample with this adapter (this run's)
         self.adapter_owner = adapter_owner  # the run's token: the server keeps the adapter name for it
+        self.server_timeout = timeout
         if base_url is None and host == "0.0.0.0":
             host = "127.0.0.1"  # the server binds 0.0.0.0; the trainer connects locally
         self.client = VLLMClient(base_url=base_url, host=host, port=port, timeout=timeout, bucket_bytes=bucket_bytes,
-                                 api_key=api_key)
+                                 api_key=api_key, request_timeout=request_timeout)
 
     def generate(self, prompt_ids, sampling, seeds, max_tokens=None) -> Completions:
-        response = self.client.generate(
-            prompt_token_ids=prompt_ids, n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
-            top_k=sampling.top_k if sampling.top_k > 0 else -1, min_p=sampling.min_p,
-            repetition_penalty=sampling.repetition_penalty, max_tokens=sampling.max_tokens, seeds=seeds,
-            adapter=self.adapter, max_tokens_per_prompt=max_tokens, **dict(sampling.extra))
+        """The server's completions. A request that failed for a reason that may pass is sent again, with the same
+        seeds (so the same completions), once the server answers its health check; a server that is not the one
+        the weights were pushed to (it restarted) raises ServerRestarted, for the trainer to push again."""
+        from fastgrpo.client import ServerRestarted
+
+        for attempt in range(1, GENERATION_ATTEMPTS + 1):
+            try:
+                response = self.client.generate(
+                    prompt_token_ids=prompt_ids, n=sampling.n, temperature=sampling.temperature,
+                    top_p=sampling.top_p, top_k=sampling.top_k if sampling.top_k > 0 else -1, min_p=sampling.min_p,
+                    repetition_penalty=sampling.repetition_penalty, max_tokens=sampling.max_tokens, seeds=seeds,
+                    adapter=self.adapter, max_tokens_per_prompt=max_tokens, **dict(sampling.extra))
+                break
+            except Exception as exc:
+                if attempt == GENERATION_ATTEMPTS or not generation_may_retry(exc):
+                    raise
+                logger.warning("generating failed (%s: %s); waiting for the server, then asking again with the same "
+                               "seeds (attempt %d of %d)", type(exc).__name__, exc, attempt + 1, GENERATION_ATTEMPTS)
+                time.sleep(RETRY_PAUSE_S * attempt)
+                self.client.wait_for_server(self.server_timeout)
+        pushed = self.client.pushed_instance
+        if pushed is not None and response.instance != pushed:
+            raise ServerRestarted(f"the server at {self.client.base_url} restarted (process {response.instance}, "
+                                  f"not {pushed} that holds this run's weights): its weights are its checkpoint's")
         return Completions(
             token_ids=[[c.token_ids for c in r.completions] for r in response.results],
             logprobs=[[c.logprobs for c in r.completions] for r in response.results],

@@ -68,6 +68,9 @@ COMPLETION_SEEDS = -7  # generate_completions' seeds: apart from the rounds' (in
 WEIGHT_SYNC_ATTEMPTS = 3  # a push that fails for a reason that may pass is tried again (see sync_weights)
 
 
+SERVER_RESTARTED = "server-restarted"  # in _generate's broadcast: every process pushes again
+
+
 class StaleGenerationError(RuntimeError):
     pass
 
@@ -248,10 +251,12 @@ class GRPOTrainer(Trainer):
         a = self.args
         return ServerBackend(a.vllm_server_base_url, a.vllm_server_host, a.vllm_server_port, a.vllm_server_timeout,
                              bucket_bytes=a.weight_sync_bucket_bytes, api_key=a.vllm_server_api_key,
-                             adapter=self._adapter_name(), adapter_owner=run_identity(a.output_dir))
+                             adapter=self.policy_adapter, adapter_owner=run_identity(a.output_dir),
+                             request_timeout=a.vllm_generation_timeout)
 
-    def _adapter_name(self) -> str | None:
-        """The adapter this run's generations use: its own, when only adapters are pushed."""
+    @property
+    def policy_adapter(self) -> str | None:
+        """The adapter this run's generations use (its own, when only adapters are pushed); None: the base model."""
         return self.lora.name if self.lora is not None and self.lora.adapter_only else None
 
     def _warn_if_sharing_cores(self, backend: ServerBackend) -> None:
@@ -392,11 +397,14 @@ class GRPOTrainer(Trainer):
                         repetition_penalty=a.repetition_penalty, max_tokens=a.max_completion_length,
                         extra=tuple(sorted((a.generation_kwargs or {}).items())))
 
-    def _generate(self, prompt_ids: list[list[int]], num_generations: int, round_index: int, evaluating: bool):
+    def _generate(self, prompt_ids: list[list[int]], num_generations: int, round_index: int, evaluating: bool,
+                  restarts: int = 0):
         """Completions of this process's rows, in row order: (token ids, sampler logprobs or None, whether each
         ended on a stop condition, weights version, each completion's staleness or None when the round was
         generated now). Each prompt of the round samples with its own seed."""
         from accelerate.utils import broadcast_object_list, gather_object
+
+        from fastgrpo.client import ServerRestarted
 
         a, acc = self.args, self.accelerator
         if not self._server_mode():
@@ -416,15 +424,26 @@ class GRPOTrainer(Trainer):
                 raise RuntimeError("a generation batch is not made of whole groups of identical prompts; this is "
                                    "a sampler bug: please report it with your GRPOConfig")
             unique, behind = [g[0] for g in groups], None
-            if a.async_generation and not evaluating:
-                comps, behind = self._take_round(unique, round_index)
-            else:
-                comps = self.backend.generate(unique, self._sampling(num_generations),
-                                              prompt_seeds(a.seed, round_index, len(groups)))
-            payload = [[c for group in comps.token_ids for c in group],
-                       [lp for group in comps.logprobs for lp in group],
-                       [s for group in comps.stopped for s in group], comps.weight_version, behind]
+            try:
+                if a.async_generation and not evaluating:
+                    comps, behind = self._take_round(unique, round_index)
+                else:
+                    comps = self.backend.generate(unique, self._sampling(num_generations),
+                                                  prompt_seeds(a.seed, round_index, len(groups)))
+                payload = [[c for group in comps.token_ids for c in group],
+                           [lp for group in comps.logprobs for lp in group],
+                           [s for group in comps.stopped for s in group], comps.weight_version, behind]
+            except ServerRestarted as exc:  # every process pushes again (a collective), then this generates again
+                if restarts >= 2 or (a.async_generation and not evaluating):
+                    raise
+                payload = [SERVER_RESTARTED, str(exc), None, None, None]
         broadcast_object_list(payload, from_process=0)
+        if payload[0] == SERVER_RESTARTED:
+            logger.warning("%s; pushing this run's weights to it again, then generating round %d again", payload[1],
+                           round_index)
+            self._synced_version = None
+            self.sync_weights()
+            return self._generate(prompt_ids, num_generations, round_index, evaluating, restarts + 1)
         start = acc.process_index * len(prompt_ids)
         rows = slice(start, start + len(prompt_ids))
         return payload[0][rows], payload[1][rows], payload[2][rows], payload[3], payload[4]
@@ -448,15 +467,17 @@ class GRPOTrainer(Trainer):
                 prompts_of=prompts_of,
                 generate=lambda ids, r: backend.generate(ids, sampling, prompt_seeds(a.seed, r, len(ids))),
                 trained_at=lambda r: first_step(r, every, a.gradient_accumulation_steps),
-                start=round_index, max_staleness=bound)
+                start=round_index, max_staleness=bound, recoverable=generation_may_pass)
             self._producer.pushed(self._synced_version)
         generated = self._producer.take(round_index)
         self._metrics["async/generation_seconds"].append(generated.seconds)
         trained = self._synced_version
-        firsts = [v[0] for group in generated.completions.weight_versions for v in group]
-        if generated.prompt_ids != prompt_ids:
+        if generated.recoverable:
+            why = f"its generation failed ({generated.error}), and the push since landed"
+        elif generated.prompt_ids != prompt_ids:
             why = "its prompts are not this round's (the look-ahead over the dataset missed)"
-        elif too_stale(firsts, trained, bound):
+        elif too_stale(firsts := [v[0] for group in generated.completions.weight_versions for v in group], trained,
+                       bound):
             why = (f"completions were generated by weights up to {max(staleness(firsts, trained))} steps older "
                    f"than the trainer's (step {trained}), beyond vllm_max_weight_staleness={bound}")
         else:
@@ -473,7 +494,10 @@ class GRPOTrainer(Trainer):
         staleness (None when the round was generated now)."""
         if self.args.async_generation and not evaluating:
             return self._take_multi_turn_round(prompts, inputs, round_index)
-        return self._run_multi_turn(self.multi_turn, inputs, round_index, self._generator()), None
+        rollout = self._run_multi_turn(self.multi_turn, inputs, round_index, self._generator())
+        for version in sorted(set(rollout.first_versions or [])):  # episodes (or agents) on other weights
+            self._check_version(version)
+        return rollout, None
 
     def _run_multi_turn(self, multi_turn: MultiTurn, inputs: list[dict], round_index: int,
                         backend: GenerationBackend) -> RoundRollout:
@@ -508,13 +532,15 @@ class GRPOTrainer(Trainer):
             self._producer = RoundProducer(
                 prompts_of=rows_of, generate=lambda rows, r: self._run_multi_turn(multi_turn, rows, r, backend),
                 trained_at=lambda r: first_step(r, every, a.gradient_accumulation_steps),
-                start=round_index, max_staleness=bound)
+                start=round_index, max_staleness=bound, recoverable=generation_may_pass)
             self._producer.pushed(self._synced_version)
         generated = self._producer.take(round_index)
         self._metrics["async/generation_seconds"].append(generated.seconds)
         trained, rollout = self._synced_version, generated.completions
-        firsts = rollout.first_versions or []
-        if [x["prompt"] for x in generated.prompt_ids] != prompts:
+        firsts = (rollout.first_versions if rollout is not None else None) or []
+        if generated.recoverable:
+            why = f"its episodes failed ({generated.error}), and the push since landed"
+        elif [x["prompt"] for x in generated.prompt_ids] != prompts:
             why = "its rows are not this round's (the look-ahead over the dataset missed)"
         elif len(firsts) != len(prompts) or too_stale(firsts, trained, bound):
             why = (f"episodes ran on weights up to {max(staleness(firsts, trained), default='?')} steps older than "
@@ -564,6 +590,7 @@ class GRPOTrainer(Trainer):
         if "multi_turn/turns" in totals:
             metrics["multi_turn/turns_mean"].append(totals["multi_turn/turns"].mean().item())
             metrics["multi_turn/turns_max"].append(totals["multi_turn/turns"].max().item())
+            metrics["multi_turn/step_timeouts"].append(totals["multi_turn/step_timeouts"].sum().item())
         generated, env = totals["completions/generated_tokens"], totals["completions/env_tokens"]
         metrics["completions/generated_tokens_mean"].append(generated.mean().item())
         metrics["completions/env_tokens_mean"].append(env.mean().item())
@@ -982,6 +1009,18 @@ class GRPOTrainer(Trainer):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             self.accelerator.wait_for_everyone()  # no rank tears the group down under another's collective
             self.accelerator.end_training()
+
+
+def generation_may_pass(exc: Exception) -> bool:
+    """Whether a generation that failed may succeed once the next push lands: the server refused it because a push
+    that failed half-way left its weights mixed (the trainer pushes again, and retries a failed push)."""
+    from fastgrpo.client import ServerError
+
+    while exc is not None:
+        if isinstance(exc, ServerError):
+            return exc.status == 503 and exc.type == "weights_inconsistent"
+        exc = exc.__cause__
+    return False
 
 
 def _may_pass(exc: Exception) -> bool:

@@ -19,7 +19,8 @@ from fastgrpo.rollouts.tool_calls import parser_for
 from fastgrpo.rollouts.tools import ToolRunner
 
 FAILURE_KINDS = ("parse", "unknown_tool", "bad_arguments", "raised", "timeout", "too_large")
-ROLLOUT_FUNC_KEYS = ("prompt_ids", "completion_ids", "logprobs", "env_mask")
+# TRL's keys, and ours: `weight_versions` ([first, last] per row, from agents recorded by the server).
+ROLLOUT_FUNC_KEYS = ("prompt_ids", "completion_ids", "logprobs", "env_mask", "weight_versions")
 
 
 @dataclass
@@ -111,7 +112,8 @@ class MultiTurn:
                              "the same tools")
         episodes = run_episodes(prompt_ids, envs, generate, chats[0] if chats else None,
                                 lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
-                                a.max_completion_length, seed_of)
+                                a.max_completion_length, seed_of, a.environment_step_timeout,
+                                a.environment_concurrency)
         return self._round(episodes, user_envs)
 
     def _round(self, episodes: list[Episode], user_envs: list) -> RoundRollout:
@@ -120,6 +122,7 @@ class MultiTurn:
             "multi_turn/turns": [float(e.turns) for e in episodes],
             "completions/generated_tokens": [float(e.generated_tokens) for e in episodes],
             "completions/env_tokens": [float(len(e.mask) - e.generated_tokens) for e in episodes],
+            "multi_turn/step_timeouts": [float(e.step_timed_out) for e in episodes],
         }
         if self.uses_tools:
             per_row["tools/calls"] = [float(e.tool_calls) for e in episodes]
@@ -170,13 +173,17 @@ class MultiTurn:
         if logps is not None:  # the mask's zeros are not the model's: their logprobs are never used
             logps = [[lp if m else 0.0 for lp, m in zip(row, mask)] for row, mask in zip(logps, masks)]
         stopped = list(out.get("stopped") or [len(c) < limit for c in completion_ids])
+        versions = out.get("weight_versions")
+        if versions is not None and (len(versions) != n or not all(v and len(v) == 2 for v in versions)):
+            raise ValueError("rollout_func's weight_versions needs [first, last] weight version per row")
         extra = {k: list(v) for k, v in out.items() if k not in ROLLOUT_FUNC_KEYS + ("stopped",)}
         texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
         conversational = isinstance(prompts[0], list)
         completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
         per_row = {"completions/generated_tokens": [float(sum(m)) for m in masks],
                    "completions/env_tokens": [float(len(m) - sum(m)) for m in masks]}
-        return RoundRollout(prompt_ids, completion_ids, masks, logps, stopped, None, completions, extra, per_row)
+        return RoundRollout(prompt_ids, completion_ids, masks, logps, stopped, None, completions, extra, per_row,
+                            first_versions=[int(v[0]) for v in versions] if versions is not None else None)
 
 
 def turn_generator(backend, sampling) -> callable:

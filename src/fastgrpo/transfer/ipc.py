@@ -9,7 +9,9 @@ push is confirmed.
 
 The handles travel pickled (vLLM's HTTP form), which the workers unpickle only
 with VLLM_ALLOW_INSECURE_SERIALIZATION=1: the server sets it for its engines when
-started with `--weight_transfer_backend ipc`, and takes pushes from loopback only.
+started with `--weight_transfer_backend ipc`, which then needs `--api_key` (refused at start
+without one), takes pushes from loopback only, through /weights/* (each guarded by the
+group owner's token), never through vLLM's weight routes.
 """
 
 import base64
