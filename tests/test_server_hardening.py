@@ -39,10 +39,11 @@ FUZZ_CHECKS = "not_a_server_error,response_schema_conformance,status_code_confor
 
 @pytest.fixture(scope="module")
 def server(server_factory, tiny_qwen2):
-    # DP=2: the fuzzing below runs against vLLM's data parallelism, where requests are routed to ranks.
+    # DP=2 and LoRA on: the fuzzing below runs against vLLM's data parallelism, where requests are routed to
+    # ranks, and reaches the adapter routes too.
     return server_factory(["--model", tiny_qwen2, "--dtype", "float32", "--max-model-len", "128",
                            "--kv-cache-space", "1", "--request-body-timeout", str(BODY_TIMEOUT_S),
-                           "--data-parallel-size", "2"])
+                           "--data-parallel-size", "2", "--enable-lora", "--max-lora-rank", "8"])
 
 
 @pytest.fixture(scope="module")
@@ -220,6 +221,7 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(server, hf_m
     assert result.returncode == 0, output[-6000:]
     cases = re.search(r"(\d+) generated, (\d+) passed", output)
     assert cases and cases[1] == cases[2] and int(cases[1]) > 100, output[-3000:]
+    print(f"schemathesis, {seconds} s: {cases[0]}")  # shown with pytest -rA
     # The server still serves, with the weights it had.
     with VLLMClient(base_url=server.base_url, timeout=60) as c:
         assert c.health()["status"] == "ok"
