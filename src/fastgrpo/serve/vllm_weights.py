@@ -72,10 +72,11 @@ class VllmPush:
         self.state, self.was_consistent = state, was_consistent
         self.names: list[str] = []
         self.touched = time.monotonic()
+        self.loading = 0  # /update_weights or /finish_weight_update calls running: the push is not idle
         self.idle = asyncio.create_task(self._fail_when_idle())
 
     async def _fail_when_idle(self) -> None:
-        while time.monotonic() - self.touched < PUSH_IDLE_S:
+        while self.loading or time.monotonic() - self.touched < PUSH_IDLE_S:
             await asyncio.sleep(1.0)
         log.warning("a push through vLLM's weight routes saw no call for %.0f s: failed, engines released",
                     PUSH_IDLE_S)
@@ -182,11 +183,14 @@ async def update_weights(state: State, update_info: Annotated[dict[str, Any], Bo
     if problems:  # before any collective: the trainer's send then fails on its side, not in the engines
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise ApiError(400, "invalid_request", "; ".join(problems[:5]) + more, "update_info")
+    push.loading += 1
     try:
         await state.engine.each("update_weights", WeightTransferUpdateRequest(update_info=update_info),
                                 timeout=LOAD_TIMEOUT_S)
     except Exception as exc:
         raise await push.fail(exc) from None
+    finally:
+        push.loading -= 1
     push.names += names
     push.touched = time.monotonic()
     return {"message": "Weights updated"}
@@ -201,10 +205,13 @@ async def finish_weight_update(state: State, weight_version: Annotated[str | Non
             raise ApiError(400, "invalid_request", f"weight_version {weight_version!r}: this server numbers "
                            "versions; send a whole number >= 0, or leave it out for the next one", "weight_version")
         version = int(weight_version)
+    push.loading += 1
     try:
         await finish_load(state, push.names, push.was_consistent, version)
     except Exception as exc:
         raise await push.fail(exc) from None
+    finally:
+        push.loading -= 1
     await push.end()
     return {"message": "Weight update finished", "weight_version": state.weight_version}
 
