@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 
-from layouts import MATRIX, RAGGED, launch, run_layout  # noqa: E402
+from layouts import GRAD_RTOL, LOSS_RTOL, MATRIX, RAGGED, compare, launch, run_layout  # noqa: E402
 
 IN_SUITE = [
     "ddp, ragged, seed 1, 6 steps",
@@ -68,6 +68,29 @@ def test_a_mismatched_collective_fails_in_bounded_time_and_names_the_rank(server
     assert message, result.stderr[-6000:]
     assert int(message.group(3)) == 2
     assert "ddp_timeout=20 s" in result.stderr and "TORCH_DISTRIBUTED_DEBUG=DETAIL" in result.stderr
+
+
+@pytest.mark.slow
+def test_a_rank_killed_during_a_push_ends_the_run_in_seconds_and_a_resume_continues_exactly(server, tiny_qwen2,
+                                                                                           tmp_path):
+    """Rank 1 dies (SIGKILL) while rank 0 pushes step 2's weights: the launch must end within seconds naming the
+    rank, the server must serve no mixed weights, and a resume from the last checkpoint (step 1's: step 2's push
+    comes before step 2's checkpoint) must train steps 2 and 3 as the uninterrupted run did."""
+    spec = {"model": tiny_qwen2, "port": port_of(server), "steps": 3, "save_steps": 1}
+    whole = launch(spec, 2, tmp_path / "whole", limit_s=600)
+    assert whole.returncode == 0, whole.report()
+    killed = launch({**spec, "kill_in_push": 2}, 2, tmp_path / "killed", limit_s=300)
+    assert killed.returncode != 0 and not killed.hung, killed.report()
+    assert killed.seconds < 150, killed.seconds
+    assert re.search(r"rank\s*:\s*1|local_rank: 1", killed.stderr) and "SIGKILL" in killed.stderr, killed.stderr[-4000:]
+    assert not (tmp_path / "killed" / "checkpoint-2").exists()
+    resumed = launch({**spec, "resume_from": str(tmp_path / "killed" / "checkpoint-1"), "save_steps": None}, 2,
+                     tmp_path / "resumed", limit_s=600)
+    assert resumed.returncode == 0, resumed.report()
+    numbers = compare(whole, resumed, 2, first_step=1, first_round=1, whole_processes=2)
+    assert numbers["gradient"] < GRAD_RTOL and numbers["loss"] < LOSS_RTOL and numbers["rewards_equal"], numbers
+    # The killed push left no mixed weights behind: after each resumed step the server holds the trainer's.
+    assert max(resumed.summary()["probe_gaps"]) < 2e-3
 
 
 # --- the pieces, without processes ----------------------------------------------------------------------

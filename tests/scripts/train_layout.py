@@ -28,7 +28,7 @@ DEFAULTS = dict(per_device=4, num_generations=4, max_completion_length=16, stops
                 seed=3, ga=1, steps_per_generation=None, rollouts="single_turn", lora=False, async_=False,
                 eval=False, resume_from=None, save_steps=None, loss_type="dapo", top_entropy_quantile=1.0,
                 ddp_timeout=600, hang_after=900, mismatch_at=None, beta=0.0, use_vllm=True, eval_per_device=4,
-                use_cpu=True)
+                use_cpu=True, kill_in_push=None)
 
 
 def fsdp_on_cpu() -> None:
@@ -122,6 +122,29 @@ class Mismatch(TrainerCallback):
             torch.distributed.all_reduce(torch.ones(1))
 
 
+def killed_in_push(trainer, version: int) -> None:
+    """For the fault test: rank 1 dies (SIGKILL) while rank 0 pushes weights version `version` to the server."""
+    import signal
+    import threading
+
+    push = trainer.sync_weights
+
+    def sync_weights():
+        if trainer.state.global_step == version:
+            if trainer.accelerator.process_index == 1:
+                os.kill(os.getpid(), signal.SIGKILL)
+            started = trainer.backend.sync_weights
+
+            def slow_push(weights, v):  # rank 0: still pushing when rank 1 dies
+                threading.Event().wait(1.0)
+                return started(weights, v)
+
+            trainer.backend.sync_weights = slow_push
+        return push()
+
+    trainer.sync_weights = sync_weights
+
+
 def reference_is_sharded(trainer) -> bool | None:
     """Whether this rank holds only a share of each reference parameter (None: no reference model)."""
     if trainer.ref_model is None:
@@ -183,6 +206,8 @@ def main() -> None:
         trainer.add_callback(probe)  # after the weight-sync callback: sees the pushed weights
     if spec["mismatch_at"] is not None:
         trainer.add_callback(Mismatch(trainer, spec["mismatch_at"]))
+    if spec["kill_in_push"] is not None:
+        killed_in_push(trainer, spec["kill_in_push"])
     trainer.train(resume_from_checkpoint=spec["resume_from"])
     rank = trainer.accelerator.process_index
     torch.save(advantages, f"{out}/advantages_{rank}.pt")
