@@ -1,5 +1,5 @@
 """Faults injected into real runs: the server killed in the middle of an async round, the server frozen
-(SIGSTOP) past the timeouts. Each must end the run within seconds with a message naming the cause, never a hang
+(SIGSTOP) past the timeouts, the disk filling up during a checkpoint. Each must end the run within seconds with a message naming the cause, never a hang
 and never training on wrong weights; a run resumed afterwards goes on from its checkpoint.
 
 Elsewhere: a push with another trainer's group id (test_server_hardening.py), an agent call naming a model the
@@ -8,10 +8,11 @@ server does not serve (test_vllm_api.py), a push that breaks half-way (test_trai
 
 import os
 import signal
+import subprocess
 import time
 
 import pytest
-from test_trainer import base_config, reward_digits, tiny_dataset
+from test_trainer import LOSS_RTOL, base_config, reward_digits, tiny_dataset
 from transformers import TrainerCallback
 
 from fastgrpo import GRPOTrainer
@@ -96,3 +97,48 @@ def test_a_frozen_server_fails_the_run_after_the_timeouts_naming_them(transient_
     # Step 2 begins with its push: each attempt's request gets no answer within vllm_generation_timeout.
     assert "no answer within 3 s" in message and "vllm_generation_timeout" in message, message
     assert waited < 60, waited
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 MiB tmpfs (a real full disk: ENOSPC), where this machine lets the tests mount one."""
+    folder = tmp_path / "small-disk"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()}): the full-disk test needs one")
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def test_a_disk_that_fills_during_a_checkpoint_fails_naming_it_and_a_resume_continues_exactly(
+        server_factory, tiny_qwen2, tmp_path, small_disk):
+    server = server_factory(server_args(tiny_qwen2))
+    filler = small_disk / "filler"
+
+    def fill_the_disk():  # after checkpoint-1: what is left of the disk goes, so checkpoint-2 cannot be written
+        with open(filler, "wb") as f:
+            try:
+                while True:
+                    f.write(b"\0" * (1 << 20))
+            except OSError:
+                pass
+
+    class AfterSave(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                fill_the_disk()
+
+    began = time.monotonic()
+    with pytest.raises(Exception, match="No space left on device") as error:
+        run(tmp_path, tiny_qwen2, server.port, small_disk / "split", AfterSave())
+    assert "checkpoint-2" in str(error.value) and "checkpoint-1" in str(error.value)
+    assert time.monotonic() - began < 120
+    assert sorted(p.name for p in small_disk.joinpath("split").glob("checkpoint-*")) == ["checkpoint-1"]
+    filler.unlink()  # space again: the resume starts from checkpoint-1 and trains as the uninterrupted run
+    resumed = run(tmp_path, tiny_qwen2, server.port, small_disk / "split", resume=True)
+    full = run(tmp_path, tiny_qwen2, server.port, tmp_path / "full")
+    assert sorted(resumed) == [1, 2, 3, 4]
+    for step in (2, 3, 4):
+        assert resumed[step]["loss"] == pytest.approx(full[step]["loss"], rel=LOSS_RTOL, abs=1e-7), step
+        assert resumed[step]["grad_norm"] == pytest.approx(full[step]["grad_norm"], rel=LOSS_RTOL), step

@@ -16,6 +16,7 @@ import contextlib
 import copy
 import logging
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -66,6 +67,10 @@ logger = logging.getLogger(__name__)
 ROUND_STATE = "fastgrpo_round_state_{rank}.pt"  # in each checkpoint folder, one per process
 COMPLETION_SEEDS = -7  # generate_completions' seeds: apart from the rounds' (indices >= 0) and evaluation's
 WEIGHT_SYNC_ATTEMPTS = 3  # a push that fails for a reason that may pass is tried again (see sync_weights)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (a full disk, say); the half-written folder is gone."""
 
 
 SERVER_RESTARTED = "server-restarted"  # in _generate's broadcast: every process pushes again
@@ -839,13 +844,24 @@ class GRPOTrainer(Trainer):
     def _save_checkpoint(self, model, trial):
         """Trainer's checkpoint, plus what makes a resume exact: the buffered round (it may serve steps still
         to come), the micro-step counter and the token count. One file per process: rounds are per process."""
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-        super()._save_checkpoint(model, trial)
-        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        os.makedirs(folder, exist_ok=True)
-        torch.save({"step": self._step, "total_tokens": self._total_tokens, "buffered": self._buffered},
-                   os.path.join(folder, ROUND_STATE.format(rank=self.accelerator.process_index)))
+        run_dir = self._get_output_dir(trial=trial)
+        folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        try:
+            super()._save_checkpoint(model, trial)
+            os.makedirs(folder, exist_ok=True)
+            torch.save({"step": self._step, "total_tokens": self._total_tokens, "buffered": self._buffered},
+                       os.path.join(folder, ROUND_STATE.format(rank=self.accelerator.process_index)))
+        except OSError as exc:
+            # Trainer writes into the folder itself: a half-written one would be the "latest" a resume picks.
+            shutil.rmtree(folder, ignore_errors=True)
+            last = get_last_checkpoint(run_dir) if os.path.isdir(run_dir) else None
+            raise CheckpointError(
+                f"saving {os.path.basename(folder)} in {run_dir} failed ({exc.strerror or exc}): the half-written "
+                f"folder was removed, so resume_from_checkpoint=True starts from the last complete one "
+                f"({os.path.basename(last) if last else 'none yet'}). Free space on that disk, or set output_dir "
+                "on another one, and resume.") from exc
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
         from transformers.trainer_utils import get_last_checkpoint
