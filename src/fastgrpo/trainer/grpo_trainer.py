@@ -499,8 +499,15 @@ class GRPOTrainer(Trainer):
         staleness (None when the round was generated now)."""
         if self.args.async_generation and not evaluating:
             return self._take_multi_turn_round(prompts, inputs, round_index)
+        from accelerate.utils import gather_object
+
         rollout = self._run_multi_turn(self.multi_turn, inputs, round_index, self._generator())
-        for version in sorted(set(rollout.first_versions or [])):  # episodes (or agents) on other weights
+        # Episodes (or agents) on weights the trainer did not push: every rank checks every rank's versions, so all
+        # raise together (one rank alone would leave the others waiting in the next collective).
+        versions = sorted(set(rollout.first_versions or []))
+        if self.accelerator.num_processes > 1:
+            versions = sorted({v for rank in gather_object([versions]) for v in rank})
+        for version in versions:
             self._check_version(version)
         return rollout, None
 
