@@ -3,8 +3,8 @@
 The routes in VLLM_ROUTES are vLLM's, as `vllm serve` has them: the OpenAI API (streaming, logprobs and
 top_logprobs, structured outputs, every tool-call and reasoning parser vLLM ships), /tokenize, /detokenize,
 /version, Prometheus /metrics, the token-in-token-out /inference/v1/generate, and the RL routes TRL's client
-calls (/get_world_size, /server_info, /pause, /resume, /is_paused); serve/weights.py answers vLLM's four weight
-routes with our push machinery.
+calls (/get_world_size, /server_info, /pause, /resume, /is_paused); serve/vllm_weights.py answers vLLM's four
+weight routes with our push machinery.
 
 vLLM's serving classes talk to an engine client; they get `AdmittedEngine`: our AsyncLLM with `generate`
 changed so that each generation is admitted like /generate's (serve/admission.py), ends with a 503 when the
@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from fastgrpo.serve.admission import Ticket, admit, check_not_mixed, release
 from fastgrpo.serve.engines import refused_request
 from fastgrpo.serve.state import ApiError, ServerState
+from fastgrpo.serve.vllm_weights import router as vllm_weight_routes
 
 log = logging.getLogger("fastgrpo.serve")
 
@@ -35,10 +36,8 @@ VLLM_ROUTES = {
 }
 # Generation routes: a Tap each, and weight versions in their answers.
 TAPPED_PATHS = ("/v1/completions", "/v1/chat/completions")
-# vLLM's weight routes, answered by serve/vllm_weights.py.
-VLLM_WEIGHT_PATHS = ("/init_weight_transfer_engine", "/start_weight_update", "/update_weights",
-                     "/finish_weight_update")
-OPENAI_SHAPED_PATHS = {path for _, path in VLLM_ROUTES} | set(VLLM_WEIGHT_PATHS)
+# ... and vLLM's weight routes, which serve/vllm_weights.py answers.
+OPENAI_SHAPED_PATHS = {path for _, path in VLLM_ROUTES} | {route.path for route in vllm_weight_routes.routes}
 
 
 def is_recorded_chat(path: str) -> bool:
