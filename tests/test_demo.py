@@ -71,6 +71,7 @@ use_cpu: true
 report_to: []
 save_strategy: "no"
 lr_scheduler_type: constant
+logging_steps: 1
 """)
     result = subprocess.run([sys.executable, "-m", "fastgrpo.cli", "grpo", "--config", str(spec), "learning_rate=1e-4"],
                             capture_output=True, text=True, timeout=600)

@@ -174,10 +174,8 @@ def test_group_advantages_match_reference(scale):
         start = i // group_size * group_size
         assert close(group_std, statistics.stdev(rows(rewards)[start : start + group_size]))
     assert close(stats["reward"].item(), statistics.fmean(rows(rewards)))
-    if scale == "batch":
-        assert close(stats["reward_std"].item(), statistics.stdev(rows(rewards)))
-    else:
-        assert close(stats["reward_std"].item(), statistics.fmean(rows(stats["group_std"])))
+    # TRL 1.16 logs the std of the batch's rewards in every mode.
+    assert close(stats["reward_std"].item(), statistics.stdev(rows(rewards)))
 
 
 def test_group_advantages_sum_to_zero_per_group():
@@ -192,8 +190,8 @@ def test_group_advantages_sum_to_zero_per_group():
 def test_group_advantages_errors():
     with pytest.raises(ValueError, match=r"number of completions \(10\) must be a multiple of num_generations \(4\)"):
         group_advantages(torch.zeros(10), 4)
-    with pytest.raises(ValueError, match="num_generations must be at least 2"):
-        group_advantages(torch.zeros(4), 1)
+    with pytest.raises(ValueError, match="num_generations must be at least 1"):
+        group_advantages(torch.zeros(4), 0)
     with pytest.raises(ValueError, match="scale_rewards must be one of"):
         group_advantages(torch.zeros(4), 2, "mean")
     with pytest.raises(ValueError, match="rewards must be 1-D"):
@@ -205,7 +203,7 @@ def test_weighted_rewards_match_reference():
     per_func = [
         [1.0, 0.5, nan],
         [0.0, nan, nan],
-        [nan, nan, nan],  # no function applies: reward 0
+        [nan, nan, nan],  # no function applies: unscorable, reward NaN
         [2.0, -1.0, 3.0],
         [nan, 0.25, 1.0],
     ]
@@ -213,9 +211,11 @@ def test_weighted_rewards_match_reference():
     rewards, stats = weighted_rewards(torch.tensor(per_func, dtype=torch.float64), torch.tensor(weights))
 
     for got, row in zip(rows(rewards), per_func):
+        if all(math.isnan(r) for r in row):
+            assert math.isnan(got)
+            continue
         want = sum(w * r for w, r in zip(weights, row) if not math.isnan(r))
         assert close(got, want)
-    assert rows(rewards)[2] == 0.0
     for f in range(3):
         applied = [row[f] for row in per_func if not math.isnan(row[f])]
         assert close(stats["mean"][f].item(), statistics.fmean(applied))

@@ -32,13 +32,13 @@ STOPS = list(range(100, 140))  # about a tenth of the tiny vocabulary: most turn
 
 @pytest.fixture(scope="module")
 def server(server_factory, tiny_qwen2):
-    return server_factory(["--model", tiny_qwen2, "--dtype", "float32", "--max-model-len", "512"])
+    return server_factory(["--model", tiny_qwen2, "--dtype", "float32", "--max-model-len", "2048"])
 
 
 def config(tmp_path, server, **overrides) -> GRPOConfig:
     port = int(server.base_url.rsplit(":", 1)[1])
     settings = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_generations=4,
-                    max_completion_length=96, max_prompt_length=256, learning_rate=5e-3, max_steps=1,
+                    max_completion_length=96, learning_rate=5e-3, max_steps=1,
                     logging_steps=1, save_strategy="no", report_to=[], seed=0, use_cpu=True, bf16=False,
                     disable_tqdm=True, use_vllm=True, vllm_mode="server", vllm_server_host="127.0.0.1",
                     vllm_server_port=port, generation_kwargs={"stop_token_ids": STOPS})
@@ -244,7 +244,7 @@ def test_a_tool_that_raises_hangs_or_returns_a_megabyte_is_an_error_result_not_a
     trainer = GRPOTrainer(tiny_qwen2, [keep_texts, length_reward],
                           # The tiny tokenizer spends about a token per character: room for three error results.
                           args=config(tmp_path, server, max_steps=2, max_tool_calling_iterations=1, tool_timeout=0.2,
-                                      max_prompt_length=64, max_completion_length=440),
+                                      max_completion_length=440),
                           train_dataset=questions(), tools=[raises, hangs, megabyte], tool_call_parser=calls_all_three)
     began = time.perf_counter()
     trainer.train()
@@ -303,6 +303,73 @@ def test_an_environments_turn_rewards_sum_into_the_reward(server, tiny_qwen2, tm
     metrics = trainer.state.log_history[0]
     assert metrics["rewards/env_reward/mean"] == pytest.approx(sum(expected) / len(expected), abs=1e-5)
     assert metrics["multi_turn/turns_max"] == 3
+
+
+class Adder:
+    """TRL's style (a reset, tool methods, a get_reward), for a dict environment_factory."""
+
+    episodes = []
+
+    def reset(self, **row):
+        self.total = 0
+        Adder.episodes.append(self)
+
+    def add(self, a: int, b: int) -> int:
+        """Add two integers.
+
+        Args:
+            a: the first
+            b: the second
+        """
+        self.total = a + b
+        return a + b
+
+    def get_reward(self) -> float:
+        return self.total / 100
+
+
+class Echo:
+    episodes = []
+
+    def reset(self, **row):
+        Echo.episodes.append(self)
+
+    def echo(self, text: str) -> str:
+        """Say it back.
+
+        Args:
+            text: what to say
+        """
+        return text
+
+    async def get_reward(self) -> float:
+        return 0.5
+
+
+def calls_add(text: str) -> ParsedTurn:
+    return ParsedTurn("", [ToolCall("add", {"a": len(text), "b": 1})])
+
+
+@pytest.mark.slow
+def test_a_dict_of_environments_owns_its_rewards_without_reward_funcs(server, tiny_qwen2, tmp_path):
+    """Each example's `environment` picks its environment; each environment class with a get_reward is a reward
+    function (TRL's), so no reward_funcs are needed. Every turn calls `add`: a tool of Adder, unknown to Echo."""
+    Adder.episodes, Echo.episodes = [], []
+    data = Dataset.from_dict({"prompt": [[{"role": "user", "content": "Add."}], [{"role": "user", "content": "Echo."}]],
+                              "environment": ["add", "echo"]})
+    trainer = GRPOTrainer(tiny_qwen2, None, args=config(tmp_path, server, max_tool_calling_iterations=1),
+                          train_dataset=data, environment_factory={"add": Adder, "echo": Echo},
+                          tool_call_parser=calls_add)
+    assert trainer.reward_func_names == ["Adder", "Echo"]
+    trainer.train()
+    trainer.close()
+    assert len(Adder.episodes) == len(Echo.episodes) == 4  # the round's two prompts, four episodes each
+    metrics = trainer.state.log_history[0]
+    assert metrics["rewards/Adder/mean"] == pytest.approx(sum(e.get_reward() for e in Adder.episodes) / 4)
+    assert all(e.total > 1 for e in Adder.episodes)  # every Adder episode ran its call
+    assert metrics["rewards/Echo/mean"] == 0.5 and "rewards/env_reward/mean" not in metrics
+    # One call per episode (the next turn's are past max_tool_calling_iterations): Echo's fail, Adder's do not.
+    assert metrics["tools/call_frequency"] == 1.0 and metrics["tools/failure_frequency"] == 0.5
 
 
 def check_rows_are_episodes(rows, episodes) -> None:

@@ -416,3 +416,266 @@ def test_a_turns_tool_calls_run_at_once_and_async_tools_run_as_coroutines():
     results = runner.run_all(calls)
     assert meeting.most == 3 and [r.content for r in results] == ["A", "B", "C", "fetched d"]
     assert all(r.failure is None for r in results)
+
+
+def test_async_tools_of_one_turn_run_at_once_on_one_loop_and_past_the_timeout_are_cancelled():
+    import asyncio
+
+    seen = {"loops": set(), "cancelled": 0}
+
+    async def nap(seconds: float) -> str:
+        """Sleeps.
+
+        Args:
+            seconds: how long
+        """
+        seen["loops"].add(id(asyncio.get_running_loop()))
+        try:
+            await asyncio.sleep(seconds)
+        except asyncio.CancelledError:
+            seen["cancelled"] += 1
+            raise
+        return "rested"
+
+    async def doze(seconds: float) -> str:
+        """Sleeps too.
+
+        Args:
+            seconds: how long
+        """
+        return await nap(seconds)
+
+    runner = ToolRunner([nap, doze], timeout_s=2.0)
+    began = time.perf_counter()
+    results = runner.run_all([ToolCall("nap", {"seconds": 0.5}), ToolCall("doze", {"seconds": 0.5})])
+    assert time.perf_counter() - began < 0.8  # together, not one after the other (1 s)
+    assert [r.content for r in results] == ["rested", "rested"]
+    runner.run_all([ToolCall("nap", {"seconds": 0.0})])
+    assert len(seen["loops"]) == 1  # every call on one loop (TRL's way): what one call makes serves the next
+    short = ToolRunner([nap], timeout_s=0.2)
+    (late,) = short.run_all([ToolCall("nap", {"seconds": 30})])
+    assert late.failure == "timeout" and short.abandoned == 0
+    deadline = time.monotonic() + 2
+    while not seen["cancelled"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert seen["cancelled"] == 1  # a coroutine past the timeout is stopped, not left running
+
+
+MALFORMED_TURN = ('<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call>'  # a call
+                  '<tool_call>{"name": "nope", "arguments": {}}</tool_call>'  # a call to no tool: failed
+                  '<tool_call>{"name": "add", "arguments": {"a": 1}}</tool_call>'  # bad arguments: failed
+                  '<tool_call>{"name": "fails", "arguments": {"x": "y"}}</tool_call>'  # raises: failed
+                  '<tool_call>{"name": "add", "arguments": [1, 2]}</tool_call>'  # arguments not an object: failed
+                  '<tool_call>{"name": add}</tool_call>'  # not JSON: no call at all (TRL's parser gives text)
+                  '<tool_call>{"name": "add"')  # never closed: no call either
+
+
+def test_malformed_tool_calls_are_counted_as_trl_counts_them():
+    step = ToolEnvironment(ToolRunner([add, fails], timeout_s=2.0)).step(MALFORMED_TURN)
+    assert step.tool_calls == 5
+    assert step.tool_failures == ["unknown_tool", "bad_arguments", "raised", "bad_arguments", "parse", "parse"]
+    assert [m["content"].startswith("Error:") for m in step.messages] == [False] + [True] * 6  # all are told
+
+
+def multi_turn_of(tokenizer, tmp_path, **kw):
+    from fastgrpo.trainer.multi_turn import MultiTurn
+
+    args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, use_cpu=True,
+                      bf16=False, report_to=[], max_completion_length=2048, tool_timeout=2.0)
+    return MultiTurn(tokenizer, args, **kw)
+
+
+def writes(tokenizer, scripts):
+    """A generator whose episode i writes scripts[i][k] as its k-th turn (ending on <|im_end|>); run it with
+    seed_of=SEED_OF, which tells it the episode and turn."""
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    def generate(prompts, budgets, seeds):
+        turns = []
+        for seed in seeds:
+            ids = tokenizer(scripts[seed // 100][seed % 100], add_special_tokens=False)["input_ids"] + [end]
+            turns.append(Turn(ids, [-0.5] * len(ids), True))
+        return turns
+
+    return generate
+
+
+def SEED_OF(i, turn):
+    return 100 * i + turn
+
+
+def question(n):
+    return [[{"role": "user", "content": "Go."}] for _ in range(n)]
+
+
+def trainer_metrics(rollout) -> dict:
+    """What the trainer logs of a round's per-row metrics (its own function, on one process)."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    import torch
+
+    from fastgrpo.trainer.grpo_trainer import GRPOTrainer
+
+    one_process = SimpleNamespace(accelerator=SimpleNamespace(device=torch.device("cpu"), gather=lambda t: t))
+    metrics = defaultdict(list)
+    GRPOTrainer._log_multi_turn(one_process, metrics, rollout)
+    return {k: v[0] for k, v in metrics.items()}
+
+
+def test_tool_metrics_are_trls_and_there_on_a_round_where_no_episode_called_a_tool(tokenizer, tmp_path):
+    multi_turn = multi_turn_of(tokenizer, tmp_path, tools=[add, fails])
+    rollout = multi_turn.run(None, question(2), [{}, {}], writes(tokenizer, [[MALFORMED_TURN, "7"], ["5"]]), SEED_OF)
+    assert rollout.per_row["tools/calls"] == [5.0, 0.0] and rollout.per_row["tools/failures"] == [4.0, 0.0]
+    metrics = trainer_metrics(rollout)
+    assert metrics["tools/call_frequency"] == 2.5  # calls per episode
+    assert metrics["tools/failure_frequency"] == pytest.approx(0.8)  # failed calls / calls: 4 / 5
+    assert metrics["tools/failures/parse"] == 1.0 and metrics["tools/failures/bad_arguments"] == 1.0  # per episode
+    quiet = multi_turn.run(None, question(2), [{}, {}], writes(tokenizer, [["5"], ["6"]]), SEED_OF)
+    metrics = trainer_metrics(quiet)
+    assert metrics["tools/call_frequency"] == 0.0 and metrics["tools/failure_frequency"] == 0.0
+
+
+class Calculator:
+    """TRL's style: a reset, tool methods, and the reward its state gives."""
+
+    made = 0
+
+    def __init__(self):
+        Calculator.made += 1
+        self.total = 0
+
+    def reset(self, **row):
+        self.row, self.total = row, 0
+
+    def add(self, a: int, b: int) -> int:
+        """Add two integers.
+
+        Args:
+            a: the first
+            b: the second
+        """
+        self.total += a + b
+        return a + b
+
+    def get_reward(self) -> float:
+        return float(self.total)
+
+    @property
+    def expensive(self):  # never read to find the tools
+        raise AssertionError("a property was evaluated")
+
+
+class Speller:
+    def reset(self, word, **row):
+        self.word, self.spelled = word, ""
+        return f"Spell {word}."
+
+    async def spell(self, letters: str) -> str:
+        """Spell a word.
+
+        Args:
+            letters: the word's letters
+        """
+        self.spelled = letters
+        return "-".join(letters)
+
+    async def get_reward(self) -> float:
+        return 1.0 if self.spelled == self.word else 0.0
+
+
+class Pays(Environment):
+    """A step environment with no get_reward: its steps' rewards are its reward (env_reward)."""
+
+    def step(self, turn):
+        return StepResult(reward=2.0, done=True)
+
+
+def call(name, **arguments):
+    return f"<tool_call>{json.dumps({'name': name, 'arguments': arguments})}</tool_call>"
+
+
+def test_a_dict_of_environments_routes_each_example_to_its_environment_tools_and_reward(tokenizer, tmp_path):
+    import math
+
+    from fastgrpo.trainer.rewards import compute_rewards, env_reward
+
+    Calculator.made = 0
+    multi_turn = multi_turn_of(tokenizer, tmp_path, environment_factory={"calc": Calculator, "spell": Speller,
+                                                                          "pay": Pays})
+    assert Calculator.made == 1  # probed once at construction, as TRL does
+    assert multi_turn.uses_tools and multi_turn.has_step_environments
+    rows = [{"environment": "calc", "word": None}, {"environment": "calc", "word": None},
+            {"environment": "spell", "word": "cat"}, {"environment": "pay", "word": None}]
+    scripts = [[call("add", a=2, b=3) + call("add", a=1, b=1), "7"],
+               [call("spell", letters="x"), "no"],  # not a tool of this example's environment
+               [call("spell", letters="cat"), "done"],
+               ["hi"]]
+    rollout = multi_turn.run(None, question(4), rows, writes(tokenizer, scripts), SEED_OF)
+    assert Calculator.made == 2  # the probe served the first calc episode
+    prompts = [tokenizer.decode(ids) for ids in rollout.prompt_ids]
+    assert '"name": "add"' in prompts[0] and '"spell"' not in prompts[0]
+    assert '"name": "spell"' in prompts[2] and '"add"' not in prompts[2] and "Spell cat." in prompts[2]
+    assert "<tools>" not in prompts[3]
+    assert "get_reward" not in prompts[0] + prompts[2] and "reset" not in prompts[0]
+    environments = rollout.reward_columns["environments"]
+    assert environments[0].row == {"word": None}  # the routing field is not reset's
+    assert rollout.per_row["tools/calls"] == [2.0, 1.0, 1.0, 0.0]
+    assert rollout.per_row["tools/failures/unknown_tool"] == [0.0, 1.0, 0.0, 0.0]
+    # The trainer's reward functions: env_reward (a step environment is there) and one per get_reward class.
+    named = multi_turn.environment_reward_funcs()
+    assert [name for name, _ in named] == ["Calculator", "Speller"]
+    funcs = [env_reward] + [f for _, f in named]
+    rewards = compute_rewards(funcs, question(4), rollout.completions, rollout.completion_ids,
+                              rollout.reward_columns).tolist()
+    as_lists = [[None if math.isnan(v) else v for v in row] for row in rewards]
+    assert as_lists == [[0.0, 7.0, None], [0.0, 0.0, None], [0.0, None, 1.0], [2.0, None, None]]
+
+
+def test_environment_rewards_go_by_exact_class_once_per_class():
+    from fastgrpo.trainer.multi_turn import environment_reward_func
+
+    class Sub(Calculator):
+        def get_reward(self):
+            return -1.0
+
+    base, sub = Calculator(), Sub()
+    base.total = 3
+    assert environment_reward_func(Calculator)([base, sub, Pays()]) == [3.0, None, None]
+    assert environment_reward_func(Sub)([base, sub]) == [None, -1.0]
+    assert environment_reward_func(Speller).__name__ == "Speller"
+
+
+def test_a_dict_of_environments_names_each_mistake(tokenizer, tmp_path):
+    from datasets import Dataset
+
+    multi_turn = multi_turn_of(tokenizer, tmp_path, environment_factory={"calc": Calculator, "again": Calculator})
+    assert [name for name, _ in multi_turn.environment_reward_funcs()] == ["Calculator"]  # one per class
+    assert not multi_turn.has_step_environments
+    generate = writes(tokenizer, [["7"]])
+    with pytest.raises(ValueError, match=r"Example has `environment='chess'`, which is not among the environments "
+                                         r"passed to `environment_factory`. Expected one of: \['calc', 'again'\]"):
+        multi_turn.run(None, question(1), [{"environment": "chess"}], generate, SEED_OF)
+    with pytest.raises(ValueError, match="no `environment` field: give the dataset an `environment` column"):
+        multi_turn.run(None, question(1), [{"word": "x"}], generate, SEED_OF)
+    with pytest.raises(ValueError, match="the training dataset has no `environment` column"):
+        multi_turn.check_dataset(Dataset.from_dict({"prompt": question(1)}))
+    multi_turn.check_dataset(Dataset.from_dict({"prompt": question(1), "environment": ["calc"]}))
+    with pytest.raises(ValueError, match="requires a `train_dataset` with an `environment` column"):
+        multi_turn.check_dataset(None)
+    multi_turn_of(tokenizer, tmp_path, environment_factory=Calculator).check_dataset(None)  # a single one: no routing
+
+    class NoReset:
+        def add(self, a: int) -> int:
+            """Echo.
+
+            Args:
+                a: a number
+            """
+            return a
+
+    with pytest.raises(ValueError, match="Each environment instance returned by `environment_factory` must define "
+                                         "a callable `reset`."):
+        multi_turn_of(tokenizer, tmp_path, environment_factory={"calc": Calculator, "bad": NoReset})
+    with pytest.raises(ValueError, match=r"or a dict \{name: factory\}"):  # TRL 1.16 takes no list either
+        multi_turn_of(tokenizer, tmp_path, environment_factory=[Calculator])

@@ -110,12 +110,13 @@ def test_trl_options_work_with_trl_names_or_fail_naming_the_alternative(tmp_path
         with pytest.raises(ConfigError, match=f"{name}=.*not supported by fastgrpo"):
             base_config(tmp_path, **{name: other})
         assert getattr(base_config(tmp_path, **{name: default}), name) == default  # TRL's default constructs
+    # With vLLM the server's sampling fields (without it, transformers' GenerationConfig's: test_trl_parity.py).
     with pytest.raises(ConfigError, match=r"generation_kwargs\['temperature'\].*GRPOConfig.temperature"):
-        base_config(tmp_path, generation_kwargs={"temperature": 0.7})
+        base_config(tmp_path, use_vllm=True, generation_kwargs={"temperature": 0.7})
     with pytest.raises(ConfigError, match=r"generation_kwargs\['max_tokens'\].*max_completion_length"):
-        base_config(tmp_path, generation_kwargs={"max_tokens": 7})
+        base_config(tmp_path, use_vllm=True, generation_kwargs={"max_tokens": 7})
     with pytest.raises(ConfigError, match="supported keys are"):
-        base_config(tmp_path, generation_kwargs={"best_of": 2})
+        base_config(tmp_path, use_vllm=True, generation_kwargs={"best_of": 2})
     with pytest.raises(ConfigError, match="importance_sampling_level"):
         base_config(tmp_path, importance_sampling_level="group")
     with pytest.raises(ConfigError, match="vllm_importance_sampling_mode"):
@@ -219,16 +220,6 @@ def test_log_completions_logs_a_table_to_wandb(tiny_llama, tmp_path, monkeypatch
     for step, prompt, completion, digits, length, advantage in table["data"]:
         assert step == 0 and prompt.startswith("What is")
         assert digits == pytest.approx(reward_digits([completion])[0], rel=1e-6)  # a float32 of the reward
-
-
-def test_the_trl_compatibility_page_lists_every_unsupported_field():
-    from pathlib import Path
-
-    from fastgrpo.config import UNSUPPORTED_TRL_FIELDS
-
-    page = (Path(__file__).parents[1] / "docs" / "trl-compatibility.md").read_text()
-    for name, (default, instead) in UNSUPPORTED_TRL_FIELDS.items():
-        assert f"| `{name}` | `{default!r}` | {instead} |" in page, name
 
 
 def test_disable_dropout_makes_training_forwards_deterministic(tiny_llama, tmp_path):

@@ -79,7 +79,8 @@ class _ServerControl(WeightControl):
 class VLLMClient:
     def __init__(self, base_url: str | None = None, host: str = "127.0.0.1", port: int = 8000,
                  timeout: float = 240.0, request_timeout: float = 600.0, api_key: str | None = None,
-                 weight_transfer_timeout: float = 120.0, bucket_bytes: int = DEFAULT_BUCKET_BYTES):
+                 weight_transfer_timeout: float = 120.0, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                 nothing_listening: tuple[float, str] | None = None):
         self.base_url = (base_url or f"http://{host}:{port}").rstrip("/")
         parsed = urlparse(self.base_url)
         self.host, self.port = parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)
@@ -90,7 +91,7 @@ class VLLMClient:
         self.bucket_bytes = check_bucket_bytes(bucket_bytes)
         self.sender, self.group_id = None, None
         self.pushed_instance: str | None = None  # the server process that received our last push
-        self.info = self.wait_for_server(timeout)
+        self.info = self.wait_for_server(timeout, nothing_listening)
 
     # --- plumbing -------------------------------------------------------------
 
@@ -137,17 +138,19 @@ class VLLMClient:
                               body.get("field"))
         return body
 
-    def wait_for_server(self, timeout: float) -> dict:
-        """Poll /health until the server serves; errors say what to check.
+    def wait_for_server(self, timeout: float, nothing_listening: tuple[float, str] | None = None) -> dict:
+        """Poll /health until the server serves; errors say what to check. `nothing_listening` (seconds, hint):
+        fail sooner, with the hint, when nothing has accepted a connection for that long.
 
         A `degraded` server (weights left mixed by a failed push) is usable: a push is what makes mixed
         weights whole again, so it is returned with a warning rather than waited out.
         """
-        deadline = time.monotonic() + timeout
-        last = "no answer"
+        began = time.monotonic()
+        deadline, last, listening = began + timeout, "no answer", False
         while True:
             try:
                 response = self.http.get("/health", timeout=10.0)
+                listening = True
                 if response.status_code == 200 and "weight_transfer_backend" not in response.text:
                     self._refuse_stock_vllm()
                 body = response.json()
@@ -162,6 +165,9 @@ class VLLMClient:
                     raise ServerError(503, "failed", f"the server at {self.base_url} failed: {body}")
             except (httpx.ConnectError, httpx.TimeoutException, ValueError) as exc:
                 last = f"{type(exc).__name__}: {exc}"
+                listening = listening or not isinstance(exc, httpx.ConnectError)
+            if nothing_listening and not listening and time.monotonic() - began > nothing_listening[0]:
+                raise ServerUnavailable(f"nothing listens at {self.base_url} ({last}): {nothing_listening[1]}")
             if time.monotonic() > deadline:
                 raise ServerUnavailable(
                     f"the fastgrpo server at {self.base_url} was not ready within {timeout:.0f} s (last: {last}). "

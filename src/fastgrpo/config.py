@@ -1,5 +1,6 @@
 """GRPOConfig: TRL's GRPO fields (same names, same meanings) on top of transformers' TrainingArguments."""
 
+import logging
 import warnings
 from dataclasses import dataclass, field
 
@@ -17,33 +18,18 @@ from fastgrpo.trainer.loss import (
 )
 from fastgrpo.transfer.packing import ALIGN, MIN_BUCKET_BYTES
 
+logger = logging.getLogger(__name__)
+
 VLLM_MODES = ("server", "colocate")
+AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 
 # TRL GRPOConfig fields that fastgrpo does not implement: (TRL's default, what to do instead). Each is a
 # field here too, so a TRL config constructs, and setting one to anything but TRL's default fails at once.
 UNSUPPORTED_TRL_FIELDS = {
-    "router_aux_loss_coef": (0.001, "MoE router losses are not added; train a dense model or open an issue"),
-    "cast_lm_head_to_fp32": (False, "train in float32 (bf16=False) for a float32 LM head"),
-    "pad_to_multiple_of": (None, "micro-batches are trimmed to their longest row instead"),
     "cache_implementation": (None, "generation without vLLM uses the model's default cache"),
     "vllm_model_impl": ("vllm", "start `fastgrpo vllm-serve` with the implementation you want"),
     "vllm_structured_outputs_regex": (None, "score the format with a reward function"),
     "vllm_group_port": (51216, "fastgrpo picks a free port for the weight group itself"),
-    "vespo_k_pos": (2.0, "loss_type='vespo' is not implemented"),
-    "vespo_lambda_pos": (3.0, "loss_type='vespo' is not implemented"),
-    "vespo_k_neg": (3.0, "loss_type='vespo' is not implemented"),
-    "vespo_lambda_neg": (2.0, "loss_type='vespo' is not implemented"),
-    "multi_objective_aggregation": ("sum_then_normalize", "rewards are summed (weighted) and then normalised"),
-    "sync_ref_model": (False, "the reference model stays the initial one; beta=0 needs none"),
-    "ref_model_mixup_alpha": (0.6, "sync_ref_model is not implemented"),
-    "ref_model_sync_steps": (512, "sync_ref_model is not implemented"),
-    "entropy_coef": (0.0, "no entropy bonus; top_entropy_quantile trains on high-entropy tokens only"),
-    "use_adaptive_entropy": (False, "no entropy bonus"),
-    "entropy_coef_min": (0.0, "no entropy bonus"),
-    "entropy_coef_max": (1.0, "no entropy bonus"),
-    "entropy_coef_delta": (0.005, "no entropy bonus"),
-    "entropy_target": (0.2, "no entropy bonus"),
-    "use_bias_correction_kl": (False, "the KL term is the plain k3 estimator"),
     "log_unique_prompts": (False, "the completions table has every row"),
     "log_completions_hub_repo": (None, "completions are logged to report_to's table integrations"),
     "use_transformers_continuous_batching": (False, "use vLLM (use_vllm=True) for fast generation"),
@@ -65,7 +51,9 @@ class GRPOConfig(TrainingArguments):
                                                            "to 0"})
     shuffle_dataset: bool = True
     chat_template_kwargs: dict | None = field(default=None, metadata={"help": "passed to apply_chat_template"})
-    max_prompt_length: int | None = field(default=512, metadata={"help": "prompts are truncated on the left to this"})
+    max_prompt_length: int | None = field(default=None, metadata={
+        "help": "ours (TRL removed it in 0.28): a prompt longer than this many tokens stops the run with an error "
+                "naming it, never a silent cut; filter the dataset first (None: no limit)"})
     remove_unused_columns: bool = False  # reward functions receive every dataset column
 
     # --- generation ---------------------------------------------------------------
@@ -76,7 +64,7 @@ class GRPOConfig(TrainingArguments):
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
-    min_p: float = 0.0
+    min_p: float | None = None
     repetition_penalty: float = 1.0
     generation_kwargs: dict | None = field(default=None, metadata={"help": "more sampling fields: " +
                                                                    ", ".join(GENERATION_KWARGS)})
@@ -87,7 +75,10 @@ class GRPOConfig(TrainingArguments):
 
     # --- vLLM -------------------------------------------------------------------------
     use_vllm: bool = False
-    vllm_mode: str = "server"
+    vllm_mode: str | None = field(default=None, metadata={
+        "help": "'server' (a `fastgrpo vllm-serve` process) or 'colocate'. Unset, it is 'server' (TRL: 'colocate'), "
+                "and a server that does not answer fails the start in seconds saying so; set it to 'server' to "
+                "wait up to vllm_server_timeout for one that is starting"})
     vllm_server_base_url: str | None = None
     vllm_server_host: str = "0.0.0.0"
     vllm_server_port: int = 8000
@@ -165,29 +156,44 @@ class GRPOConfig(TrainingArguments):
     num_completions_to_print: int | None = None
     log_multimodal: bool = True  # TRL's; fastgrpo's prompts are text, so there is nothing more to log
 
-    # TRL's fields that fastgrpo does not implement (see UNSUPPORTED_TRL_FIELDS): set, they fail at start.
-    router_aux_loss_coef: float = 0.001
-    cast_lm_head_to_fp32: bool = False
-    pad_to_multiple_of: int | None = None
-    cache_implementation: str | None = None
-    vllm_model_impl: str = "vllm"
-    vllm_structured_outputs_regex: str | None = None
-    vllm_group_port: int = 51216
-    vespo_k_pos: float = 2.0
-    vespo_lambda_pos: float = 3.0
-    vespo_k_neg: float = 3.0
-    vespo_lambda_neg: float = 2.0
-    multi_objective_aggregation: str = "sum_then_normalize"
-    sync_ref_model: bool = False
-    ref_model_mixup_alpha: float = 0.6
-    ref_model_sync_steps: int = 512
-    entropy_coef: float = 0.0
-    use_adaptive_entropy: bool = False
+    # --- TRL's regularisers, aggregation and precision ---------------------------------------
+    vespo_k_pos: float = field(default=2.0, metadata={"help": "loss_type='vespo': gamma weight shape k, A >= 0"})
+    vespo_lambda_pos: float = field(default=3.0, metadata={"help": "loss_type='vespo': gamma weight rate, A >= 0"})
+    vespo_k_neg: float = field(default=3.0, metadata={"help": "loss_type='vespo': gamma weight shape k, A < 0"})
+    vespo_lambda_neg: float = field(default=2.0, metadata={"help": "loss_type='vespo': gamma weight rate, A < 0"})
+    use_bias_correction_kl: bool = field(default=True, metadata={
+        "help": "multiply the k3 KL term by the policy ratio (DeepSeek-V3.2's unbiased reverse-KL gradient); beta != 0"})
+    entropy_coef: float = field(default=0.0, metadata={"help": "entropy bonus: loss - entropy_coef x mean token "
+                                                       "entropy (0: none); the start value when adaptive"})
+    use_adaptive_entropy: bool = field(default=False, metadata={
+        "help": "each optimizer step, raise entropy_coef by entropy_coef_delta while the mean entropy is at or below "
+                "entropy_target, lower it otherwise (Skywork-OR1); the bonus applies only at or below the target"})
     entropy_coef_min: float = 0.0
     entropy_coef_max: float = 1.0
     entropy_coef_delta: float = 0.005
     entropy_target: float = 0.2
-    use_bias_correction_kl: bool = False
+    multi_objective_aggregation: str = field(default="sum_then_normalize", metadata={
+        "help": "'sum_then_normalize': weighted sum of the rewards, then group advantages; 'normalize_then_sum': "
+                "each reward normalised in its group, weighted sum, then normalised over the batch (GDPO)"})
+    sync_ref_model: bool = field(default=False, metadata={
+        "help": "every ref_model_sync_steps optimizer steps, the reference becomes alpha x policy + (1 - alpha) x "
+                "reference (TR-DPO); needs beta != 0 and a full fine-tune"})
+    ref_model_mixup_alpha: float = 0.6
+    ref_model_sync_steps: int = 512
+    cast_lm_head_to_fp32: bool = field(default=False, metadata={
+        "help": "the LM head's matmul and the logits in float32, also under bf16 autocast (training forwards)"})
+    pad_to_multiple_of: int | str | None = field(default="auto", metadata={
+        "help": "pad prompt and completion widths of each micro-batch to a multiple of this ('auto': 128 on Neuron, "
+                "else none; padding changes no number, only shapes)"})
+    router_aux_loss_coef: float | None = field(default=None, metadata={
+        "help": "MoE load-balancing loss weight (None: the model config's own). fastgrpo adds no router loss: a "
+                "Mixture-of-Experts model with a non-zero weight fails at start; set 0.0 to train it without"})
+
+    # TRL's fields that fastgrpo does not implement (see UNSUPPORTED_TRL_FIELDS): set, they fail at start.
+    cache_implementation: str | None = None
+    vllm_model_impl: str = "vllm"
+    vllm_structured_outputs_regex: str | None = None
+    vllm_group_port: int = 51216
     log_unique_prompts: bool = False
     log_completions_hub_repo: str | None = None
     use_transformers_continuous_batching: bool = False
@@ -206,7 +212,10 @@ class GRPOConfig(TrainingArguments):
 
     # TRL's defaults for these TrainingArguments
     learning_rate: float = 1e-6
-    logging_steps: float = 1
+    logging_steps: float = 10
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "off (TRL: on): prompt sharing runs each prompt once per micro-batch through the model's cache, "
+                "which checkpointing drops. Turn it on for memory; prompt sharing then turns off"})
     bf16: bool | None = None  # None: bf16 where the device computes it fast (CUDA; a CPU with AMX), else float32
 
     def __post_init__(self):
@@ -218,7 +227,19 @@ class GRPOConfig(TrainingArguments):
             warnings.warn(f"bf16=True on a CPU without a bf16 matrix unit ({' or '.join(FAST_BF16_FLAGS)}): torch "
                           "emulates bf16 there, about 100x slower than float32. Leave bf16 unset (None) to get "
                           "float32 on this machine.", stacklevel=3)
+        # Unset, vllm_mode is fastgrpo's 'server' (TRL's is 'colocate'): remembered, so that a missing server
+        # fails the start at once saying so instead of waiting out vllm_server_timeout (see _server_backend).
+        self.vllm_mode_is_default = self.vllm_mode is None
+        if self.vllm_mode is None:
+            self.vllm_mode = "server"
+        if isinstance(self.pad_to_multiple_of, str):  # TRL's spellings, the CLI's strings included
+            if self.pad_to_multiple_of.lower() in ("none", "null"):
+                self.pad_to_multiple_of = None
+            elif self.pad_to_multiple_of != "auto":
+                self.pad_to_multiple_of = int(self.pad_to_multiple_of)
         super().__post_init__()
+        if self.pad_to_multiple_of == "auto":  # Neuron compiles once per shape; nowhere else does padding pay
+            self.pad_to_multiple_of = 128 if self.device.type == "neuron" else None
         if isinstance(self.scale_rewards, bool):  # TRL's older boolean spelling
             self.scale_rewards = "group" if self.scale_rewards else "none"
         if self.vllm_importance_sampling_cap is not None:  # TRL's older name
@@ -242,6 +263,24 @@ class GRPOConfig(TrainingArguments):
             if getattr(self, name) != default:
                 fail(f"{name}={getattr(self, name)!r}: TRL's option is not supported by fastgrpo ({instead}); "
                      f"leave it at {default!r}")
+        if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
+            fail(f"pad_to_multiple_of={self.pad_to_multiple_of}: use a positive int, 'auto' or None")
+        if self.multi_objective_aggregation not in AGGREGATIONS:
+            fail(f"multi_objective_aggregation={self.multi_objective_aggregation!r}: use one of {AGGREGATIONS}")
+        if self.sync_ref_model:
+            if self.beta == 0.0:
+                fail("sync_ref_model=True while beta=0.0: the reference model is not used during training, so "
+                     "there is nothing to synchronize; set sync_ref_model=False, or set beta to a non-zero value")
+            if not 0.0 <= self.ref_model_mixup_alpha <= 1.0:
+                fail(f"ref_model_mixup_alpha={self.ref_model_mixup_alpha}: use a fraction in [0, 1]")
+            if self.ref_model_sync_steps < 1:
+                fail(f"ref_model_sync_steps={self.ref_model_sync_steps}: must be >= 1")
+        if self.use_adaptive_entropy and not self.entropy_coef_min <= self.entropy_coef_max:
+            fail(f"entropy_coef_min={self.entropy_coef_min} must not exceed entropy_coef_max={self.entropy_coef_max}")
+        if self.entropy_coef_delta < 0:
+            fail(f"entropy_coef_delta={self.entropy_coef_delta}: must be >= 0")
+        if self.min_p is not None and not 0.0 <= self.min_p <= 1.0:
+            fail(f"min_p={self.min_p}: use a probability in [0, 1] (None: off)")
         if self.loss_type not in LOSS_TYPES:
             fail(f"loss_type={self.loss_type!r}: use one of {LOSS_TYPES}")
         if self.scale_rewards not in SCALE_REWARDS_MODES:
@@ -271,15 +310,15 @@ class GRPOConfig(TrainingArguments):
                      f"{self.vllm_max_model_len} differ: set one")
             self.vllm_max_model_length = self.vllm_max_model_len
         self.vllm_max_model_len = self.vllm_max_model_length
-        for key in self.generation_kwargs or {}:
+        for key in self.generation_kwargs or {} if self.use_vllm else ():  # without vLLM: GenerationConfig's keys
             if key not in GENERATION_KWARGS:
                 own = {"max_tokens": "max_completion_length"}.get(key, key)
                 instead = (f"set GRPOConfig.{own} instead (the loss uses it too)"
                            if own in self.__dataclass_fields__ else f"the supported keys are {GENERATION_KWARGS}")
                 fail(f"generation_kwargs[{key!r}] is not supported: {instead}")
-        if self.num_generations_eval is not None and self.num_generations_eval < 2:
-            fail(f"num_generations_eval={self.num_generations_eval}: eval rewards are scored in groups, so it "
-                 "needs at least 2")
+        if self.num_generations_eval is not None and self.num_generations_eval < 1:
+            fail(f"num_generations_eval={self.num_generations_eval}: must be >= 1 (1: one completion per eval "
+                 "prompt, advantages 0)")
         if self.vllm_mode not in VLLM_MODES:
             fail(f"vllm_mode={self.vllm_mode!r}: use 'server' (a `fastgrpo vllm-serve` process) or 'colocate'")
         if self.vllm_enable_sleep_mode and not (self.use_vllm and self.vllm_mode == "colocate"):
@@ -367,8 +406,42 @@ class GRPOConfig(TrainingArguments):
                 fail(f"the eval batch (per_device_eval_batch_size {self.per_device_eval_batch_size} x "
                      f"{self.world_size} processes = {eval_rows}) must hold whole groups of {group} completions "
                      f"(num_generations_eval): make it a multiple of {group}")
+        if (self.loss_type == "vespo" and self.use_vllm and self.vllm_importance_sampling_correction
+                and self.vllm_importance_sampling_mode not in ("token_truncate", "token_mask")):
+            fail(f"loss_type='vespo' folds the sampler's token ratios into its weights: it needs "
+                 f"vllm_importance_sampling_mode 'token_truncate' or 'token_mask', not "
+                 f"{self.vllm_importance_sampling_mode!r} (or vllm_importance_sampling_correction=False)")
+        self._warn_incoherent()
         if self.reward_weights is not None and any(not isinstance(w, (int, float)) for w in self.reward_weights):
             fail("reward_weights must be numbers, one per reward function")
+
+    def _warn_incoherent(self) -> None:
+        """TRL's warnings for combinations that run but do not do what their papers do, and one of ours (an
+        adaptive-entropy target that TRL's own docs call too low to engage)."""
+        if self.loss_type == "luspo" and self.importance_sampling_level != "sequence":
+            logger.warning("loss_type='luspo' with importance_sampling_level=%r: the paper's setup is 'sequence'",
+                           self.importance_sampling_level)
+        if self.loss_type == "vespo" and self.importance_sampling_level != "token":
+            logger.warning("loss_type='vespo' computes sequence-level weights itself: importance_sampling_level "
+                           "should be 'token' (the default)")
+        if self.importance_sampling_level == "sequence" and self.loss_type in ("bnpo", "dr_grpo", "dapo", "cispo"):
+            logger.warning("importance_sampling_level='sequence' with loss_type=%r: that loss sums per-token terms, "
+                           "which weights each sequence by its length instead of the per-sequence objective; GSPO's "
+                           "setup is loss_type='grpo'", self.loss_type)
+        if self.use_adaptive_entropy and self.entropy_target < 0.5:
+            logger.warning("use_adaptive_entropy with entropy_target=%s: language models' token entropies are "
+                           "usually 2-10 nats, so the bonus engages only on near-total collapse; set the target near "
+                           "the `entropy` the run logs early", self.entropy_target)
+
+    def check_prompt_length(self, prompt_ids: list[int]) -> list[int]:
+        """The prompt's ids, or a ValueError when they exceed max_prompt_length: never a silent cut (a cut loses
+        the system prompt or few-shot examples that the reward functions still see)."""
+        if self.max_prompt_length is not None and len(prompt_ids) > self.max_prompt_length:
+            raise ValueError(
+                f"a prompt has {len(prompt_ids)} tokens, more than max_prompt_length={self.max_prompt_length}. "
+                "fastgrpo does not cut prompts (TRL removed the field in 0.28 for that reason): drop long prompts "
+                "from the dataset (dataset.filter(...)), or raise or unset max_prompt_length")
+        return prompt_ids
 
     @property
     def weight_sync_bucket_bytes(self) -> int:

@@ -224,7 +224,7 @@ def build_tiny_model(path: str | os.PathLike, arch: str = "qwen2", seed: int = 0
         num_hidden_layers=2,
         num_attention_heads=2,
         num_key_value_heads=1,
-        max_position_embeddings=1024,
+        max_position_embeddings=2048,  # room for tool schemas in multi-turn prompts
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

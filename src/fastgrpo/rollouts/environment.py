@@ -14,7 +14,8 @@ an episode's environment reward is their sum (reward functions get it as `env_re
 per-turn list as `turn_rewards`). Tools are an environment too (ToolEnvironment): it runs
 the turn's tool calls and answers with their results, and is done when a turn calls none.
 TRL's environments (a `reset` and public methods, no `step`) have their methods offered to
-the model as tools (MethodToolEnvironment).
+the model as tools (MethodToolEnvironment). Any environment may own its reward as TRL's do: a
+`get_reward()` (sync or async), called once the episode has ended (see trainer.multi_turn).
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ class StepResult:
     messages: str | list[dict] | None = None  # the next messages; a string is one user message
     reward: float = 0.0
     done: bool = False
-    tool_calls: int = 0
-    tool_failures: list[str] = field(default_factory=list)  # ToolResult.failure of each failed call
+    tool_calls: int = 0  # as TRL counts them (ToolResult.is_call)
+    tool_failures: list[str] = field(default_factory=list)  # ToolResult.failure of each failed one, "parse" included
 
     def message_list(self) -> list[dict]:
         if self.messages is None:
@@ -79,7 +80,8 @@ class ToolEnvironment(Environment):
         self.iterations += 1
         results = self.runner.run_all(calls)
         messages = [{"role": "tool", "name": r.name, "content": r.content} for r in results]
-        return StepResult(messages, tool_calls=len(calls), tool_failures=[r.failure for r in results if r.failure])
+        return StepResult(messages, tool_calls=sum(r.is_call for r in results),
+                          tool_failures=[r.failure for r in results if r.failure])
 
 
 class MethodToolEnvironment(ToolEnvironment):
@@ -87,17 +89,29 @@ class MethodToolEnvironment(ToolEnvironment):
 
     def __init__(self, env, timeout_s: float, max_result_chars: int, parser=parse_hermes,
                  max_iterations: int | None = None):
-        methods = [m for name, m in inspect.getmembers(env, inspect.ismethod)
-                   if not name.startswith("_") and name != "reset"]
-        if not methods:
-            raise ValueError(f"environment {type(env).__name__} has no `step` and no public methods to offer as "
-                             "tools: give it a step(turn) (fastgrpo.Environment) or tool methods (TRL's style)")
-        super().__init__(ToolRunner(methods, timeout_s, max_result_chars), parser, max_iterations)
+        # No tools is TRL's single-turn environment: reset() writes the prompt, the model answers once.
+        super().__init__(ToolRunner(tool_methods(env), timeout_s, max_result_chars), parser, max_iterations)
         self.env = env
 
     def reset(self, **row):
         return self.env.reset(**row)
 
 
+# Methods of an environment that are never tools (TRL's list).
+NOT_TOOLS = ("reset", "get_reward")
+
+
+def tool_methods(env) -> list:
+    """A TRL-style environment's tools: its public methods but reset and get_reward. Listed on the class, as TRL
+    does, so that reading the instance's properties (which may compute) is never needed."""
+    return [getattr(env, name) for name, _ in inspect.getmembers(type(env), inspect.isfunction)
+            if not name.startswith("_") and name not in NOT_TOOLS]
+
+
 def is_step_environment(env) -> bool:
     return callable(getattr(env, "step", None))
+
+
+def owns_reward(env) -> bool:
+    """Whether the environment scores its episode itself (TRL's `get_reward`)."""
+    return callable(getattr(type(env), "get_reward", None))

@@ -97,11 +97,13 @@ def run_episodes(prompt_ids: list[list[int]], environments: list, generate: Gene
                  step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S, concurrency: int = DEFAULT_CONCURRENCY
                  ) -> list[Episode]:
     """Run one episode per prompt to its end. environments[i] answers episode i (Environment.step); chat is a
-    rollouts.chat.ChatTokens; decode turns a turn's ids into the text the environment reads; seed_of(i, turn)
+    rollouts.chat.ChatTokens, or a list of one per episode (their environments offer different tools); decode
+    turns a turn's ids into the text the environment reads; seed_of(i, turn)
     seeds episode i's turn. Each turn, the episodes' environments step at once (at most `concurrency` at a time,
     each in a thread); a step that does not return within `step_timeout_s` ends its episode (Python cannot stop
     a thread: it is left behind, a daemon) and the others go on."""
     episodes = [Episode(list(p)) for p in prompt_ids]
+    chats = list(chat) if isinstance(chat, (list, tuple)) else [chat] * len(episodes)
     active, turn_index = list(range(len(episodes))), 0
     while active:
         budgets = [max_completion_length - len(episodes[i].completion_ids) for i in active]
@@ -145,7 +147,7 @@ def run_episodes(prompt_ids: list[list[int]], environments: list, generate: Gene
                 raise RuntimeError(f"the environment ({type(environment).__name__}) answered turn {turn_index + 1} of "
                                    f"episode {i} with no messages and done=False: return StepResult(messages) to "
                                    "continue, or done=True to end the episode")
-            following = chat.continuation(turn.token_ids, messages)
+            following = chats[i].continuation(turn.token_ids, messages)
             if len(following) >= max_completion_length - len(episode.completion_ids):
                 episode.stopped = False  # no room left for the model to answer
                 continue

@@ -208,3 +208,27 @@ def trim(m: dict) -> dict:
         if key in m:
             out[key] = m[key][:, :last]
     return out
+
+
+def pad_to_multiple(m: dict, multiple: int | None, pad_id: int) -> dict:
+    """TRL's pad_to_multiple_of: widen prompts (on the left) and completions (on the right) to a multiple of
+    `multiple` columns, with masks 0 there. Compilers that specialise on shapes (Neuron) then see few of them;
+    no number changes."""
+    if not multiple:
+        return m
+    out = dict(m)
+
+    def widen(key, value, left):
+        tensor = m[key]
+        extra = -tensor.shape[1] % multiple
+        if extra:
+            filler = tensor.new_full((tensor.shape[0], extra), value)
+            out[key] = torch.cat([filler, tensor] if left else [tensor, filler], dim=1)
+
+    widen("prompt_ids", pad_id, True)
+    widen("prompt_mask", 0, True)
+    widen("completion_ids", pad_id, False)
+    for key in ("completion_attention", "completion_mask", "sampling_logps", "old_logps"):
+        if key in m:
+            widen(key, 0, False)
+    return out

@@ -39,10 +39,11 @@ def completion_logits(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
         out = model(input_ids=unique[:, :prompt_width], attention_mask=unique[:, prompt_width:],
                     logits_to_keep=1, use_cache=True)
         cache = out.past_key_values
-        if cache is None or not hasattr(cache, "batch_select_indices"):
+        unsupported = unindexable_cache(cache)
+        if unsupported:
             raise PromptSharingUnsupported(
-                f"{type(model).__name__} returned no indexable cache (got {type(cache).__name__}); set "
-                "share_prompt_prefix=False")
+                f"{type(model).__name__}'s cache cannot be indexed by row ({unsupported}), so each completion "
+                "runs its prompt again (the plain forward: same logprobs, more tokens)")
         cache.batch_select_indices(inverse)  # one cache row per completion, gradients flow back to `out`
         rest = model(input_ids=completion_ids, attention_mask=attention, past_key_values=cache,
                      logits_to_keep=width, use_cache=True).logits
@@ -50,6 +51,15 @@ def completion_logits(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
         return torch.cat([out.logits[inverse], rest[:, :-1]], dim=1)
     ids = torch.cat([prompt_ids, completion_ids], dim=1)
     return model(input_ids=ids, attention_mask=attention, logits_to_keep=width + 1, use_cache=False).logits[:, :-1]
+
+
+def unindexable_cache(cache) -> str | None:
+    """Why a cache cannot be indexed out to rows, or None when it can. Hybrid and linear-attention models
+    (NemotronH, Qwen3-Next, ...) keep recurrent state in cache layers that have no batch_select_indices."""
+    if cache is None or not hasattr(cache, "batch_select_indices"):
+        return f"got {type(cache).__name__}"
+    missing = {type(layer).__name__ for layer in getattr(cache, "layers", ()) if not hasattr(layer, "batch_select_indices")}
+    return f"its {', '.join(sorted(missing))} have no batch_select_indices" if missing else None
 
 
 class PromptSharingUnsupported(RuntimeError):

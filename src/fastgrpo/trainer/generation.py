@@ -124,7 +124,8 @@ class ServerBackend(GenerationBackend):
 
     def __init__(self, base_url: str | None, host: str, port: int, timeout: float,
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, api_key: str | None = None, adapter: str | None = None,
-                 adapter_owner: str | None = None, request_timeout: float = 600.0):
+                 adapter_owner: str | None = None, request_timeout: float = 600.0,
+                 nothing_listening: tuple[float, str] | None = None):
         from fastgrpo.client import VLLMClient
 
         self.adapter = adapter  # LoRA: generations sample with this adapter (this run's)
@@ -133,7 +134,7 @@ class ServerBackend(GenerationBackend):
         if base_url is None and host == "0.0.0.0":
             host = "127.0.0.1"  # the server binds 0.0.0.0; the trainer connects locally
         self.client = VLLMClient(base_url=base_url, host=host, port=port, timeout=timeout, bucket_bytes=bucket_bytes,
-                                 api_key=api_key, request_timeout=request_timeout)
+                                 api_key=api_key, request_timeout=request_timeout, nothing_listening=nothing_listening)
 
     def generate(self, prompt_ids, sampling, seeds, max_tokens=None) -> Completions:
         """The server's completions. A request that failed for a reason that may pass is sent again, with the same
@@ -351,7 +352,15 @@ class ColocateBackend(GenerationBackend):
 class TransformersBackend(GenerationBackend):
     """`model.generate` on the training model itself (use_vllm=False): slow, but needs nothing else."""
 
-    GENERATION_KWARGS = ("stop_token_ids", "min_tokens")
+    GENERATION_KWARGS = ("stop_token_ids", "min_tokens")  # vLLM's names it maps; GenerationConfig's pass through
+
+    @staticmethod
+    def unknown_kwargs(keys) -> list[str]:
+        """generation_kwargs that neither vLLM's mapped names nor transformers' GenerationConfig know."""
+        from transformers import GenerationConfig
+
+        known = set(GenerationConfig().to_dict())
+        return sorted(k for k in keys if k not in known and k not in TransformersBackend.GENERATION_KWARGS)
 
     def __init__(self, get_model, tokenizer, stop_token_ids: list[int], synced: bool = False, weights=None):
         self.get_model = get_model  # returns the unwrapped training model at call time
@@ -379,13 +388,15 @@ class TransformersBackend(GenerationBackend):
         try:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), self.weights():
                 torch.manual_seed(seeds[0])  # one generator samples every row: rows draw different noise
-                output = model.generate(
-                    input_ids=input_ids, attention_mask=attention, do_sample=True, temperature=sampling.temperature,
-                    top_p=sampling.top_p, top_k=sampling.top_k if sampling.top_k > 0 else None,
-                    min_p=sampling.min_p or None, repetition_penalty=sampling.repetition_penalty,
-                    max_new_tokens=sampling.max_tokens, pad_token_id=pad, eos_token_id=stops,
-                    min_new_tokens=extra.get("min_tokens") or None, synced_gpus=self.synced,
-                )
+                # TRL's order: the run's sampling fields, then generation_kwargs (GenerationConfig's keys, such as
+                # do_sample or no_repeat_ngram_size) over them.
+                settings = dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
+                                top_k=sampling.top_k if sampling.top_k > 0 else None, min_p=sampling.min_p or None,
+                                repetition_penalty=sampling.repetition_penalty, max_new_tokens=sampling.max_tokens,
+                                min_new_tokens=extra.pop("min_tokens", None) or None)
+                settings.update(extra)
+                output = model.generate(input_ids=input_ids, attention_mask=attention, pad_token_id=pad,
+                                        eos_token_id=stops, synced_gpus=self.synced, **settings)
         finally:
             model.train(was_training)
         completions, stopped = [], []

@@ -24,13 +24,15 @@ from collections import defaultdict
 from urllib.parse import urlparse
 
 import torch
+from datasets import Dataset, IterableDataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, set_seed
 
 from fastgrpo.config import GRPOConfig
 from fastgrpo.hardware import usable_cores
 from fastgrpo.trainer.async_rounds import (RoundProducer, cores_shared_with_server, first_step, staleness,
                                             too_stale)
-from fastgrpo.trainer.batching import completion_token_cost, pad_rows, parts_of, round_layout, split_round
+from fastgrpo.trainer.batching import (completion_token_cost, pad_rows, pad_to_multiple, parts_of, round_layout,
+                                      split_round)
 from fastgrpo.trainer.collectives import (ExplainedError, explain, gathered_max, is_collective_failure,
                                          set_timeout)
 from fastgrpo.trainer.forward import PromptSharingUnsupported, completion_logits, prompt_groups
@@ -45,18 +47,22 @@ from fastgrpo.trainer.generation import (
 )
 from fastgrpo.trainer.loss import (
     GLOBALLY_NORMALISED,
+    AdaptiveEntropy,
+    entropy_bonus,
     entropy_from_logits,
-    entropy_threshold,
+    get_high_entropy_mask,
+    get_off_policy_mask,
     group_advantages,
     grpo_loss,
+    normalize_then_sum_advantages,
     selective_log_softmax,
     weighted_rewards,
 )
 from fastgrpo.trainer.lora import LoraSync, adapter_config, adapter_tensors, default_adapter_name, run_identity
 from fastgrpo.trainer.multi_turn import MultiTurn, RoundRollout, turn_generator
 from fastgrpo.trainer.reporting import report_completions
-from fastgrpo.trainer.rewards import compute_rewards, env_reward, prepare_reward_funcs, reward_func_name
-from fastgrpo.trainer.sampler import RepeatSampler
+from fastgrpo.trainer.rewards import RewardModel, compute_rewards, env_reward, prepare_reward_funcs, reward_func_name
+from fastgrpo.trainer.sampler import RepeatedStream, RepeatSampler
 from fastgrpo.trainer.sharding import (check_layout, full_tensors, gathered_adapter, generation_weights,
                                        prepare_reference, reshard, sharded)
 from fastgrpo.transfer import ModelWeights
@@ -73,6 +79,13 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be written (a full disk, say); the half-written folder is gone."""
 
 
+# vllm_mode left unset means fastgrpo's 'server', where a TRL script expects 'colocate': with nothing listening
+# at the server's address, the start fails this soon, saying so, rather than after vllm_server_timeout.
+UNSET_MODE_WAIT_S = 10.0
+UNSET_MODE_HINT = ("GRPOConfig.vllm_mode was not set, and fastgrpo's default is 'server' (TRL's is 'colocate'). "
+                   "Start `fastgrpo vllm-serve --model <model>` there, set vllm_mode='colocate' to generate inside "
+                   "this process as TRL does, or set vllm_mode='server' to wait up to vllm_server_timeout for a "
+                   "server that is starting")
 SERVER_RESTARTED = "server-restarted"  # in _generate's broadcast: every process pushes again
 
 
@@ -100,14 +113,29 @@ class _SyncWeightsCallback(TrainerCallback):
         self.trainer._stop_producer()
 
 
+class _SyncReferenceCallback(TrainerCallback):
+    """sync_ref_model (TR-DPO): every ref_model_sync_steps optimizer steps, reference = alpha x policy +
+    (1 - alpha) x reference, before the next step's reference logprobs are computed."""
+
+    def __init__(self, trainer: "GRPOTrainer"):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % args.ref_model_sync_steps == 0:
+            t = self.trainer
+            mix_into(t.ref_model, t.accelerator.unwrap_model(t.model), args.ref_model_mixup_alpha)
+
+
 def _identity_collator(features):
     return features
 
 
 class GRPOTrainer(Trainer):
-    def __init__(self, model, reward_funcs, args: GRPOConfig | None = None, train_dataset=None, eval_dataset=None,
-                 processing_class=None, reward_processing_classes=None, callbacks=None, optimizers=(None, None),
-                 peft_config=None, tools=None, environment_factory=None, rollout_func=None, tool_call_parser=None):
+    def __init__(self, model, reward_funcs=None, args: GRPOConfig | None = None, train_dataset=None,
+                 eval_dataset=None, processing_class=None, reward_processing_classes=None, callbacks=None,
+                 optimizers=(None, None), quantization_config=None, peft_config=None, tools=None, rollout_func=None,
+                 environment_factory=None, tool_call_parser=None):
+        # TRL 1.16's parameters in TRL's order; tool_call_parser is ours.
         args = args or GRPOConfig(output_dir="grpo-output")
         if not isinstance(args, GRPOConfig):
             raise TypeError("args must be a fastgrpo.GRPOConfig")
@@ -119,8 +147,16 @@ class GRPOTrainer(Trainer):
             from fastgrpo.models import resolve_model
 
             self.model_path = resolve_model(model)
-            model = AutoModelForCausalLM.from_pretrained(self.model_path, **init_kwargs)
+            policy_kwargs = dict(init_kwargs)
+            if quantization_config is not None:
+                if "quantization_config" in policy_kwargs:
+                    raise ValueError("quantization_config was given both to the trainer and in "
+                                     "args.model_init_kwargs: give it once")
+                policy_kwargs["quantization_config"] = quantization_config
+            model = AutoModelForCausalLM.from_pretrained(self.model_path, **policy_kwargs)
         else:
+            if quantization_config is not None:
+                logger.warning("quantization_config is ignored: the model was given already loaded (as TRL does)")
             self.model_path = model.config._name_or_path
         if processing_class is None:
             processing_class = AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=args.trust_remote_code)
@@ -143,11 +179,6 @@ class GRPOTrainer(Trainer):
             if args.use_vllm:
                 self.lora = LoraSync(model, args.vllm_lora_name or default_adapter_name(args.output_dir))
 
-        if not reward_funcs and environment_factory is not None:
-            reward_funcs = [env_reward]  # the environment's own rewards
-        self.reward_funcs = prepare_reward_funcs(reward_funcs or [], reward_processing_classes)
-        if not self.reward_funcs:
-            raise ValueError("give at least one reward function")
         self.multi_turn = None
         if tools or environment_factory is not None or rollout_func is not None:
             if args.async_generation and rollout_func is not None:
@@ -156,7 +187,12 @@ class GRPOTrainer(Trainer):
                                  "do run ahead)")
             self.multi_turn = MultiTurn(processing_class, args, tools, environment_factory, rollout_func,
                                         tool_call_parser)
-            if rollout_func is None and train_dataset is not None and len(train_dataset) \
+            if train_dataset is None and environment_factory is not None and not isinstance(environment_factory, dict):
+                train_dataset = environment_owned_data(args)
+            self.multi_turn.check_dataset(train_dataset)
+            for name, dataset in eval_dataset.items() if isinstance(eval_dataset, dict) else [("eval", eval_dataset)]:
+                self.multi_turn.check_dataset(dataset, name)
+            if rollout_func is None and isinstance(train_dataset, Dataset) and len(train_dataset) \
                     and not isinstance(train_dataset[0]["prompt"], list):
                 raise ValueError("tools and environment_factory need conversational prompts (a 'prompt' column of "
                                  "message lists, [{'role': 'user', 'content': ...}]): the chat template writes each "
@@ -164,26 +200,51 @@ class GRPOTrainer(Trainer):
         elif args.max_tool_calling_iterations is not None:
             raise ValueError(f"max_tool_calling_iterations={args.max_tool_calling_iterations} limits tool calls, but "
                              "no tools were given: pass GRPOTrainer(tools=[...]) or leave it None")
+        if not reward_funcs and self.multi_turn is not None and self.multi_turn.has_step_environments:
+            reward_funcs = [env_reward]  # step environments' own rewards: the sum of their steps'
+        reward_init_kwargs = {"trust_remote_code": args.trust_remote_code, **(args.model_init_kwargs or {})}
+        self.reward_funcs = prepare_reward_funcs(reward_funcs or [], reward_processing_classes, reward_init_kwargs)
         self.reward_func_names = [reward_func_name(f) for f in self.reward_funcs]
-        weights = args.reward_weights or [1.0] * len(self.reward_funcs)
+        weights = list(args.reward_weights or [1.0] * len(self.reward_funcs))
         if len(weights) != len(self.reward_funcs):
             raise ValueError(f"reward_weights has {len(weights)} entries for {len(self.reward_funcs)} reward "
                              "functions: give one weight per function")
+        # TRL's environment-owned rewards: one function per environment class with a get_reward, weight 1.
+        for name, func in self.multi_turn.environment_reward_funcs() if self.multi_turn is not None else []:
+            self.reward_funcs.append(func)
+            self.reward_func_names.append(name)
+            weights.append(1.0)
+        if not self.reward_funcs:
+            raise ValueError("No reward source provided. Pass `reward_funcs`, or an `environment_factory` whose "
+                             "environment defines a `get_reward` method.")
         self.reward_weights = torch.tensor(weights, dtype=torch.float32)
-        for name, dataset in (("training", train_dataset), ("eval", eval_dataset)):
-            if dataset is not None and "prompt" not in dataset.column_names:
+        eval_sets = eval_dataset.items() if isinstance(eval_dataset, dict) else [("eval", eval_dataset)]
+        for name, dataset in [("training", train_dataset), *eval_sets]:
+            columns = getattr(dataset, "column_names", None)  # a stream may not know its columns yet
+            if dataset is not None and columns is not None and "prompt" not in columns:
                 raise ValueError(f"the {name} dataset needs a 'prompt' column (text or chat messages); it has "
-                                 f"{dataset.column_names}")
+                                 f"{columns}")
+        self._prepare_for_streams(args, train_dataset, [d for _, d in eval_sets])
         if not args.use_vllm:
-            unsupported = set(args.generation_kwargs or {}) - set(TransformersBackend.GENERATION_KWARGS)
-            if unsupported:
-                raise ValueError(f"generation_kwargs {sorted(unsupported)} need vLLM (use_vllm=True); transformers "
-                                 f"generation takes {TransformersBackend.GENERATION_KWARGS}")
+            unknown = TransformersBackend.unknown_kwargs(args.generation_kwargs or {})
+            if unknown:
+                raise ValueError(f"generation_kwargs {unknown}: with use_vllm=False they go to transformers' "
+                                 f"GenerationConfig, which has no such fields (nor are they {TransformersBackend.GENERATION_KWARGS})")
 
+        if args.sync_ref_model and peft_config is not None:
+            raise NotImplementedError(
+                "sync_ref_model=True with peft_config: with LoRA the reference is the base model with the adapter "
+                "disabled, so there is no reference model to synchronize; use sync_ref_model=False, or a full "
+                "fine-tune for a synced reference")
+        check_router_loss(model, args.router_aux_loss_coef)
+        if args.cast_lm_head_to_fp32:
+            cast_lm_head_to_fp32(model)
         self.ref_model = None
         if args.beta != 0.0 and peft_config is None:  # LoRA: the reference is the base, the adapter disabled
             self.ref_model = AutoModelForCausalLM.from_pretrained(self.model_path, **init_kwargs).eval()
             self.ref_model.requires_grad_(False)
+            if args.cast_lm_head_to_fp32:
+                cast_lm_head_to_fp32(self.ref_model)
         if args.disable_dropout:
             for module in (model, self.ref_model):
                 if module is not None:
@@ -214,6 +275,9 @@ class GRPOTrainer(Trainer):
         self._regenerated_rounds = 0
         self._pending_time = defaultdict(float)
         self._total_tokens = 0
+        self._entropy = AdaptiveEntropy(args.entropy_coef, adaptive=args.use_adaptive_entropy,
+                                        target=args.entropy_target, delta=args.entropy_coef_delta,
+                                        coef_min=args.entropy_coef_min, coef_max=args.entropy_coef_max)
         # Sharing needs the model's cache in training, which gradient checkpointing switches off.
         self._share_prompts = args.share_prompt_prefix and not args.gradient_checkpointing
         self._completion_token_cost = completion_token_cost(self.model)
@@ -223,6 +287,31 @@ class GRPOTrainer(Trainer):
             set_timeout(args.ddp_timeout)  # every collective ends (trainer/collectives.py)
         self._where = "setup"  # what this process is doing, for a failed collective's message
         self.add_callback(_SyncWeightsCallback(self))
+        if args.sync_ref_model:
+            self.add_callback(_SyncReferenceCallback(self))
+        for f in self.reward_funcs:  # reward models score on the trainer's device, as TRL places them
+            if isinstance(f, RewardModel):
+                f.model.to(self.accelerator.device)
+
+    @staticmethod
+    def _prepare_for_streams(args: GRPOConfig, train_dataset, eval_datasets: list) -> None:
+        """TRL's rules for datasets.IterableDataset: each process reads its slice of the stream itself
+        (dispatch_batches=False: the main process cannot collate text columns to send them), and the training
+        stream is read by one worker (several would interleave it and split the groups)."""
+        if not any(isinstance(d, IterableDataset) for d in [train_dataset, *eval_datasets]):
+            return
+        if args.accelerator_config.dispatch_batches:
+            raise ValueError("Iterable datasets require `dispatch_batches=False`, but it is set to `True` in "
+                             "`accelerator_config`. Please set it to `False`.")
+        args.accelerator_config.dispatch_batches = False
+        if isinstance(train_dataset, IterableDataset):
+            if args.async_generation:
+                raise ValueError("async_generation=True with an IterableDataset: generating ahead reads the "
+                                 "prompts of later rounds by index; use a map-style Dataset, or train synchronously")
+            if args.dataloader_num_workers != 0:
+                logger.warning("Iterable datasets require `dataloader_num_workers=0` to preserve prompt grouping; "
+                               "overriding the provided value (%d).", args.dataloader_num_workers)
+                args.dataloader_num_workers = 0
 
     # --- generation backends ------------------------------------------------------
 
@@ -257,7 +346,8 @@ class GRPOTrainer(Trainer):
         return ServerBackend(a.vllm_server_base_url, a.vllm_server_host, a.vllm_server_port, a.vllm_server_timeout,
                              bucket_bytes=a.weight_sync_bucket_bytes, api_key=a.vllm_server_api_key,
                              adapter=self.policy_adapter, adapter_owner=run_identity(a.output_dir),
-                             request_timeout=a.vllm_generation_timeout)
+                             request_timeout=a.vllm_generation_timeout,
+                             nothing_listening=(UNSET_MODE_WAIT_S, UNSET_MODE_HINT) if a.vllm_mode_is_default else None)
 
     @property
     def policy_adapter(self) -> str | None:
@@ -359,7 +449,13 @@ class GRPOTrainer(Trainer):
     def get_train_dataloader(self):
         if self.train_dataset is None:
             raise ValueError("GRPOTrainer needs a train_dataset with a 'prompt' column")
-        return self._get_dataloader(dataset=self.train_dataset, description="Training",
+        a, dataset = self.args, self.train_dataset
+        if isinstance(dataset, IterableDataset):  # RepeatSampler's order, read from the stream
+            if a.shuffle_dataset:
+                dataset = dataset.shuffle(seed=a.seed)  # a buffered shuffle: the stream cannot be permuted whole
+            dataset = RepeatedStream(dataset, a.num_generations, a.unique_prompts_per_generation,
+                                     a.steps_per_generation * a.num_iterations)
+        return self._get_dataloader(dataset=dataset, description="Training",
                                     batch_size=self._train_batch_size * self.args.steps_per_generation,
                                     sampler_fn=self._get_train_sampler, is_training=True)
 
@@ -391,14 +487,12 @@ class GRPOTrainer(Trainer):
                                                          **(self.args.chat_template_kwargs or {}))["input_ids"]
             else:
                 row = tokenizer(prompt)["input_ids"]
-            if self.args.max_prompt_length is not None:
-                row = row[-self.args.max_prompt_length :]  # keep the end: the question and the turn marker
-            ids.append(list(row))
+            ids.append(self.args.check_prompt_length(list(row)))
         return ids
 
     def _sampling(self, n: int) -> Sampling:
         a = self.args
-        return Sampling(n=n, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p,
+        return Sampling(n=n, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p or 0.0,
                         repetition_penalty=a.repetition_penalty, max_tokens=a.max_completion_length,
                         extra=tuple(sorted((a.generation_kwargs or {}).items())))
 
@@ -673,11 +767,15 @@ class GRPOTrainer(Trainer):
                 raise ValueError(f"dataset columns {sorted(clash)} clash with what multi-turn rollouts pass to the "
                                  "reward functions: rename the columns")
             columns.update(rollout.reward_columns)
+        logged = RewardLogs()
         local_rewards = compute_rewards(self.reward_funcs, prompts, completions, completion_ids, columns,
-                                        trainer_state=self.state)
+                                        trainer_state=self.state, log_extra=logged.extra, log_metric=logged.metric)
         all_rewards = acc.gather(local_rewards.to(device)).float().cpu()
         total, per_func = weighted_rewards(all_rewards, self.reward_weights)
-        advantages, stats = group_advantages(total, num_generations, a.scale_rewards)
+        if a.multi_objective_aggregation == "normalize_then_sum":
+            advantages, stats = normalize_then_sum_advantages(all_rewards, self.reward_weights, num_generations)
+        else:
+            advantages, stats = group_advantages(total, num_generations, a.scale_rewards)
         reward_s = time.perf_counter() - began
         start = acc.process_index * len(inputs)
         local_advantages = advantages[start : start + len(inputs)]
@@ -700,12 +798,16 @@ class GRPOTrainer(Trainer):
             # the sampler's own logprobs, never the trainer's current ones (a ratio of 1 for stale data).
             batch["old_logps"] = pad_rows(sampling_logps, 0.0).float()
 
-        micro = [] if evaluating else self._split_round(batch, round_index)
+        if evaluating:  # one micro-batch, every row, normalised by its own tokens on every process
+            tokens = acc.gather(completion_mask.sum().reshape(1).to(device)).sum().float().cpu()
+            micro = [{**pad_to_multiple(batch, a.pad_to_multiple_of, pad), "num_items_in_batch": tokens}]
+        else:
+            micro = self._split_round(batch, round_index)
         # A round that serves later optimizer steps (or several iterations) trains them off-policy: their
         # ratio is to the policy that generated, computed now, before the first step changes the weights.
         off_policy = a.num_iterations > 1 or a.steps_per_generation > a.gradient_accumulation_steps
         for m in (p for m in micro for p in parts_of(m)):
-            if off_policy and "old_logps" not in m:
+            if off_policy and not evaluating and "old_logps" not in m:
                 m["old_logps"] = self._per_token_logps(self.model, m)
             if a.beta != 0.0:
                 m["ref_logps"] = self._reference_logps(m)
@@ -749,9 +851,28 @@ class GRPOTrainer(Trainer):
             for key, value in self._pending_time.items():
                 metrics[key].append(value)
             self._pending_time.clear()
+        extra_columns = self._flush_reward_logs(logged, metrics, len(prompts))
         if a.log_completions:
-            self._log_completions(prompts, texts, all_rewards, advantages, evaluating)
+            self._log_completions(prompts, texts, all_rewards, advantages, evaluating, extra_columns)
         return micro
+
+    def _flush_reward_logs(self, logged: "RewardLogs", metrics, rows: int) -> dict[str, list]:
+        """What reward functions logged this round, over every process: log_metric values averaged into the
+        metrics, log_extra columns gathered for the completions table. The names are agreed first, in one
+        order, so every process issues the same gathers whatever its own functions logged."""
+        from accelerate.utils import gather_object
+
+        acc = self.accelerator
+        names = sorted({n for rank in gather_object([sorted(logged.metrics)]) for n in rank})
+        for name in names:
+            values = logged.metrics.get(name, [])
+            totals = acc.gather(torch.tensor([[sum(values), len(values)]], dtype=torch.float64,
+                                             device=acc.device)).sum(0)
+            metrics[name].append((totals[0] / totals[1].clamp(min=1)).item())
+        if not self.args.log_completions:  # the columns go to the completions table only
+            return {}
+        columns = sorted({c for rank in gather_object([sorted(logged.columns)]) for c in rank})
+        return {c: gather_object(list(logged.columns.get(c, [None] * rows))) for c in columns}
 
     def _split_round(self, batch: dict, round_index: int) -> list[dict]:
         """The round's micro-batches in training order, each with its optimizer step's token count.
@@ -769,9 +890,12 @@ class GRPOTrainer(Trainer):
         local = torch.tensor([sum(int(p["completion_mask"].sum()) for m in step for p in parts_of(m))
                               for step in by_step], device=acc.device)
         step_tokens = acc.gather(local.reshape(1, -1)).sum(0).cpu()
-        micro = []
+        micro, multiple, pad = [], a.pad_to_multiple_of, self.tokenizer.pad_token_id
         for step, tokens in zip(by_step, step_tokens.tolist()):
             for m in step:
+                if multiple:
+                    m = ({"parts": [pad_to_multiple(p, multiple, pad) for p in m["parts"]]} if "parts" in m
+                         else pad_to_multiple(m, multiple, pad))
                 m["num_items_in_batch"] = torch.tensor(float(tokens))
                 micro.append(m)
         return micro
@@ -796,7 +920,8 @@ class GRPOTrainer(Trainer):
 
     # --- completions, evaluation, checkpoints ------------------------------------
 
-    def _log_completions(self, prompts, texts, all_rewards, advantages, evaluating: bool) -> None:
+    def _log_completions(self, prompts, texts, all_rewards, advantages, evaluating: bool,
+                         extra_columns: dict[str, list]) -> None:
         """Keep this round's rows (all processes) for the next log: step, prompt, completion, rewards, advantage."""
         from accelerate.utils import gather_object
 
@@ -810,6 +935,7 @@ class GRPOTrainer(Trainer):
             row = {"step": self.state.global_step, "prompt": prompt, "completion": text}
             row.update({name: all_rewards[i, f].item() for f, name in enumerate(self.reward_func_names)})
             row["advantage"] = advantages[i].item()
+            row.update({column: values[i] if i < len(values) else None for column, values in extra_columns.items()})
             if evaluating:
                 row["split"] = "eval"
             self._completion_rows.append(row)
@@ -819,6 +945,19 @@ class GRPOTrainer(Trainer):
         rows, self._completion_rows = self._completion_rows, []
         report_completions(rows, self.reward_func_names, self.args.num_completions_to_print, self.args.report_to)
 
+    def get_eval_dataloader(self, eval_dataset=None):
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if not isinstance(dataset, IterableDataset):
+            return super().get_eval_dataloader(eval_dataset)
+        group = self.args.num_generations_eval or self.args.num_generations
+        stream = RepeatedStream(dataset, group, self.args.per_device_eval_batch_size * self.args.world_size // group, 1)
+        workers, self.args.dataloader_num_workers = self.args.dataloader_num_workers, 0  # groups stay whole
+        try:
+            return self._get_dataloader(dataset=stream, description="Evaluation", batch_size=self.args.eval_batch_size,
+                                        sampler_fn=self._get_eval_sampler)
+        finally:
+            self.args.dataloader_num_workers = workers
+
     def _get_eval_sampler(self, eval_dataset=None):
         a = self.args
         group = a.num_generations_eval or a.num_generations
@@ -826,24 +965,53 @@ class GRPOTrainer(Trainer):
                              a.per_device_eval_batch_size * a.world_size // group, 1, shuffle=False)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
-        """Generate on the current weights for every eval prompt, score, and log the reward metrics with
-        `eval_` in front (eval_reward, eval_rewards/<f>/mean, eval_completions/mean_length, ...)."""
+        """Generate on the current weights for every eval prompt, score, and compute the loss on those completions.
+
+        Returns and logs TRL's metrics with `eval_` in front: eval_loss, eval_reward, eval_rewards/<f>/mean,
+        eval_completions/mean_length, eval_entropy, ..., eval_runtime, eval_samples_per_second. A dict of eval
+        sets (or the name of one in it) evaluates each, its metrics prefixed by the name (eval_<name>_reward)."""
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if isinstance(dataset, str):
+            if not isinstance(self.eval_dataset, dict) or dataset not in self.eval_dataset:
+                raise ValueError(f"evaluate({dataset!r}) names no eval set; the trainer has "
+                                 f"{sorted(self.eval_dataset) if isinstance(self.eval_dataset, dict) else 'one'}")
+            dataset = self.eval_dataset[dataset]
         if dataset is None:
             raise ValueError("evaluate() needs an eval_dataset (GRPOTrainer(eval_dataset=...) or the argument)")
         with self._explained_collectives():
+            if isinstance(dataset, dict):
+                metrics = {}
+                for name, one in dataset.items():
+                    metrics.update(self._evaluate_on(one, f"{metric_key_prefix}_{name}"))
+                return metrics
             return self._evaluate_on(dataset, metric_key_prefix)
 
     def _evaluate_on(self, dataset, metric_key_prefix: str) -> dict:
         self.sync_weights()  # the generator evaluates the weights the trainer holds now
         self._where = "evaluation"
         self._eval_metrics = defaultdict(list)
-        began = time.perf_counter()
-        for i, batch in enumerate(self.get_eval_dataloader(dataset)):
-            # Seeds apart from the training rounds' (their indices are >= 0).
-            self._generate_and_score(batch, round_index=-1 - (self.state.global_step * 100_003 + i), evaluating=True)
+        began, losses, rows = time.perf_counter(), [], 0
+        model = self.model
+        was_training = model.training
+        model.eval()
+        try:
+            for i, batch in enumerate(self.get_eval_dataloader(dataset)):
+                # Seeds apart from the training rounds' (their indices are >= 0).
+                inputs = self._generate_and_score(batch, round_index=-1 - (self.state.global_step * 100_003 + i),
+                                                  evaluating=True)[0]
+                with torch.no_grad(), self.compute_loss_context_manager():
+                    losses.append(self.compute_loss(model, inputs).item())
+                rows += len(batch) * self.accelerator.num_processes
+        finally:
+            model.train(was_training)
+        runtime = time.perf_counter() - began
         metrics = {f"{metric_key_prefix}_{k}": sum(v) / len(v) for k, v in self._eval_metrics.items() if v}
-        metrics[f"{metric_key_prefix}_runtime"] = time.perf_counter() - began
+        metrics[f"{metric_key_prefix}_loss"] = sum(losses) / max(len(losses), 1)
+        metrics[f"{metric_key_prefix}_runtime"] = runtime
+        metrics[f"{metric_key_prefix}_samples_per_second"] = rows / max(runtime, 1e-9)
+        metrics[f"{metric_key_prefix}_steps_per_second"] = len(losses) / max(runtime, 1e-9)
+        if self.state.epoch is not None:
+            metrics["epoch"] = self.state.epoch
         Trainer.log(self, metrics)  # not our log(): that adds the training metrics
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
@@ -858,7 +1026,8 @@ class GRPOTrainer(Trainer):
         try:
             super()._save_checkpoint(model, trial)
             os.makedirs(folder, exist_ok=True)
-            torch.save({"step": self._step, "total_tokens": self._total_tokens, "buffered": self._buffered},
+            torch.save({"step": self._step, "total_tokens": self._total_tokens, "buffered": self._buffered,
+                        "entropy": self._entropy.state_dict()},
                        os.path.join(folder, ROUND_STATE.format(rank=self.accelerator.process_index)))
         except OSError as exc:
             # Trainer writes into the folder itself: a half-written one would be the "latest" a resume picks.
@@ -881,6 +1050,8 @@ class GRPOTrainer(Trainer):
             if os.path.exists(path):
                 state = torch.load(path, weights_only=True)
                 self._step, self._total_tokens, self._buffered = state["step"], state["total_tokens"], state["buffered"]
+                if "entropy" in state:
+                    self._entropy.load_state_dict(state["entropy"])
             else:
                 logger.warning("%s holds no fastgrpo round state (%s): the resumed run regenerates its round",
                                folder, os.path.basename(path))
@@ -913,8 +1084,9 @@ class GRPOTrainer(Trainer):
         with self.accelerator.unwrap_model(self.model).disable_adapter():  # LoRA: the base model itself
             return self._per_token_logps(self.model, m)
 
-    def _per_token_logps(self, model, m: dict, with_entropy: bool = False):
-        """Log-probs of the completion tokens under `model`; logits only over the completion."""
+    def _per_token_logps(self, model, m: dict, with_entropy: bool = False, entropy_grad: bool = False):
+        """Log-probs of the completion tokens under `model`; logits only over the completion. With entropy: each
+        position's entropy too, carrying gradient when `entropy_grad` (the entropy bonus trains on it)."""
         device = self.accelerator.device
         tensors = [m[k].to(device) for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_attention")]
         try:
@@ -927,23 +1099,25 @@ class GRPOTrainer(Trainer):
             logits = logits / self.args.temperature
         logps = selective_log_softmax(logits, tensors[2])
         if with_entropy:
+            if entropy_grad:
+                return logps, entropy_from_logits(logits)
             with torch.no_grad():
                 return logps, entropy_from_logits(logits.detach())
         return logps
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The loss of one micro-batch (or part of one), divided for gradient accumulation where the loss type's
+        normaliser does not span the step already, minus the entropy bonus. Metrics go to the training log, or,
+        in evaluate() (model.eval()), to the eval metrics."""
         if return_outputs:
             raise ValueError("GRPOTrainer does not return outputs")
         a, acc, device = self.args, self.accelerator, self.accelerator.device
-        logps, entropy = self._per_token_logps(model, inputs, with_entropy=True)
+        training, bonus = model.training, self._entropy
+        logps, entropy = self._per_token_logps(model, inputs, with_entropy=True, entropy_grad=bonus.enabled)
         mask = inputs["completion_mask"].to(device)
         entropy_mask = None
         if a.top_entropy_quantile < 1.0:
-            # The threshold over the micro-step's tokens on every process, as TRL computes it.
-            local = entropy[mask.bool()].float()
-            everyone = acc.gather(acc.pad_across_processes(local, dim=0, pad_index=-1.0))
-            threshold = entropy_threshold(everyone[everyone >= 0], a.top_entropy_quantile).to(device)
-            entropy_mask = (entropy >= threshold) & mask.bool()
+            entropy_mask = self.get_high_entropy_mask(entropy.detach(), mask, 1.0 - a.top_entropy_quantile)
         old_logps = inputs.get("old_logps")
         loss, metrics = grpo_loss(
             logps, None if old_logps is None else old_logps.to(device), inputs["advantages"].to(device), mask,
@@ -956,16 +1130,51 @@ class GRPOTrainer(Trainer):
             sampling_per_token_logps=inputs["sampling_logps"].to(device) if "sampling_logps" in inputs else None,
             vllm_is_mode=a.vllm_importance_sampling_mode, vllm_is_clip_min=a.vllm_importance_sampling_clip_min,
             vllm_is_clip_max=a.vllm_importance_sampling_clip_max, off_policy_mask_threshold=a.off_policy_mask_threshold,
-            entropy_mask=entropy_mask,
+            entropy_mask=entropy_mask, vespo_k_pos=a.vespo_k_pos, vespo_lambda_pos=a.vespo_lambda_pos,
+            vespo_k_neg=a.vespo_k_neg, vespo_lambda_neg=a.vespo_lambda_neg,
+            use_bias_correction_kl=a.use_bias_correction_kl,
         )
+        accumulation = getattr(self, "current_gradient_accumulation_steps", a.gradient_accumulation_steps) \
+            if training else 1
         if a.loss_type not in GLOBALLY_NORMALISED:  # their normaliser already spans the step's micro-batches
-            loss = loss / getattr(self, "current_gradient_accumulation_steps", a.gradient_accumulation_steps)
+            loss = loss / accumulation
+        if bonus.enabled:  # TRL: loss - coef x the mean entropy of the trained tokens, / GA
+            metrics["policy_loss"] = loss.detach() * (accumulation if a.loss_type not in GLOBALLY_NORMALISED else 1)
+            term, sums = entropy_bonus(entropy, mask, coef=bonus.coef_to_apply(), accumulation=accumulation,
+                                       entropy_mask=entropy_mask, num_tokens=inputs.get("micro_tokens"))
+            if a.loss_type not in GLOBALLY_NORMALISED:  # _forward_backward divides each part's loss by the parts
+                term = term * inputs.get("num_parts", 1)
+            loss = loss - term
+            if training:
+                bonus.accumulate(sums["entropy_sum"], sums["token_count"])
         token_count = mask.sum().clamp(min=1)
-        metrics["entropy"] = (entropy * mask).sum() / token_count
+        metrics["entropy"] = (entropy.detach() * mask).sum() / token_count
+        sink = self._metrics if training else self._eval_metrics
         for key, value in metrics.items():
             value = torch.as_tensor(value, device=device, dtype=torch.float32).reshape(1)
-            self._metrics[key].append(acc.gather(value).nanmean().item())
+            sink[key].append(acc.gather(value).nanmean().item())
         return loss
+
+    def get_high_entropy_mask(self, entropies: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
+        """TRL's: the completion tokens whose entropy is at or above the `threshold` quantile of every process's
+        completion-token entropies (a gather: every process calls it with its micro-batch)."""
+        acc = self.accelerator
+        local = entropies[mask.bool()].float()
+        everyone = acc.gather(acc.pad_across_processes(local, dim=0, pad_index=-1.0))
+        return get_high_entropy_mask(entropies, mask, threshold, gathered_entropies=everyone[everyone >= 0])
+
+    get_off_policy_mask = staticmethod(get_off_policy_mask)
+
+    def _end_of_step(self) -> None:
+        """After an optimizer step's last micro-batch: the adaptive entropy coefficient moves on the step's
+        entropy over every process (a reduce every process issues, the decision from the config)."""
+        bonus, acc = self._entropy, self.accelerator
+        if not bonus.enabled:
+            return
+        if bonus.adaptive:
+            window = acc.reduce(bonus.window().to(acc.device), reduction="sum")
+            bonus.step(window[0] / window[1].clamp(min=1))
+        self._metrics["entropy_coef"].append(bonus.coef)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """One micro-step: forward, loss, backward.
@@ -979,6 +1188,8 @@ class GRPOTrainer(Trainer):
         if callable(getattr(self.optimizer, "train", None)):  # schedule-free optimizers
             self.optimizer.train()
         loss = self._forward_backward(model, self._prepare_inputs(inputs))
+        if self._step % self.args.gradient_accumulation_steps == 0:  # this micro-step ended an optimizer step
+            self._end_of_step()
         self._metrics["time/train"].append(time.perf_counter() - began - self._round_seconds)
         return loss
 
@@ -990,10 +1201,14 @@ class GRPOTrainer(Trainer):
         if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
             kwargs["scale_wrt_gas"] = False  # DeepSpeed would divide by GA too
         parts, total = parts_of(inputs), 0.0
+        # The entropy bonus is a mean over the micro-batch's trained tokens: every part divides by all of them.
+        micro_tokens = sum(p["completion_mask"].sum() for p in parts) if self.args.top_entropy_quantile == 1.0 else None
         for i, part in enumerate(parts):
             # A part's loss is its share of the micro-batch's: equal parts of a mean over rows (grpo, sapo,
             # dr_grpo), or a sum over the step's tokens already (dapo, cispo).
-            part = {**part, "num_items_in_batch": inputs["num_items_in_batch"]}
+            part = {**part, "num_items_in_batch": inputs["num_items_in_batch"], "num_parts": len(parts)}
+            if micro_tokens is not None:
+                part["micro_tokens"] = micro_tokens
             last = i == len(parts) - 1
             with self.compute_loss_context_manager(), \
                     contextlib.nullcontext() if last else self.accelerator.no_sync(model):
@@ -1034,6 +1249,20 @@ class GRPOTrainer(Trainer):
             self.accelerator.end_training()
 
 
+class RewardLogs:
+    """What reward functions log through TRL's `log_extra(column, values)` and `log_metric(name, value)` kwargs."""
+
+    def __init__(self):
+        self.columns: dict[str, list] = defaultdict(list)
+        self.metrics: dict[str, list[float]] = defaultdict(list)
+
+    def extra(self, column: str, values: list) -> None:
+        self.columns[column].extend(values)
+
+    def metric(self, name: str, value: float) -> None:
+        self.metrics[name].append(float(value))
+
+
 def generation_may_pass(exc: Exception) -> bool:
     """Whether a generation that failed may succeed once the next push lands: the server refused it because a push
     that failed half-way left its weights mixed (the trainer pushes again, and retries a failed push)."""
@@ -1055,6 +1284,66 @@ def _may_pass(exc: Exception) -> bool:
             return exc.status >= 500
         exc = exc.__cause__
     return True
+
+
+@torch.no_grad()
+def mix_into(reference: torch.nn.Module, policy: torch.nn.Module, alpha: float) -> None:
+    """reference <- alpha x policy + (1 - alpha) x reference, parameter by parameter (the same sharding on both:
+    FSDP2 shards them alike, so each rank mixes its own shards)."""
+    ref_params, policy_params = dict(reference.named_parameters()), dict(policy.named_parameters())
+    if ref_params.keys() != policy_params.keys():
+        raise RuntimeError("sync_ref_model: the reference and the policy have different parameters; a reference "
+                           "loaded from another checkpoint cannot be mixed with this policy")
+    for name, ref in ref_params.items():
+        ref.mul_(1.0 - alpha).add_(policy_params[name].detach().to(ref.dtype), alpha=alpha)
+
+
+def check_router_loss(model, coef: float | None) -> None:
+    """fastgrpo adds no Mixture-of-Experts load-balancing loss: a MoE model whose effective weight (the config's
+    when unset, as TRL reads it) is not 0 fails here instead of training without it unsaid."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if not hasattr(config, "output_router_logits"):
+        if coef not in (None, 0.0):
+            raise ValueError(f"router_aux_loss_coef={coef}, but {type(model).__name__} is not a Mixture-of-Experts "
+                             "model; leave it None")
+        return
+    effective = getattr(config, "router_aux_loss_coef", 0.0) if coef is None else coef
+    if effective:
+        raise ValueError(f"{type(model).__name__} is a Mixture-of-Experts model with a load-balancing loss weight of "
+                         f"{effective}{' (its config)' if coef is None else ''}; fastgrpo does not add the router "
+                         "loss yet. Set router_aux_loss_coef=0.0 to train without it")
+
+
+def cast_lm_head_to_fp32(model) -> None:
+    """cast_lm_head_to_fp32: the LM head's weights and matmul in float32, autocast or not; a tied input embedding
+    keeps giving activations in its former dtype."""
+    head = model.get_output_embeddings()
+    if head is None or not isinstance(head, torch.nn.Linear) or type(head) is not torch.nn.Linear:
+        raise ValueError(f"cast_lm_head_to_fp32=True needs a plain Linear LM head; {type(model).__name__}'s is "
+                         f"{type(head).__name__} (an adapter on lm_head is not supported: remove 'lm_head' from "
+                         "target_modules, or set cast_lm_head_to_fp32=False)")
+    dtype = head.weight.dtype
+    head.float()
+
+    def forward(hidden_states):
+        with torch.autocast(hidden_states.device.type, enabled=False):
+            bias = None if head.bias is None else head.bias.float()
+            return torch.nn.functional.linear(hidden_states.float(), head.weight.float(), bias)
+
+    head.forward = forward
+    embeddings = model.get_input_embeddings()
+    if dtype != torch.float32 and embeddings is not None and embeddings.weight is head.weight:
+        embeddings.register_forward_hook(lambda module, args, output: output.to(dtype))
+
+
+def environment_owned_data(args: GRPOConfig) -> Dataset:
+    """No train_dataset: the environment owns the data, its reset() writes each prompt. TRL's placeholder rows of
+    empty user messages, one round's worth, drive the loop; max_steps sets the length."""
+    if args.max_steps <= 0:
+        raise ValueError("When training without a `train_dataset` (the environment owns the data and returns the "
+                         "prompt from `reset()`), `max_steps` must be set to a positive value to define the training "
+                         "length. Set it via `GRPOConfig(max_steps=...)`.")
+    return Dataset.from_dict({"prompt": [[{"role": "user", "content": ""}]] * args.unique_prompts_per_generation})
 
 
 def _destroy_process_group() -> None:

@@ -9,18 +9,25 @@ on the model's tokens only, the generator's logprobs on those.
 
 from __future__ import annotations
 
+import asyncio
 import copy
+import inspect
+import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fastgrpo.rollouts.chat import ChatTokens
-from fastgrpo.rollouts.environment import MethodToolEnvironment, ToolEnvironment, is_step_environment
+from fastgrpo.rollouts.environment import MethodToolEnvironment, ToolEnvironment, is_step_environment, owns_reward
 from fastgrpo.rollouts.episode import Episode, Turn, run_episodes
+from fastgrpo.rollouts.event_loop import outcome, submit
 from fastgrpo.rollouts.tool_calls import parser_for
-from fastgrpo.rollouts.tools import ToolRunner
+from fastgrpo.rollouts.tools import NOT_A_CALL, ToolRunner
 
 FAILURE_KINDS = ("parse", "unknown_tool", "bad_arguments", "raised", "timeout", "too_large")
 # TRL's keys, and ours: `weight_versions` ([first, last] per row, from agents recorded by the server).
 ROLLOUT_FUNC_KEYS = ("prompt_ids", "completion_ids", "logprobs", "env_mask", "weight_versions")
+# A dict environment_factory: the dataset column that names each example's environment (TRL's).
+ENVIRONMENT_COLUMN = "environment"
 
 
 @dataclass
@@ -40,7 +47,11 @@ class RoundRollout:
 
 
 class MultiTurn:
-    """Built once per trainer from GRPOTrainer's tools / environment_factory / rollout_func."""
+    """Built once per trainer from GRPOTrainer's tools / environment_factory / rollout_func.
+
+    environment_factory is TRL's: a callable making one environment, or a dict {name: factory} whose name each
+    example picks in its `environment` field (only that environment's tools are in its prompt). One instance of
+    each is made here, as TRL does, to check it and read its tools; it then serves the first episode it fits."""
 
     def __init__(self, tokenizer, args, tools=None, environment_factory=None, rollout_func=None,
                  tool_call_parser=None):
@@ -49,16 +60,21 @@ class MultiTurn:
         if len(given) > 1:
             raise ValueError(f"give one of tools, environment_factory and rollout_func, not {' and '.join(given)} "
                              "(an environment can offer tools itself: its `tools`, or TRL-style tool methods)")
-        if environment_factory is not None and not callable(environment_factory):
-            raise ValueError("environment_factory must be callable (a class or a function) returning an environment")
         if rollout_func is not None and not callable(rollout_func):
             raise ValueError("rollout_func must be callable: rollout_func(prompts, trainer) -> dict")
         self.tokenizer, self.args = tokenizer, args
-        self.environment_factory, self.rollout_func = environment_factory, rollout_func
+        self.rollout_func = rollout_func
+        self.factories = _factories(environment_factory)  # {name: factory}; a single callable's name is None
+        self.routed = isinstance(environment_factory, dict)  # only then does an example's `environment` matter
         self.parser = tool_call_parser or parser_for(tokenizer)
         self.runner = ToolRunner(list(tools), args.tool_timeout, args.max_tool_result_length) if tools else None
-        self._chats: dict[tuple, ChatTokens] = {}
-        self.uses_tools = bool(tools)
+        self._chats: dict[str, ChatTokens] = {}
+        self._probes = {name: _probe(factory) for name, factory in self.factories.items()}
+        stepped = [self._stepped(p) for p in self._probes.values()]  # one without tools or steps fails now
+        # TRL's `if self.tools`: tool metrics on every step of a run where any episode may call tools.
+        self.uses_tools = bool(tools) or any(_schemas(env) for env in stepped)
+        self.has_step_environments = any(is_step_environment(p) for p in self._probes.values())
+        self._reward_types = list(dict.fromkeys(type(p) for p in self._probes.values() if owns_reward(p)))
 
     def with_tokenizer(self, tokenizer) -> "MultiTurn":
         """The same rollouts with another tokenizer (a thread of its own needs one: Rust tokenizers used from two
@@ -67,26 +83,69 @@ class MultiTurn:
         other.tokenizer, other._chats = tokenizer, {}
         return other
 
+    def environment_reward_funcs(self) -> list[tuple[str, Callable]]:
+        """TRL's environment-owned rewards: for each environment class with a `get_reward` (once per class, however
+        many names map to it), a reward function named after the class, to add with weight 1. It scores the rows
+        whose environment is exactly that class (None for the others) with their `get_reward()`."""
+        return [(t.__name__, environment_reward_func(t)) for t in self._reward_types]
+
+    def check_dataset(self, dataset, which: str = "training") -> None:
+        """With a dict environment_factory every example names its environment: a dataset without the column
+        fails at construction rather than at its first round."""
+        if not self.routed:
+            return
+        if dataset is None:
+            if which == "training":
+                raise ValueError("A `dict` `environment_factory` (multiple environments) requires a `train_dataset` "
+                                 "with an `environment` column to route each example to its environment. Provide a "
+                                 "dataset, or pass a single environment factory.")
+            return
+        for part in dataset.values() if isinstance(dataset, dict) else [dataset]:
+            columns = getattr(part, "column_names", None)  # None: a streamed dataset that does not know them yet
+            if columns is not None and ENVIRONMENT_COLUMN not in columns:
+                raise ValueError(f"environment_factory is a dict of environments ({list(self.factories)}): each "
+                                 f"example picks one in its `{ENVIRONMENT_COLUMN}` field, but the {which} dataset "
+                                 f"has no `{ENVIRONMENT_COLUMN}` column (it has {columns}). Add one naming each "
+                                 "example's environment, or pass a single environment factory.")
+
     def _chat(self, schemas: list[dict]) -> ChatTokens:
-        key = tuple(s["function"]["name"] for s in schemas)
+        key = json.dumps(schemas, sort_keys=True, default=str)
         if key not in self._chats:
             self._chats[key] = ChatTokens(self.tokenizer, schemas, self.args.chat_template_kwargs)
         return self._chats[key]
+
+    def _stepped(self, user_env):
+        """The environment as the episode driver steps it: itself with a `step`, else its methods as tools."""
+        if is_step_environment(user_env):
+            return user_env
+        return MethodToolEnvironment(user_env, self.args.tool_timeout, self.args.max_tool_result_length,
+                                     self.parser, self.args.max_tool_calling_iterations)
+
+    def _environment_name(self, row: dict):
+        if not self.routed:
+            return None
+        name = row.get(ENVIRONMENT_COLUMN)
+        if name not in self.factories:
+            hint = "" if ENVIRONMENT_COLUMN in row else (
+                f" This example has no `{ENVIRONMENT_COLUMN}` field: give the dataset an `{ENVIRONMENT_COLUMN}` "
+                "column naming each example's environment.")
+            raise ValueError(f"Example has `environment={name!r}`, which is not among the environments passed to "
+                             f"`environment_factory`. Expected one of: {list(self.factories)}.{hint}")
+        return name
 
     def _environment(self, row: dict):
         """(the episode's environment as the driver steps it, the object reward functions see, extra messages)."""
         if self.runner is not None:
             env = ToolEnvironment(self.runner, self.parser, self.args.max_tool_calling_iterations)
             return env, env, None
-        user_env = self.environment_factory()
-        if is_step_environment(user_env):
-            env = user_env
-        else:  # TRL's style: its public methods are the tools
-            env = MethodToolEnvironment(user_env, self.args.tool_timeout, self.args.max_tool_result_length,
-                                        self.parser, self.args.max_tool_calling_iterations)
-            self.uses_tools = True
-        reset = env.reset(**row)
-        return env, user_env, reset
+        name = self._environment_name(row)
+        user_env = self._probes.pop(name, None)  # the probe serves once; a fresh one for every other episode
+        if user_env is None:
+            user_env = self.factories[name]()
+        env = self._stepped(user_env)
+        # The `environment` field routes the example; reset gets the rest (TRL's way).
+        columns = {k: v for k, v in row.items() if k != ENVIRONMENT_COLUMN} if self.routed else row
+        return env, user_env, env.reset(**columns)
 
     def run(self, trainer, prompts: list, rows: list[dict], generate, seed_of) -> RoundRollout:
         if self.rollout_func is not None:
@@ -101,16 +160,12 @@ class MultiTurn:
             messages = _with_reset_messages(prompt, reset)
             chat = self._chat(_schemas(env))
             ids = chat.prompt(messages)
-            if a.max_prompt_length is not None:
-                ids = ids[-a.max_prompt_length:]
+            ids = a.check_prompt_length(ids)
             envs.append(env)
             user_envs.append(user_env)
             prompt_ids.append(ids)
             chats.append(chat)
-        if len({id(c) for c in chats}) > 1:
-            raise ValueError("the environments of one round offer different tools; give every environment of a run "
-                             "the same tools")
-        episodes = run_episodes(prompt_ids, envs, generate, chats[0] if chats else None,
+        episodes = run_episodes(prompt_ids, envs, generate, chats,
                                 lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
                                 a.max_completion_length, seed_of, a.environment_step_timeout,
                                 a.environment_concurrency)
@@ -126,7 +181,8 @@ class MultiTurn:
         }
         if self.uses_tools:
             per_row["tools/calls"] = [float(e.tool_calls) for e in episodes]
-            per_row["tools/failures"] = [float(len(e.tool_failures)) for e in episodes]
+            # TRL's failure count: failed calls, not text that never parsed as one (it has its own count below).
+            per_row["tools/failures"] = [float(sum(k != NOT_A_CALL for k in e.tool_failures)) for e in episodes]
             for kind in FAILURE_KINDS:
                 per_row[f"tools/failures/{kind}"] = [float(e.tool_failures.count(kind)) for e in episodes]
         return RoundRollout(
@@ -184,6 +240,57 @@ class MultiTurn:
                    "completions/env_tokens": [float(len(m) - sum(m)) for m in masks]}
         return RoundRollout(prompt_ids, completion_ids, masks, logps, stopped, None, completions, extra, per_row,
                             first_versions=[int(v[0]) for v in versions] if versions is not None else None)
+
+
+def _factories(environment_factory) -> dict:
+    """environment_factory as {name: factory}: a dict as it is, a single callable under the name None."""
+    if environment_factory is None:
+        return {}
+    if isinstance(environment_factory, dict):
+        if not environment_factory:
+            raise ValueError("environment_factory is an empty dict: map at least one environment name to a factory")
+        for name, factory in environment_factory.items():
+            if not callable(factory):
+                raise ValueError(f"environment_factory[{name!r}] is {type(factory).__name__}, not a factory: give a "
+                                 "class or a function returning an environment")
+        return dict(environment_factory)
+    if not callable(environment_factory):
+        raise ValueError("environment_factory must be callable (a class or a function) returning an environment, or a "
+                         "dict {name: factory} whose names the examples' `environment` field picks; got "
+                         f"{type(environment_factory).__name__}")
+    return {None: environment_factory}
+
+
+def _probe(factory):
+    instance = factory()
+    if not callable(getattr(instance, "reset", None)):
+        raise ValueError("Each environment instance returned by `environment_factory` must define a callable "
+                         f"`reset`. ({type(instance).__name__} has none.)")
+    return instance
+
+
+def environment_reward_func(env_type: type) -> Callable:
+    """A reward function scoring the rows whose environment is exactly `env_type` with their `get_reward()`; None for
+    the others (exactly: a subclass registered too is scored by its own function only). An async get_reward runs on
+    the rollouts' event loop, where the environment's async tools ran."""
+    if inspect.iscoroutinefunction(env_type.get_reward):
+        async def reward(environments, **kwargs):
+            async def one(e):
+                return await e.get_reward() if type(e) is env_type else None
+
+            async def every():  # gathered on the rollouts' loop: its futures must belong there
+                return await asyncio.gather(*(outcome(one(e)) for e in environments))
+
+            results = await asyncio.wrap_future(submit(every()))
+            for kind, value in results:
+                if kind == "error":
+                    raise value
+            return [value for _, value in results]
+    else:
+        def reward(environments, **kwargs):
+            return [e.get_reward() if type(e) is env_type else None for e in environments]
+    reward.__name__ = reward.__qualname__ = env_type.__name__
+    return reward
 
 
 def turn_generator(backend, sampling) -> callable:

@@ -227,7 +227,9 @@ class RewardModel:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         if isinstance(model, (str, os.PathLike)):
-            model = AutoModelForSequenceClassification.from_pretrained(str(model), **(model_init_kwargs or {}))
+            # One label: the reward is logits[:, 0] (TRL loads reward models the same way).
+            model = AutoModelForSequenceClassification.from_pretrained(str(model), num_labels=1,
+                                                                       **(model_init_kwargs or {}))
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"a reward model must be a transformers model, a name or a path, got {type(model).__name__}")
         model.eval()
@@ -244,8 +246,9 @@ class RewardModel:
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         # Sequence classification picks the last non-pad token; it needs to know the pad id.
-        if getattr(model.config, "pad_token_id", None) is None:
-            model.config.pad_token_id = tokenizer.pad_token_id
+        text_config = model.config.get_text_config()
+        if getattr(text_config, "pad_token_id", None) is None:
+            text_config.pad_token_id = tokenizer.pad_token_id
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.max_length = max_length
@@ -291,12 +294,13 @@ def _is_reward_model(f: Any) -> bool:
     return isinstance(f, (str, os.PathLike, PreTrainedModel))
 
 
-def prepare_reward_funcs(reward_funcs: Sequence | Callable | str, reward_processing_classes=None) -> list:
+def prepare_reward_funcs(reward_funcs: Sequence | Callable | str, reward_processing_classes=None,
+                         model_init_kwargs: dict | None = None) -> list:
     """Turn names/paths/model objects into `RewardModel`s; leave callables as they are.
 
     Call it once (the trainer does, at construction): loading a reward model from
     a path is slow. `reward_processing_classes` lists a tokenizer (or None) per
-    reward function, as in TRL.
+    reward function, as in TRL; `model_init_kwargs` go to from_pretrained of the reward models given by name.
     """
     funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
     if reward_processing_classes is None:
@@ -313,7 +317,7 @@ def prepare_reward_funcs(reward_funcs: Sequence | Callable | str, reward_process
         if isinstance(f, RewardModel):
             prepared.append(f)
         elif _is_reward_model(f):
-            prepared.append(RewardModel(f, tokenizer=cls))
+            prepared.append(RewardModel(f, tokenizer=cls, model_init_kwargs=model_init_kwargs))
         elif callable(f):
             prepared.append(f)
         else:
@@ -446,11 +450,13 @@ def compute_rewards(
     columns: dict[str, list] | None = None,
     reward_processing_classes=None,
     trainer_state: Any = None,
+    **trainer_kwargs,
 ) -> torch.Tensor:
     """Run every reward function on a batch of B completions: a float32 tensor [B, F], NaN for None.
 
     Each function gets `prompts=`, `completions=`, `completion_ids=`,
-    `trainer_state=` and every column in `columns` (the data set's columns, each a
+    `trainer_state=`, the `trainer_kwargs` (the trainer's `log_extra` and
+    `log_metric`, and `environments` in a multi-turn run) and every column in `columns` (the data set's columns, each a
     list of B values; `prompt`, `completion` and `completion_ids` are left out, as
     in TRL) as keyword arguments.
 
@@ -470,14 +476,14 @@ def compute_rewards(
         raise ValueError(f"got {n} completions but {len(completion_ids)} completion_ids")
     # As in TRL, the data set's own prompt/completion columns are not passed again.
     columns = {k: v for k, v in (columns or {}).items() if k not in ("prompt", "completion", "completion_ids")}
-    for key in ("prompts", "completions", "trainer_state"):
+    for key in ("prompts", "completions", "trainer_state", *trainer_kwargs):
         if key in columns:
             raise ValueError(f"data set column {key!r} clashes with a reward-function argument; rename the column")
     for key, values in columns.items():
         if len(values) != n:
             raise ValueError(f"column {key!r} has {len(values)} values for {n} completions")
     kwargs = dict(prompts=prompts, completions=completions, completion_ids=completion_ids,
-                  trainer_state=trainer_state, **columns)
+                  trainer_state=trainer_state, **trainer_kwargs, **columns)
 
     names = [reward_func_name(f) for f in funcs]
     rewards = torch.full((n, len(funcs)), math.nan, dtype=torch.float32)
@@ -507,12 +513,14 @@ def compute_rewards(
 
     if funcs and n:
         all_nan = torch.isnan(rewards).all(dim=1)
-        if bool(all_nan.any()):
+        if bool(all_nan.any()):  # TRL's words (users grep their logs for them), then how many rows
+            row = int(all_nan.nonzero()[0, 0])
+            shown = {k: v[row] for k, v in columns.items()}
+            shown.update(prompt=prompts[row], completion=completions[row])
             logger.warning(
-                "%d of %d completions got None from every reward function (%s); they get reward 0. "
-                "Make sure at least one reward function applies to every sample.",
-                int(all_nan.sum()), n, ", ".join(names),
-            )
+                "All reward functions returned None for the following kwargs:\n%s\nPlease ensure that at least one "
+                "reward function returns a valid reward. (%d of %d completions; they are left out of their group's "
+                "baseline and get advantage 0)", shown, int(all_nan.sum()), n)
     return rewards
 
 

@@ -47,3 +47,30 @@ class RepeatSampler(Sampler):
 
     def __len__(self) -> int:
         return (self.num_rows // self.prompts_per_batch) * self.prompts_per_batch * self.num_generations * self.repeat_count
+
+
+class RepeatedStream(torch.utils.data.IterableDataset):
+    """RepeatSampler's order for a dataset that cannot be indexed (a datasets.IterableDataset, streaming):
+    `prompts_per_batch` rows are read from the stream, and that batch is emitted `repeat_count` times, each
+    row `num_generations` times in a row. A last batch with fewer rows is dropped: groups stay whole.
+
+    The trainer's data loader then hands each process its contiguous slice of every batch (accelerate's
+    IterableDatasetShard, dispatch_batches=False), as RepeatSampler's batches are dealt."""
+
+    def __init__(self, stream, num_generations: int, prompts_per_batch: int, repeat_count: int):
+        self.stream, self.num_generations = stream, num_generations
+        self.prompts_per_batch, self.repeat_count = prompts_per_batch, repeat_count
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.stream, "set_epoch"):  # a shuffled stream reshuffles per epoch
+            self.stream.set_epoch(epoch)
+
+    def __iter__(self):
+        chunk = []
+        for row in self.stream:
+            chunk.append(row)
+            if len(chunk) == self.prompts_per_batch:
+                for _ in range(self.repeat_count):
+                    for item in chunk:
+                        yield from [item] * self.num_generations
+                chunk = []
