@@ -1,8 +1,8 @@
 """The B1 configuration, side by side: TRL against fastgrpo, transformers generation against the server,
 synchronous against asynchronous rounds.
 
-    .venv/bin/python bench/bench_b1.py [--steps 6] [--trl-python /path/to/trl-venv/bin/python]
-                                       [--runs trl,sync,sync-split,async-split]
+    .venv/bin/python bench/bench_b1.py [--steps 6] [--trl-python /path/to/another/python]
+                                       [--runs trl,sync,sync-bf16,async-split]
 
 B1: the embedded SmolLM2-135M-Instruct, 4 two-digit addition prompts x 8 completions a step,
 per_device_train_batch_size 32, GA 1, max_completion_length 64, float32, learning_rate 1e-6,
@@ -10,10 +10,12 @@ beta 0. Each run trains in its own process; the library is the only import that 
 (`train()` below), and with use_vllm=False the configuration is the same too.
 
 Runs:
-- trl: TRL's GRPOTrainer, use_vllm=False (needs --trl-python: a virtual environment with
-  trl==1.16.0 and the same torch), both cores;
+- trl: TRL's GRPOTrainer, use_vllm=False (trl==1.16.0 is a test dependency: this environment has it;
+  --trl-python runs it in another one with the same torch), both cores;
 - fastgrpo-hf: fastgrpo, use_vllm=False, both cores;
 - sync: fastgrpo server mode, server and trainer sharing both cores (async: with async_generation=True);
+- sync-bf16: sync with the server in bfloat16 (the trainer still trains in float32, and the sampler
+  correction accounts for the difference): what a CPU with a bf16 unit buys on generation;
 - sync-split / async-split: server mode on disjoint cores, the server on core 1 and the trainer on
   core 0 (one thread), as when each has its own device; async-split with async_generation=True.
 
@@ -23,7 +25,10 @@ and the first push); medians of the rest. The split comes from the trainer's own
 FLOP/s counts useful work, the same for every run: 6 x parameters x tokens for the transformer body over
 each prompt once and every completion token, and the LM head over completion tokens only; padding and
 recomputation (TRL's gradient checkpointing) do not count. Against the peak a float32 matmul reaches on
-the trainer's cores (measured here, first).
+the trainer's cores (measured here, first, with the bfloat16 peak). The floor of a step is its useful
+FLOPs at those peaks: training's at the float32 peak, generation's (2 x parameters per generated token,
+each prompt prefilled once) at the peak of the server's dtype; each row prints its step as a multiple of
+its floor and its completions/s as a multiple of TRL's.
 """
 
 import argparse
@@ -93,13 +98,14 @@ def train(lib: str, model: str, steps: int, out: str, extra: dict) -> None:
     Path(out, "steps.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
 
 
-def matmul_peak(threads: int) -> float:
-    """GFLOP/s of a 2048 x 2048 float32 matmul on `threads` threads (median of 5)."""
+def matmul_peak(threads: int, dtype: str = "float32") -> float:
+    """GFLOP/s of a 2048 x 2048 matmul in `dtype` on `threads` threads (median of 5): this machine's own limit
+    (bfloat16 is fast only where the CPU has a bf16 unit: AMX, AVX-512 BF16)."""
     import torch
 
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a, b = torch.randn(2048, 2048, dtype=getattr(torch, dtype)), torch.randn(2048, 2048, dtype=getattr(torch, dtype))
     a @ b
     times = []
     for _ in range(5):
@@ -110,16 +116,28 @@ def matmul_peak(threads: int) -> float:
     return 2 * 2048**3 / statistics.median(times) / 1e9
 
 
-def training_flops(model: str, prompt_tokens: float, completion_tokens: float) -> float:
-    """6 x (body parameters x all tokens + LM head x completion tokens): forward and backward."""
+def parameter_counts(model: str) -> tuple[float, float]:
+    """(transformer body's matmul parameters, LM head's)."""
     from transformers import AutoConfig
 
     c = AutoConfig.from_pretrained(model)
     head = c.vocab_size * c.hidden_size
     per_layer = 4 * c.hidden_size**2 * (1 + c.num_key_value_heads / c.num_attention_heads) / 2 \
         + 3 * c.hidden_size * c.intermediate_size
-    body = c.num_hidden_layers * per_layer
+    return c.num_hidden_layers * per_layer, head
+
+
+def training_flops(model: str, prompt_tokens: float, completion_tokens: float) -> float:
+    """6 x (body parameters x all tokens + LM head x completion tokens): forward and backward."""
+    body, head = parameter_counts(model)
     return 6 * (body * (prompt_tokens + completion_tokens) + head * completion_tokens)
+
+
+def generation_flops(model: str, prompt_tokens: float, completion_tokens: float) -> float:
+    """2 x (body x (each prompt once, prefilled; its completions share it in the prefix cache) + (body + LM head)
+    x every generated token). Attention's own FLOPs (sequences under 110 tokens) are left out: under 2% here."""
+    body, head = parameter_counts(model)
+    return 2 * (body * prompt_tokens + (body + head) * completion_tokens)
 
 
 RUNS = {
@@ -128,6 +146,7 @@ RUNS = {
     "fastgrpo-hf": ("fastgrpo", {"use_vllm": False}, None, None),
     "sync": ("fastgrpo", {"use_vllm": True, "vllm_mode": "server"}, "shared", None),
     "async": ("fastgrpo", {"use_vllm": True, "vllm_mode": "server", "async_generation": True}, "shared", None),
+    "sync-bf16": ("fastgrpo", {"use_vllm": True, "vllm_mode": "server", "server_dtype": "bfloat16"}, "shared", None),
     "sync-split": ("fastgrpo", {"use_vllm": True, "vllm_mode": "server"}, [1], [0]),
     "async-split": ("fastgrpo", {"use_vllm": True, "vllm_mode": "server", "async_generation": True}, [1], [0]),
 }
@@ -137,14 +156,16 @@ def run(name: str, steps: int, model: str, trl_python: str | None) -> dict:
     from fastgrpo.serve.launcher import ServerProcess
 
     lib, extra, server_cores, trainer_cores = RUNS[name]
+    extra = dict(extra)
+    server_dtype = extra.pop("server_dtype", "float32")  # the trainer trains in float32 either way
     out = tempfile.mkdtemp(prefix=f"fastgrpo-b1-{name}-")
     server = None
     if server_cores is not None:
-        server = ServerProcess(["--model", model, "--dtype", "float32"], Path(out) / "server.log",
+        server = ServerProcess(["--model", model, "--dtype", server_dtype], Path(out) / "server.log",
                                cpu_cores=None if server_cores == "shared" else server_cores)
         server.wait_ready()
         extra = {**extra, "vllm_server_base_url": server.base_url}
-    python = trl_python if lib == "trl" else sys.executable
+    python = (trl_python or sys.executable) if lib == "trl" else sys.executable
     command = [python, str(Path(__file__).resolve()), "--child", lib, "--model", model, "--steps", str(steps),
                "--out", out, "--extra", json.dumps(extra)]
     env = dict(os.environ)
@@ -177,15 +198,18 @@ def run(name: str, steps: int, model: str, trl_python: str | None) -> dict:
             "completions_per_s": COMPLETIONS / statistics.median(step_s), "generate": median("time/generate"),
             "train": median("time/train"), "push": median("time/weight_sync"),
             "staleness": median("async/staleness_mean"), "reward": statistics.mean(r["reward"] for r in steps_rows),
-            "flops": training_flops(model, prompt_tokens, completion_tokens), "wall_s": wall,
+            "flops": training_flops(model, prompt_tokens, completion_tokens),
+            "generation_flops": generation_flops(model, prompt_tokens, completion_tokens),
+            "server_dtype": server_dtype if server is not None else "float32", "wall_s": wall,
             "cores": "2 shared" if trainer_cores is None else f"trainer {trainer_cores}, server {server_cores}"}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=STEPS_DEFAULT)
-    parser.add_argument("--runs", default="trl,sync,sync-split,async-split")
-    parser.add_argument("--trl-python", default=None, help="python of a virtual environment with trl==1.16.0")
+    parser.add_argument("--runs", default="trl,sync,sync-bf16,async-split")
+    parser.add_argument("--trl-python", default=None, help="python of a virtual environment with trl==1.16.0 "
+                        "(default: this one, where trl is a test dependency)")
     parser.add_argument("--model", default=None)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
@@ -199,25 +223,43 @@ def main() -> None:
     model = resolve_model(args.model)
     names = args.runs.split(",")
     if "trl" in names and not args.trl_python:
-        sys.exit("the trl run needs --trl-python (a virtual environment with trl==1.16.0; see the README)")
-    peak = {1: matmul_peak(1), 2: matmul_peak(2)}
+        try:
+            import trl  # noqa: F401
+        except ImportError:
+            sys.exit("the trl run needs trl==1.16.0 here (make test installs it) or --trl-python")
+    peak = {(t, d): matmul_peak(t, d) for t in (1, 2) for d in ("float32", "bfloat16")}
     results = [run(name, args.steps, model, args.trl_python) for name in names]
-    print(f"\nB1: {COMPLETIONS} completions a step (4 prompts x 8), max_completion_length 64, float32, lr 1e-6, "
-          f"beta 0; {args.steps} steps a run, the first dropped, medians. float32 matmul peak: "
-          f"{peak[1]:.0f} GFLOP/s on 1 core, {peak[2]:.0f} on 2.  ({' '.join(sys.argv)})\n")
-    print("| run | cores | s/step | completions/s | generate s | train s | push s | staleness | train GFLOP/s "
-          "(% of peak) | mean reward |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    import platform
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    print(f"\nB1: {COMPLETIONS} completions a step (4 prompts x 8), max_completion_length 64, float32 training, lr 1e-6, "
+          f"beta 0; {args.steps} steps a run, the first dropped, medians. {cpu}, 2 cores. Matmul peaks (GFLOP/s): "
+          f"float32 {peak[1, 'float32']:.0f} on 1 core, {peak[2, 'float32']:.0f} on 2; bfloat16 "
+          f"{peak[1, 'bfloat16']:.0f} on 1, {peak[2, 'bfloat16']:.0f} on 2.  ({' '.join(sys.argv)})\n")
+    print("The floor: the step's useful FLOPs at the peak of the cores each part runs on (training: float32; "
+          "generation: the server's dtype), generation and training one after the other (async: the longer of "
+          "the two).\n")
+    print("| run | cores | server dtype | s/step | completions/s | generate s | train s | push s | staleness | "
+          "train GFLOP/s (% of peak) | floor s (gen + train) | x floor | x TRL completions/s | mean reward |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     by_name = {r["name"]: r for r in results}
+    trl_rate = by_name["trl"]["completions_per_s"] if "trl" in by_name else None
     for r in results:
         cores = 1 if r["cores"].startswith("trainer") else 2
         train_s = r["train"] if r["train"] is not None else r["s_per_step"]
         gflops = r["flops"] / train_s / 1e9
+        train_floor = r["flops"] / (peak[cores, "float32"] * 1e9)
+        generation_floor = r["generation_flops"] / (peak[cores, r["server_dtype"]] * 1e9)
+        floor = max(train_floor, generation_floor) if "async" in r["name"] else train_floor + generation_floor
         fmt = lambda v, f=".2f": "—" if v is None else format(v, f)  # noqa: E731
-        print(f"| {r['name']} | {r['cores']} | {r['s_per_step']:.1f} | {r['completions_per_s']:.2f} | "
+        versus_trl = "—" if trl_rate is None else f"{r['completions_per_s'] / trl_rate:.2f}"
+        print(f"| {r['name']} | {r['cores']} | {r['server_dtype'] if r['name'] != 'trl' else '—'} | "
+              f"{r['s_per_step']:.1f} | {r['completions_per_s']:.2f} | "
               f"{fmt(r['generate'])} | {fmt(r['train'])} | {fmt(r['push'])} | {fmt(r['staleness'], '.1f')} | "
-              f"{gflops:.0f}{'' if r['train'] is not None else ' (whole step)'} ({100 * gflops / peak[cores]:.0f}%) | "
-              f"{r['reward']:.3f} |")
+              f"{gflops:.0f}{'' if r['train'] is not None else ' (whole step)'} "
+              f"({100 * gflops / peak[cores, 'float32']:.0f}%) | {generation_floor:.2f} + {train_floor:.2f} | "
+              f"{r['s_per_step'] / floor:.1f} | {versus_trl} | {r['reward']:.3f} |")
     print()
     if "trl" in by_name and "sync" in by_name:
         print(f"sync server mode / TRL use_vllm=False: "
