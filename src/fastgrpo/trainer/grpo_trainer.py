@@ -28,7 +28,7 @@ from datasets import Dataset, IterableDataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, set_seed
 
 from fastgrpo.config import GRPOConfig
-from fastgrpo.hardware import usable_cores
+from fastgrpo.hardware import keep_freed_memory, usable_cores
 from fastgrpo.trainer.async_rounds import (RoundProducer, cores_shared_with_server, first_step, staleness,
                                             too_stale)
 from fastgrpo.trainer.batching import (completion_token_cost, pad_rows, pad_to_multiple, parts_of, round_layout,
@@ -281,6 +281,8 @@ class GRPOTrainer(Trainer):
         # Sharing needs the model's cache in training, which gradient checkpointing switches off.
         self._share_prompts = args.share_prompt_prefix and not args.gradient_checkpointing
         self._completion_token_cost = completion_token_cost(self.model)
+        if self.accelerator.device.type == "cpu":
+            keep_freed_memory()  # activations live in host memory: reuse it rather than fault it in again
         self.backend = self._make_backend()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             atexit.register(_destroy_process_group)  # for scripts that never call close() (see close)
