@@ -16,8 +16,11 @@ Runs:
 - sync: fastgrpo server mode, server and trainer sharing both cores (async: with async_generation=True);
 - sync-bf16: sync with the server in bfloat16 (the trainer still trains in float32, and the sampler
   correction accounts for the difference): what a CPU with a bf16 unit buys on generation;
+  sync-bf16-compiled: with the server's torch.compile on (--enforce_eager false; the CPU default is eager);
+- async-bf16: async_generation=True on shared cores, the server in bfloat16;
 - sync-split / async-split: server mode on disjoint cores, the server on core 1 and the trainer on
-  core 0 (one thread), as when each has its own device; async-split with async_generation=True.
+  core 0 (one thread), as when each has its own device; async-split with async_generation=True
+  (async-split-bf16: its server in bfloat16).
 
 Step time is wall-clock between the ends of consecutive steps (the first step is dropped: start-up
 and the first push); medians of the rest. The split comes from the trainer's own metrics
@@ -27,8 +30,11 @@ each prompt once and every completion token, and the LM head over completion tok
 recomputation (TRL's gradient checkpointing) do not count. Against the peak a float32 matmul reaches on
 the trainer's cores (measured here, first, with the bfloat16 peak). The floor of a step is its useful
 FLOPs at those peaks: training's at the float32 peak, generation's (2 x parameters per generated token,
-each prompt prefilled once) at the peak of the server's dtype; each row prints its step as a multiple of
-its floor and its completions/s as a multiple of TRL's.
+each prompt prefilled once) at the peak of the server's dtype, or, where it is longer, the time to read
+the weights once per decode step (the round's longest completion) at the measured memory bandwidth: a
+decode step of 32 sequences does 64 FLOPs per weight byte in bfloat16, well under what 2 cores reach per
+byte of DRAM, so decoding is bound by bandwidth. Each row prints its step as a multiple of its floor and its
+completions/s as a multiple of TRL's.
 """
 
 import argparse
@@ -116,6 +122,29 @@ def matmul_peak(threads: int, dtype: str = "float32") -> float:
     return 2 * 2048**3 / statistics.median(times) / 1e9
 
 
+def memory_bandwidth(threads: int) -> float:
+    """GB/s of reading a 1 GiB float32 tensor (a sum) on `threads` threads, median of 5."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    x = torch.ones(1 << 28)
+    x.sum()
+    times = []
+    for _ in range(5):
+        began = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - began)
+    torch.set_num_threads(saved)
+    return x.numel() * 4 / statistics.median(times) / 1e9
+
+
+def weight_bytes(model: str, dtype: str) -> float:
+    """Bytes of weights a decode step reads: the body's matmuls and the LM head (embedding lookups read rows)."""
+    body, head = parameter_counts(model)
+    return (body + head) * (2 if dtype == "bfloat16" else 4)
+
+
 def parameter_counts(model: str) -> tuple[float, float]:
     """(transformer body's matmul parameters, LM head's)."""
     from transformers import AutoConfig
@@ -147,8 +176,14 @@ RUNS = {
     "sync": ("fastgrpo", {"use_vllm": True, "vllm_mode": "server"}, "shared", None),
     "async": ("fastgrpo", {"use_vllm": True, "vllm_mode": "server", "async_generation": True}, "shared", None),
     "sync-bf16": ("fastgrpo", {"use_vllm": True, "vllm_mode": "server", "server_dtype": "bfloat16"}, "shared", None),
+    "sync-bf16-compiled": ("fastgrpo", {"use_vllm": True, "vllm_mode": "server", "server_dtype": "bfloat16",
+                                        "server_args": ["--enforce_eager", "false"]}, "shared", None),
+    "async-bf16": ("fastgrpo", {"use_vllm": True, "vllm_mode": "server", "async_generation": True,
+                                "server_dtype": "bfloat16"}, "shared", None),
     "sync-split": ("fastgrpo", {"use_vllm": True, "vllm_mode": "server"}, [1], [0]),
     "async-split": ("fastgrpo", {"use_vllm": True, "vllm_mode": "server", "async_generation": True}, [1], [0]),
+    "async-split-bf16": ("fastgrpo", {"use_vllm": True, "vllm_mode": "server", "async_generation": True,
+                                      "server_dtype": "bfloat16"}, [1], [0]),
 }
 
 
@@ -158,10 +193,11 @@ def run(name: str, steps: int, model: str, trl_python: str | None) -> dict:
     lib, extra, server_cores, trainer_cores = RUNS[name]
     extra = dict(extra)
     server_dtype = extra.pop("server_dtype", "float32")  # the trainer trains in float32 either way
+    server_args = extra.pop("server_args", [])
     out = tempfile.mkdtemp(prefix=f"fastgrpo-b1-{name}-")
     server = None
     if server_cores is not None:
-        server = ServerProcess(["--model", model, "--dtype", server_dtype], Path(out) / "server.log",
+        server = ServerProcess(["--model", model, "--dtype", server_dtype, *server_args], Path(out) / "server.log",
                                cpu_cores=None if server_cores == "shared" else server_cores)
         server.wait_ready()
         extra = {**extra, "vllm_server_base_url": server.base_url}
@@ -200,6 +236,7 @@ def run(name: str, steps: int, model: str, trl_python: str | None) -> dict:
             "staleness": median("async/staleness_mean"), "reward": statistics.mean(r["reward"] for r in steps_rows),
             "flops": training_flops(model, prompt_tokens, completion_tokens),
             "generation_flops": generation_flops(model, prompt_tokens, completion_tokens),
+            "decode_steps": median("completions/max_length"),
             "server_dtype": server_dtype if server is not None else "float32", "wall_s": wall,
             "cores": "2 shared" if trainer_cores is None else f"trainer {trainer_cores}, server {server_cores}"}
 
@@ -228,6 +265,7 @@ def main() -> None:
         except ImportError:
             sys.exit("the trl run needs trl==1.16.0 here (make test installs it) or --trl-python")
     peak = {(t, d): matmul_peak(t, d) for t in (1, 2) for d in ("float32", "bfloat16")}
+    bandwidth = {t: memory_bandwidth(t) for t in (1, 2)}
     results = [run(name, args.steps, model, args.trl_python) for name in names]
     import platform
 
@@ -236,10 +274,11 @@ def main() -> None:
     print(f"\nB1: {COMPLETIONS} completions a step (4 prompts x 8), max_completion_length 64, float32 training, lr 1e-6, "
           f"beta 0; {args.steps} steps a run, the first dropped, medians. {cpu}, 2 cores. Matmul peaks (GFLOP/s): "
           f"float32 {peak[1, 'float32']:.0f} on 1 core, {peak[2, 'float32']:.0f} on 2; bfloat16 "
-          f"{peak[1, 'bfloat16']:.0f} on 1, {peak[2, 'bfloat16']:.0f} on 2.  ({' '.join(sys.argv)})\n")
+          f"{peak[1, 'bfloat16']:.0f} on 1, {peak[2, 'bfloat16']:.0f} on 2. Memory read: {bandwidth[1]:.1f} GB/s on 1 "
+          f"core, {bandwidth[2]:.1f} on 2.  ({' '.join(sys.argv)})\n")
     print("The floor: the step's useful FLOPs at the peak of the cores each part runs on (training: float32; "
-          "generation: the server's dtype), generation and training one after the other (async: the longer of "
-          "the two).\n")
+          "generation: the server's dtype, or the weights read once per decode step at the memory bandwidth where "
+          "that is longer), generation and training one after the other (async: the longer of the two).\n")
     print("| run | cores | server dtype | s/step | completions/s | generate s | train s | push s | staleness | "
           "train GFLOP/s (% of peak) | floor s (gen + train) | x floor | x TRL completions/s | mean reward |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -251,6 +290,9 @@ def main() -> None:
         gflops = r["flops"] / train_s / 1e9
         train_floor = r["flops"] / (peak[cores, "float32"] * 1e9)
         generation_floor = r["generation_flops"] / (peak[cores, r["server_dtype"]] * 1e9)
+        if r["decode_steps"]:
+            generation_floor = max(generation_floor, r["decode_steps"] * weight_bytes(model, r["server_dtype"])
+                                   / (bandwidth[cores] * 1e9))
         floor = max(train_floor, generation_floor) if "async" in r["name"] else train_floor + generation_floor
         fmt = lambda v, f=".2f": "—" if v is None else format(v, f)  # noqa: E731
         versus_trl = "—" if trl_rate is None else f"{r['completions_per_s'] / trl_rate:.2f}"

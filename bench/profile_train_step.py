@@ -1,6 +1,6 @@
 """Where the training part of a B1 step goes: torch.profiler over fastgrpo's own micro-step.
 
-    .venv/bin/python bench/profile_train_step.py [--rows 32] [--threads 2] [--top 15]
+    .venv/bin/python bench/profile_train_step.py [--rows 32] [--threads 2] [--top 15] [--shapes] [--padded]
 
 Builds a B1 round (32 rows: 4 prompts of 41 tokens x 8 completions of 8 to 64 random tokens,
 seeded), cuts it as the trainer does (GRPOTrainer._split_round) and runs the trainer's forward,
@@ -23,6 +23,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--shapes", action="store_true", help="also aten::mm by shape, with its GFLOP/s")
+    parser.add_argument("--padded", action="store_true", help="padding_free=False: the padded forward, in parts")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -34,7 +36,8 @@ def main() -> None:
     path = resolve_model(None)
     config = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.rows, num_generations=8,
                         max_completion_length=64, bf16=False, learning_rate=1e-6, beta=0.0, use_vllm=False,
-                        use_cpu=True, report_to=[], save_strategy="no", max_steps=1)
+                        use_cpu=True, report_to=[], save_strategy="no", max_steps=1,
+                        **({"padding_free": False} if args.padded else {}))
     data = Dataset.from_dict({"prompt": ["What is 1 + 1?"] * 8})
     trainer = GRPOTrainer(path, lambda completions, **k: [0.0] * len(completions), args=config, train_dataset=data)
     trainer.create_optimizer_and_scheduler(num_training_steps=10)
@@ -71,9 +74,11 @@ def main() -> None:
     model.train()
     step()  # warm-up
     phases = {}
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=args.shapes) as prof:
         step(phases)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top))
+    if args.shapes:
+        print_matmuls_by_shape(prof, args.top)
     timed = []
     for _ in range(2):
         p = {}
@@ -101,6 +106,22 @@ def main() -> None:
     print(f"{flops / 1e12:.2f} TFLOP per step: {flops / total / 1e9:.0f} GFLOP/s, "
           f"{100 * flops / total / 1e9 / peak:.0f}% of the {peak:.0f} GFLOP/s float32 matmul peak "
           f"on {args.threads} threads")
+
+
+def print_matmuls_by_shape(prof, top: int) -> None:
+    """aten::mm grouped by operand shapes: where the matmul time goes and how fast each shape runs."""
+    rows = []
+    for event in prof.key_averages(group_by_input_shape=True):
+        if event.key != "aten::mm" or len(event.input_shapes) < 2:
+            continue
+        (m, k), (_, n) = event.input_shapes[0], event.input_shapes[1]
+        seconds = event.self_cpu_time_total / 1e6
+        rows.append((seconds, f"[{m}, {k}] x [{k}, {n}]", event.count, 2 * m * k * n * event.count / seconds / 1e9))
+    rows.sort(reverse=True)
+    total = sum(r[0] for r in rows)
+    print(f"\naten::mm by shape ({total:.2f} s in all)\n| shape | calls | s | share | GFLOP/s |\n| --- | --- | --- | --- | --- |")
+    for seconds, shape, count, rate in rows[:top]:
+        print(f"| {shape} | {count} | {seconds:.2f} | {100 * seconds / total:.0f}% | {rate:.0f} |")
 
 
 if __name__ == "__main__":

@@ -83,7 +83,7 @@ def test_hybrid_models_fall_back_to_the_plain_forward_with_a_reason(tmp_path, ca
     stub = type("Stub", (), {})()
     stub.accelerator = type("Acc", (), {"device": torch.device("cpu")})()
     stub.args = type("Args", (), {"temperature": 1.0})()
-    stub._share_prompts = True
+    stub._share_prompts, stub._pack = True, False
     batch = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
              "completion_attention": attention}
     with caplog.at_level(logging.WARNING, logger=trainer_module.__name__):

@@ -136,6 +136,11 @@ class GRPOConfig(TrainingArguments):
         default=True, metadata={"help": "run each prompt of a micro-batch through the model once for all of its "
                                 "completions (same logprobs and gradients, fewer tokens); off with gradient "
                                 "checkpointing"})
+    padding_free: bool = field(
+        default=True, metadata={"help": "with share_prompt_prefix: run a micro-batch as one sequence of its real "
+                                "tokens (each prompt once, then every completion) rather than padded rows; same "
+                                "logprobs and gradients, fewer FLOPs. For model types fastgrpo knows "
+                                "(trainer/packing.py); others run padded"})
 
     # --- multi-turn rollouts (GRPOTrainer's tools / environment_factory) ------------------
     max_tool_calling_iterations: int | None = field(default=None, metadata={

@@ -36,6 +36,7 @@ from fastgrpo.trainer.batching import (completion_token_cost, pad_rows, pad_to_m
 from fastgrpo.trainer.collectives import (ExplainedError, explain, gathered_max, is_collective_failure,
                                          set_timeout)
 from fastgrpo.trainer.forward import PromptSharingUnsupported, completion_logits, prompt_groups
+from fastgrpo.trainer.packing import pack, packed_completion_logits, packing_unsupported, unpack
 from fastgrpo.trainer.generation import (
     ColocateBackend,
     GenerationBackend,
@@ -280,6 +281,7 @@ class GRPOTrainer(Trainer):
                                         coef_min=args.entropy_coef_min, coef_max=args.entropy_coef_max)
         # Sharing needs the model's cache in training, which gradient checkpointing switches off.
         self._share_prompts = args.share_prompt_prefix and not args.gradient_checkpointing
+        self._pack = self._share_prompts and args.padding_free and self._packing_unsupported() is None
         self._completion_token_cost = completion_token_cost(self.model)
         if self.accelerator.device.type == "cpu":
             keep_freed_memory()  # activations live in host memory: reuse it rather than fault it in again
@@ -918,6 +920,8 @@ class GRPOTrainer(Trainer):
             return 1
         if self.accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
             return 1
+        if self._pack:
+            return 1  # nothing is padded to cut away
         return 8
 
     # --- completions, evaluation, checkpoints ------------------------------------
@@ -1091,6 +1095,8 @@ class GRPOTrainer(Trainer):
         position's entropy too, carrying gradient when `entropy_grad` (the entropy bonus trains on it)."""
         device = self.accelerator.device
         tensors = [m[k].to(device) for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_attention")]
+        if self._pack:
+            return self._packed_logps(model, tensors, with_entropy, entropy_grad)
         try:
             logits = completion_logits(model, *tensors, share_prompts=self._share_prompts)
         except PromptSharingUnsupported as exc:
@@ -1106,6 +1112,30 @@ class GRPOTrainer(Trainer):
             with torch.no_grad():
                 return logps, entropy_from_logits(logits.detach())
         return logps
+
+    def _packed_logps(self, model, tensors: list, with_entropy: bool, entropy_grad: bool):
+        """_per_token_logps over the packed sequence (trainer/packing.py): logits only at real tokens."""
+        attention = tensors[3]
+        layout = pack(*tensors)
+        config = self.accelerator.unwrap_model(model).config
+        logits = packed_completion_logits(model, config, layout)
+        if self.args.temperature != 1.0:
+            logits = logits / self.args.temperature
+        logps = unpack(selective_log_softmax(logits, tensors[2][attention.bool()]), attention)
+        if not with_entropy:
+            return logps
+        if entropy_grad:
+            return logps, unpack(entropy_from_logits(logits), attention)
+        with torch.no_grad():
+            return logps, unpack(entropy_from_logits(logits.detach()), attention)
+
+    def _packing_unsupported(self) -> str | None:
+        """Why this run pads its micro-batches although padding_free asks otherwise (logged once), or None."""
+        model = self.accelerator.unwrap_model(self.model)
+        reason = packing_unsupported(getattr(model, "get_base_model", lambda: model)())
+        if reason and self.args.padding_free and self._share_prompts:
+            logger.info("padding_free: micro-batches run padded, since %s", reason)
+        return reason
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The loss of one micro-batch (or part of one), divided for gradient accumulation where the loss type's
