@@ -172,19 +172,11 @@ def test_a_ragged_micro_batch_is_cut_into_parts_of_similar_length_and_a_uniform_
     assert cut_for_padding(prompts, ragged, None, 1.27, max_parts=1)[0] == 1
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo", "sapo"])
-def test_the_parts_of_a_micro_batch_give_the_gradient_of_the_whole(tiny_qwen2, tmp_path, loss_type):
-    """The trainer's own forward and backward of 16 ragged rows, whole and cut into 4 parts."""
-    from datasets import Dataset
+def ragged_micro_batch() -> tuple[dict, list[int]]:
+    """(the trainer's batch of 16 rows over 4 prompts of 5 to 9 tokens, completions of 2 to 62 tokens, their
+    lengths)."""
+    from fastgrpo.trainer.batching import pad_rows
 
-    from fastgrpo import GRPOConfig, GRPOTrainer
-    from fastgrpo.trainer.batching import pad_rows, parts_of, split_round
-    from fastgrpo.trainer.forward import prompt_groups
-
-    config = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=16, num_generations=4,
-                        max_completion_length=64, use_vllm=False, use_cpu=True, report_to=[], loss_type=loss_type)
-    trainer = GRPOTrainer(tiny_qwen2, lambda completions, **k: [0.0] * len(completions), args=config,
-                          train_dataset=Dataset.from_dict({"prompt": ["a"] * 4}))
     g = torch.Generator().manual_seed(0)
     lengths = [60, 3, 5, 58, 4, 30, 6, 2, 61, 3, 5, 4, 28, 2, 6, 62]
     prompts = [torch.randint(5, 300, (n,), generator=g).tolist() for n in (7, 5, 9, 6)]
@@ -196,6 +188,25 @@ def test_the_parts_of_a_micro_batch_give_the_gradient_of_the_whole(tiny_qwen2, t
              "completion_attention": pad_rows([[1] * n for n in lengths], 0),
              "advantages": torch.randn(16, generator=g)}
     batch["completion_mask"] = batch["completion_attention"].clone()
+    return batch, lengths
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo", "sapo"])
+def test_the_parts_of_a_micro_batch_give_the_gradient_of_the_whole(tiny_qwen2, tmp_path, loss_type):
+    """The trainer's own forward and backward of 16 ragged rows, whole and cut into 4 parts."""
+    from datasets import Dataset
+
+    from fastgrpo import GRPOConfig, GRPOTrainer
+    from fastgrpo.trainer.batching import parts_of, split_round
+    from fastgrpo.trainer.forward import prompt_groups
+
+    # padding_free off: parts are how the padded forward pads less (the packed one has nothing to cut).
+    config = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=16, num_generations=4,
+                        max_completion_length=64, use_vllm=False, use_cpu=True, report_to=[], loss_type=loss_type,
+                        padding_free=False)
+    trainer = GRPOTrainer(tiny_qwen2, lambda completions, **k: [0.0] * len(completions), args=config,
+                          train_dataset=Dataset.from_dict({"prompt": ["a"] * 4}))
+    batch, lengths = ragged_micro_batch()
     index = prompt_groups(batch["prompt_ids"], batch["prompt_mask"])[1]
     grads = {}
     for max_parts in (1, 4):

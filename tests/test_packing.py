@@ -10,7 +10,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from fastgrpo.trainer.packing import pack, packed_completion_logits, packing_unsupported, unpack
-from test_forward import PAD, batch, logps_and_grads, reference
+from test_forward import PAD, batch, logps_and_grads, ragged_micro_batch, reference
 
 
 def packed_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask):
@@ -91,20 +91,10 @@ def test_the_trainer_trains_the_same_packed_as_padded(tiny_qwen2, tmp_path, sett
     from datasets import Dataset
 
     from fastgrpo import GRPOConfig, GRPOTrainer
-    from fastgrpo.trainer.batching import pad_rows, parts_of, split_round
+    from fastgrpo.trainer.batching import parts_of, split_round
     from fastgrpo.trainer.forward import prompt_groups
 
-    g = torch.Generator().manual_seed(0)
-    lengths = [60, 3, 5, 58, 4, 30, 6, 2, 61, 3, 5, 4, 28, 2, 6, 62]
-    prompts = [torch.randint(5, 300, (n,), generator=g).tolist() for n in (7, 5, 9, 6)]
-    rows = [prompts[i // 4] for i in range(16)]
-    completions = [torch.randint(5, 300, (n,), generator=g).tolist() for n in lengths]
-    round_batch = {"prompt_ids": pad_rows(rows, PAD, left=True),
-                   "prompt_mask": pad_rows([[1] * len(p) for p in rows], 0, left=True),
-                   "completion_ids": pad_rows(completions, PAD),
-                   "completion_attention": pad_rows([[1] * n for n in lengths], 0),
-                   "advantages": torch.randn(16, generator=g)}
-    round_batch["completion_mask"] = round_batch["completion_attention"].clone()
+    round_batch, lengths = ragged_micro_batch()
     grads = {}
     for padding_free in (True, False):
         config = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=16, num_generations=4,

@@ -1095,45 +1095,36 @@ class GRPOTrainer(Trainer):
         position's entropy too, carrying gradient when `entropy_grad` (the entropy bonus trains on it)."""
         device = self.accelerator.device
         tensors = [m[k].to(device) for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_attention")]
-        if self._pack:
-            return self._packed_logps(model, tensors, with_entropy, entropy_grad)
-        try:
-            logits = completion_logits(model, *tensors, share_prompts=self._share_prompts)
-        except PromptSharingUnsupported as exc:
-            logger.warning("prompt sharing is off for this run: %s", exc)
-            self._share_prompts = False
-            logits = completion_logits(model, *tensors, share_prompts=False)
-        if self.args.temperature != 1.0:  # a pass over [rows, width, vocab] each way: skipped when it is 1
+        token_ids, attention = tensors[2], tensors[3]
+        if self._pack:  # logits [completion tokens, vocab] at real tokens only (trainer/packing.py)
+            logits = packed_completion_logits(model, self.accelerator.unwrap_model(model).config, pack(*tensors))
+            token_ids = token_ids[attention.bool()]
+        else:
+            try:
+                logits = completion_logits(model, *tensors, share_prompts=self._share_prompts)
+            except PromptSharingUnsupported as exc:
+                logger.warning("prompt sharing is off for this run: %s", exc)
+                self._share_prompts = False
+                logits = completion_logits(model, *tensors, share_prompts=False)
+
+        def as_rows(values):  # [rows, width], zero at padding
+            return unpack(values, attention) if self._pack else values
+
+        if self.args.temperature != 1.0:  # a pass over the logits each way: skipped when it is 1
             logits = logits / self.args.temperature
-        logps = selective_log_softmax(logits, tensors[2])
+        logps = as_rows(selective_log_softmax(logits, token_ids))
         if with_entropy:
             if entropy_grad:
-                return logps, entropy_from_logits(logits)
+                return logps, as_rows(entropy_from_logits(logits))
             with torch.no_grad():
-                return logps, entropy_from_logits(logits.detach())
+                return logps, as_rows(entropy_from_logits(logits.detach()))
         return logps
 
-    def _packed_logps(self, model, tensors: list, with_entropy: bool, entropy_grad: bool):
-        """_per_token_logps over the packed sequence (trainer/packing.py): logits only at real tokens."""
-        attention = tensors[3]
-        layout = pack(*tensors)
-        config = self.accelerator.unwrap_model(model).config
-        logits = packed_completion_logits(model, config, layout)
-        if self.args.temperature != 1.0:
-            logits = logits / self.args.temperature
-        logps = unpack(selective_log_softmax(logits, tensors[2][attention.bool()]), attention)
-        if not with_entropy:
-            return logps
-        if entropy_grad:
-            return logps, unpack(entropy_from_logits(logits), attention)
-        with torch.no_grad():
-            return logps, unpack(entropy_from_logits(logits.detach()), attention)
-
     def _packing_unsupported(self) -> str | None:
-        """Why this run pads its micro-batches although padding_free asks otherwise (logged once), or None."""
+        """Why this run pads its micro-batches although padding_free asks otherwise (logged), or None."""
         model = self.accelerator.unwrap_model(self.model)
         reason = packing_unsupported(getattr(model, "get_base_model", lambda: model)())
-        if reason and self.args.padding_free and self._share_prompts:
+        if reason:
             logger.info("padding_free: micro-batches run padded, since %s", reason)
         return reason
 
