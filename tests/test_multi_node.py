@@ -20,7 +20,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fastgrpo.client import ServerError, VLLMClient
 from fastgrpo.hardware import usable_cores
-from fastgrpo.serve.launcher import ServerProcess, free_port
+from fastgrpo.net import free_port
+from fastgrpo.serve.launcher import ServerProcess
 from generating import LongGeneration
 from test_weight_sync import LOGPROB_TOL, PROBE, SMALL_BUCKET, gap, hf_logprobs, perturbed, server_logprobs_by_rank
 

@@ -151,7 +151,7 @@ def test_serve_flags_both_spellings_defaults_and_bad_values(capsys):
     ("not an address", "127.0.0.1", False),
 ])
 def test_the_group_address_must_be_the_requesters_own(address, peer, ok):
-    from fastgrpo.serve.state import ApiError
+    from fastgrpo.serve.errors import ApiError
     from fastgrpo.serve.weights import check_group_address
 
     if ok:
@@ -199,3 +199,111 @@ def test_weight_versions_go_on_every_choice_and_on_the_stream_chunk_that_finishe
     lines = tag_stream_chunk(done, [3, 5]).split(b"\n")
     assert json.loads(lines[0][6:])["choices"][0]["weight_versions"] == [3, 5]
     assert lines[2:] == done.split(b"\n")[2:]  # the usage chunk and [DONE] as they were
+
+
+# --- routers alone, on a bare app: their state through the `State` dependency, no engine started ----------
+
+
+@pytest.fixture
+def unstarted_state():
+    """A server's state before its engines start (GenerationEngine.start never runs)."""
+    import shutil
+
+    from fastgrpo.serve.adapters import AdapterRegistry
+    from fastgrpo.serve.recordings import Recorder
+    from fastgrpo.serve.state import ServerState
+
+    settings = ServerSettings("m")
+    state = ServerState(settings, GenerationEngine(settings, True, "gloo"), AdapterRegistry(), Recorder())
+    yield state
+    shutil.rmtree(state.adapters.root, ignore_errors=True)
+
+
+def bare_app(state, *routers, middleware=()):
+    from fastapi import FastAPI
+
+    from fastgrpo.serve.errors import install_error_handlers
+
+    app = FastAPI()
+    app.state.server = state
+    for router in routers:
+        app.include_router(router)
+    install_error_handlers(app)
+    for cls, kwargs in middleware:
+        app.add_middleware(cls, **kwargs)
+    return app
+
+
+def test_health_alone_says_starting_then_failed_and_never_200(unstarted_state):
+    from fastapi.testclient import TestClient
+
+    from fastgrpo.serve.routes import health
+
+    with TestClient(bare_app(unstarted_state, health.router)) as http:
+        response = http.get("/health")
+        assert response.status_code == 503
+        body = response.json()
+        assert (body["status"], body["model"], body["device_type"], body["weight_transfer_backend"]) == (
+            "starting", "m", "cpu", "gloo")
+        assert [r["state"] for r in body["dp_ranks"]] == ["starting"] and body["weight_version"] == 0
+        unstarted_state.startup_error = "the engines failed to start: no such model"
+        response = http.get("/health")
+        assert response.status_code == 503 and response.json()["status"] == "failed"
+
+
+def test_errors_are_the_documented_json_and_a_bug_answers_500_and_the_server_keeps_serving(unstarted_state):
+    from fastapi import APIRouter
+    from fastapi.testclient import TestClient
+
+    from fastgrpo.serve.routes import cache, generate
+
+    buggy = APIRouter()
+
+    @buggy.get("/bug")
+    async def bug():
+        raise RuntimeError("boom")
+
+    unstarted_state.engine.error = "EngineCore_DP0 (exit code -9) died"
+    # Starlette re-raises an unexpected error once its handler has answered (uvicorn then logs it); not here.
+    app = bare_app(unstarted_state, generate.router, cache.router, buggy)
+    with TestClient(app, raise_server_exceptions=False) as http:
+        cases = [
+            (http.post("/generate", json={"prompts": ["x"], "n": 0}), 400, "invalid_request", "n"),  # a 422 before
+            (http.post("/generate", content=b"{", headers={"content-type": "application/json"}), 400,
+             "invalid_request", "body"),
+            (http.get("/generate"), 405, "method_not_allowed", None),
+            (http.get("/no/such/route"), 404, "not_found", None),
+            (http.post("/reset_prefix_cache"), 503, "engine_dead", None),  # an ApiError
+            (http.get("/bug"), 500, "internal", None),
+        ]
+        for response, status, kind, field in cases:
+            assert response.status_code == status, response.text
+            assert response.json().keys() == {"error", "type", "field"}
+            assert (response.json()["type"], response.json()["field"]) == (kind, field), response.text
+        assert "RuntimeError: boom. This is a bug in the server" in cases[-1][0].json()["error"]
+        assert "EngineCore_DP0 (exit code -9) died" in cases[-2][0].json()["error"]
+        assert "greater than or equal to 1" in cases[0][0].json()["error"]
+        assert http.post("/generate", json={"prompts": ["x"], "n": 0}).status_code == 400  # still serving
+
+
+def test_the_gate_wants_the_key_then_a_ready_server_in_each_paths_error_shape(unstarted_state):
+    from fastapi.testclient import TestClient
+
+    from fastgrpo.serve.gate import AuthAndReadiness
+    from fastgrpo.serve.routes import health
+
+    app = bare_app(unstarted_state, health.router,
+                   middleware=[(AuthAndReadiness, {"state": unstarted_state, "api_key": "k"})])
+    key = {"authorization": "Bearer k"}
+    with TestClient(app) as http:
+        assert http.get("/health").json()["status"] == "starting"  # no key needed, never refused as not ready
+        ours, openai = http.post("/generate", json={}), http.post("/v1/completions", json={})
+        assert ours.status_code == openai.status_code == 401
+        assert ours.json()["type"] == "unauthorized" and "Authorization: Bearer" in ours.json()["error"]
+        assert openai.json()["error"]["type"] == "unauthorized" and openai.json()["error"]["code"] == 401
+        refused = http.post("/generate", json={}, headers=key)
+        assert refused.status_code == 503 and refused.json()["type"] == "not_ready"
+        assert http.get("/openapi.json", headers=key).status_code == 200  # the docs are open while starting
+        unstarted_state.startup_error = "vLLM's API failed to start: ValueError: x"
+        refused = http.post("/v1/completions", json={}, headers=key)
+        assert refused.status_code == 503 and "vLLM's API failed to start" in refused.json()["error"]["message"]

@@ -22,7 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fastgrpo.client import ServerUnavailable, VLLMClient
-from fastgrpo.serve.launcher import free_port
+from fastgrpo.net import free_port
 from fastgrpo.serve.weights import ANNOUNCE_TTL_S
 from fastgrpo.transfer import WeightTransferError
 

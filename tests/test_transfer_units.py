@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastgrpo.serve.launcher import free_port
+from fastgrpo.net import free_port
 from fastgrpo.transfer import WeightTransferError
 from fastgrpo.transfer.bucketed import ReceiveBuffers, receive_buckets, send_buckets
 from fastgrpo.transfer.packing import (
@@ -220,7 +220,7 @@ def test_a_refused_join_fails_at_once_and_leaves_no_thread_in_gloo():
     import threading
     import time
 
-    from fastgrpo.serve.launcher import free_port
+    from fastgrpo.net import free_port
     from fastgrpo.transfer import WeightTransferError, open_sender
     from fastgrpo.transfer.gloo import GlooSender
 

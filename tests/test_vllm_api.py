@@ -20,7 +20,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fastgrpo.client import VLLMClient
 from fastgrpo.rollouts.chat import ChatTokens
-from fastgrpo.serve.launcher import ServerProcess, free_port
+from fastgrpo.net import free_port
+from fastgrpo.serve.launcher import ServerProcess
 
 pytestmark = pytest.mark.slow
 
@@ -297,7 +298,7 @@ def test_episodes_on_weights_the_trainer_never_pushed_stop_the_run_naming_the_ve
     from datasets import Dataset
 
     from fastgrpo import GRPOConfig, GRPOTrainer
-    from fastgrpo.trainer.grpo_trainer import StaleGenerationError
+    from fastgrpo.trainer.round_generation import StaleGenerationError
 
     def from_another_run(prompts, trainer):  # say, a second trainer pushing to the same server
         n = len(prompts)

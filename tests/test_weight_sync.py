@@ -290,7 +290,7 @@ def test_an_fsdp2_sharded_model_streams_into_an_exact_push(server, tiny_qwen2, p
     import subprocess
     import sys
 
-    from fastgrpo.serve.launcher import free_port
+    from fastgrpo.net import free_port
 
     script = Path(__file__).parent / "scripts" / "push_from_fsdp2.py"
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",

@@ -15,7 +15,9 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from fastgrpo.serve.state import ApiError, InFlight, ServerState
+from fastgrpo.serve.adapters import Adapter
+from fastgrpo.serve.errors import ApiError
+from fastgrpo.serve.state import InFlight, ServerState
 
 MIXED_WEIGHTS = ("the last weight push failed half-way, so the engines hold a mix of old and new weights; push "
                  "the whole model again (VLLMClient.update_weights)")
@@ -28,7 +30,7 @@ PUSH_FAILED_MEANWHILE = ("a weight push failed half-way while this request was g
 class Ticket:
     flight: InFlight
     salt: str  # the prefix-cache salt of its weight version (and adapter)
-    adapter: object = None  # serve.adapters.Adapter: the version it holds, or None for the base model
+    adapter: Adapter | None = None  # the adapter version it holds, or None for the base model
 
     @property
     def versions(self) -> list[int]:

@@ -1,10 +1,14 @@
 """`fastgrpo vllm-serve`: the generation server. Its flags, both spellings, are a contract: docs/server-flags.md."""
 
 import argparse
+import logging
 
 from fastgrpo.cliutil import add_flag
+from fastgrpo.engine import on_cpu
+from fastgrpo.models import resolve_model
 from fastgrpo.serve import DEFAULT_MAX_ROLLOUTS
-from fastgrpo.serve.engines import DEFAULT_DP_RPC_PORT
+from fastgrpo.serve.engines import DEFAULT_DP_RPC_PORT, ServerSettings, check_devices
+from fastgrpo.serve.headless import run_headless
 from fastgrpo.transfer.adapters import LORA_RANKS
 
 
@@ -161,18 +165,13 @@ def check_parser_names(tool_call_parser: str | None, reasoning_parser: str | Non
 
 
 def run(args) -> int:
-    import logging
-
+    # Here, not at the top: the app imports vLLM and FastAPI, which `fastgrpo --help` should not wait for.
     import uvicorn
 
-    from fastgrpo.models import resolve_model
     from fastgrpo.serve.app import create_app
-    from fastgrpo.serve.engines import ServerSettings, check_devices
 
     validate(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from fastgrpo.engine import on_cpu
-
     settings = ServerSettings(
         model=resolve_model(args.model), revision=args.revision,
         tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
@@ -193,8 +192,6 @@ def run(args) -> int:
     except ValueError as exc:
         raise SystemExit(f"fastgrpo vllm-serve: error: {exc}") from None
     if args.headless:
-        from fastgrpo.serve.headless import run_headless
-
         return run_headless(settings, on_cpu())
     app = create_app(settings, api_key=args.api_key, body_timeout_s=args.request_body_timeout,
                      weight_transfer_any_address=args.weight_transfer_any_address,

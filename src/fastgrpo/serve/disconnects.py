@@ -5,20 +5,23 @@ or an agent that was killed, would leave its whole round generating. This ASGI m
 runs each generation route's handler as a task and waits for the client's disconnect
 beside it; if the client leaves before the response is sent, the handler is cancelled
 (vLLM's AsyncLLM then aborts its requests in the engines) and the server counts it
-(`abandoned_generations` in GET /health).
+(`abandoned_generations` in GET /health), then answers 499 for the layers outside (metrics).
 """
 
 import asyncio
 import contextlib
 from collections.abc import Callable
 
+from starlette.responses import Response
+
+from fastgrpo.serve.recordings import is_recorded_chat
+
 # POST routes that only generate: cancelling one mid-way loses nothing (a weight push is never cancelled).
 GENERATION_PATHS = ("/generate", "/v1/completions", "/v1/chat/completions", "/inference/v1/generate")
 
 
 def is_generation(method: str, path: str) -> bool:
-    return method == "POST" and (path in GENERATION_PATHS or
-                                 (path.startswith("/rollouts/") and path.endswith("/v1/chat/completions")))
+    return method == "POST" and (path in GENERATION_PATHS or is_recorded_chat(path))
 
 
 class CancelAbandoned:
@@ -58,3 +61,4 @@ class CancelAbandoned:
         self.on_abandoned()
         with contextlib.suppress(asyncio.CancelledError):
             await handler
+        await Response(status_code=499)(scope, receive, send)  # nginx's "client closed request"; nobody reads it

@@ -28,7 +28,10 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from fastgrpo import cpu_lora, quiet_gloo
+from fastgrpo.engine import CPU_ENGINE_DEFAULTS, engine_dtype, prepare_cpu_env
 from fastgrpo.hardware import usable_cores
+from fastgrpo.transfer.ipc import INSECURE_SERIALIZATION_ENV
 from fastgrpo.vllm_compat import call_on_dp_rank, dp_rank_counts, request_error_types
 
 log = logging.getLogger("fastgrpo.serve")
@@ -147,8 +150,6 @@ def engine_args(settings: ServerSettings, on_cpu: bool, backend: str):
     from vllm.config import WeightTransferConfig
     from vllm.engine.arg_utils import AsyncEngineArgs
 
-    from fastgrpo.engine import CPU_ENGINE_DEFAULTS, engine_dtype
-
     s = settings
     chosen = dict(CPU_ENGINE_DEFAULTS) if on_cpu else {}
     if s.enforce_eager is not None:
@@ -176,9 +177,6 @@ def engine_args(settings: ServerSettings, on_cpu: bool, backend: str):
 
 def prepare_process(settings: ServerSettings, on_cpu: bool, backend: str) -> None:
     """What vLLM's engine processes read from this one's environment and plugins, set before they spawn."""
-    from fastgrpo import cpu_lora, quiet_gloo
-    from fastgrpo.engine import engine_dtype, prepare_cpu_env
-
     if engine_dtype(settings.dtype) != settings.dtype:
         log.warning("serving float32: this CPU has no bf16 matrix unit, so bf16 would be emulated slowly; pass "
                     "--dtype bfloat16 to force it")
@@ -186,8 +184,6 @@ def prepare_process(settings: ServerSettings, on_cpu: bool, backend: str) -> Non
         prepare_cpu_env(settings.kv_cache_space)
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_binding(settings)
     if backend == "ipc":  # the workers unpickle the trainer's CUDA IPC handles (transfer/ipc.py)
-        from fastgrpo.transfer.ipc import INSECURE_SERIALIZATION_ENV
-
         os.environ[INSECURE_SERIALIZATION_ENV] = "1"
     # The head waits this long for remote engines' ready messages once they have connected.
     os.environ["VLLM_ENGINE_READY_TIMEOUT_S"] = str(int(settings.join_timeout_s))

@@ -2,20 +2,13 @@
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from fastgrpo.hardware import pin_to_cores
-
-
-def free_port() -> int:
-    """A port free on every interface (a TCPStore master binds them all)."""
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
+from fastgrpo.net import free_port
 
 
 class ServerProcess:

@@ -1,26 +1,22 @@
-"""What every router of the server shares: its state, and errors as data."""
+"""What every router of the server shares: its state, and the dependency that hands it to a route."""
 
 import asyncio
+import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
-from fastapi import Request
-from fastapi.responses import JSONResponse
+from fastapi import Depends, Request
 
-from fastgrpo.serve.protocol import ErrorResponse, StartUpdateRequest
+from fastgrpo.protocol import StartUpdateRequest
+from fastgrpo.rollouts.chat import ChatTokens
+from fastgrpo.serve.adapters import AdapterRegistry
 from fastgrpo.serve.engines import GenerationEngine, RWLock, ServerSettings
+from fastgrpo.serve.recordings import Recorder
 from fastgrpo.serve.specs import ModelSpecs
 
-
-class ApiError(Exception):
-    def __init__(self, status: int, type: str, message: str, field: str | None = None):
-        super().__init__(message)
-        self.status, self.type, self.message, self.field = status, type, message, field
-
-
-def error_response(status: int, type: str, message: str, field: str | None = None) -> JSONResponse:
-    return JSONResponse(ErrorResponse(error=message, type=type, field=field).model_dump(), status_code=status)
+if TYPE_CHECKING:  # transformers is slow to import, and only the running server holds a tokenizer
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass
@@ -34,11 +30,24 @@ class WeightGroup:
 
 
 @dataclass
+class VllmPush:
+    """A push through vLLM's weight routes, from /start_weight_update to /finish_weight_update
+    (serve/routes/vllm_weights.py)."""
+
+    was_consistent: bool  # were the weights whole before it (a push that names only some tensors keeps that)
+    names: list[str] = field(default_factory=list)  # the tensors loaded so far
+    touched: float = field(default_factory=time.monotonic)  # its last call
+    loading: int = 0  # /update_weights or /finish_weight_update calls running: the push is not idle
+    idle: asyncio.Task | None = None  # fails the push once it sees no call for a while
+
+
+@dataclass
 class PendingPush:
     transfer_id: str
-    request: StartUpdateRequest
+    request: StartUpdateRequest | VllmPush | None  # ours (/weights/start) or one through vLLM's weight routes
     phase: Literal["announced", "loading"] = "announced"  # loading: from the drain of in-flight generations on
     expiry: asyncio.Task | None = None  # ends an announcement whose data never starts
+    load_deadline: float | None = None  # time.monotonic() by which its load has ended or failed (cleanup aside)
 
 
 @dataclass
@@ -56,7 +65,9 @@ class InFlight:
 class ServerState:
     settings: ServerSettings
     engine: GenerationEngine
-    tokenizer: object = None
+    adapters: AdapterRegistry  # LoRA runs' adapters
+    recorder: Recorder  # agents' chat calls, by rollout id
+    tokenizer: "PreTrainedTokenizerBase | None" = None  # set once the engines run
     specs: ModelSpecs = field(default_factory=ModelSpecs)
     startup_error: str | None = None
     weight_version: int = 0
@@ -70,13 +81,12 @@ class ServerState:
     lock: RWLock = field(default_factory=RWLock)
     pending: PendingPush | None = None
     inflight: list[InFlight] = field(default_factory=list)
-    adapters: object = None  # serve.adapters.AdapterRegistry (LoRA runs), set by create_app
-    recorder: object = None  # serve.recordings.Recorder (agents' chat calls by rollout id), set by create_app
-    chats: dict = field(default_factory=dict)  # rollouts.chat.ChatTokens per tool set (the OpenAI chat route)
+    chats: dict[str, ChatTokens] = field(default_factory=dict)  # per tool set, as JSON (the recorded chat route)
     chat_template: str | None = None  # --chat_template, read: what vLLM's chat renders with, and recordings too
     vllm_api_ready: bool = False  # vLLM's serving classes are on the app (serve/vllm_api.py)
-    abandoned_generations: int = 0
-    instance: str = field(default_factory=lambda: uuid.uuid4().hex)  # new at every start (a restart is another)  # generations cancelled because their client went away (serve/disconnects.py)
+    weight_transfer_any_address: bool = False  # a group's master_address need not be its requester's
+    abandoned_generations: int = 0  # generations cancelled because their client went away (serve/disconnects.py)
+    instance: str = field(default_factory=lambda: uuid.uuid4().hex)  # new at every start (a restart is another)
 
     def count_abandoned(self) -> None:
         self.abandoned_generations += 1
@@ -101,4 +111,9 @@ class ServerState:
 
 
 def server_state(request: Request) -> ServerState:
+    """The dependency through which routes get the state: whatever app they are mounted on holds it in
+    `app.state.server` (create_app's, or a test's)."""
     return request.app.state.server
+
+
+State = Annotated[ServerState, Depends(server_state)]  # a route's `state: State` parameter

@@ -1,60 +1,36 @@
 """vLLM's own API, served from our engine: built from vLLM's serving layer, not rewritten.
 
-The routes in VLLM_ROUTES are vLLM's, as `vllm serve` has them: the OpenAI API (streaming, logprobs and
-top_logprobs, structured outputs, every tool-call and reasoning parser vLLM ships), /tokenize, /detokenize,
-/version, Prometheus /metrics, the token-in-token-out /inference/v1/generate, and the RL routes TRL's client
-calls (/get_world_size, /server_info, /pause, /resume, /is_paused); serve/vllm_weights.py answers vLLM's four
-weight routes with our push machinery.
+The routes are vLLM's, as `vllm serve` has them (serve/routes/vllm.py): the OpenAI API (streaming, logprobs
+and top_logprobs, structured outputs, every tool-call and reasoning parser vLLM ships), /tokenize,
+/detokenize, /version, Prometheus /metrics, the token-in-token-out /inference/v1/generate, and the RL routes
+TRL's client calls (/get_world_size, /server_info, /pause, /resume, /is_paused); serve/routes/vllm_weights.py
+answers vLLM's four weight routes with our push machinery. This module gives them our engine.
 
 vLLM's serving classes talk to an engine client; they get `AdmittedEngine`: our AsyncLLM with `generate`
 changed so that each generation is admitted like /generate's (serve/admission.py), ends with a 503 when the
 engine dies, and reports what it ran under to its HTTP request's `Tap`. `WeightVersionTags` gives each HTTP
-request a Tap and writes the weight versions into the response; serve/recordings.py records from it.
+request a Tap and writes the weight versions into the response; serve/routes/recordings.py records
+from it. vLLM's modules are imported in the functions that use them: they are slow to import.
 """
 
 import asyncio
 import contextvars
+from argparse import Namespace
 import json
 import logging
 from dataclasses import dataclass, field
 
+from fastapi import FastAPI
+
 from fastgrpo.serve.admission import Ticket, admit, check_not_mixed, release
-from fastgrpo.serve.engines import refused_request
-from fastgrpo.serve.state import ApiError, ServerState
-from fastgrpo.serve.vllm_weights import router as vllm_weight_routes
+from fastgrpo.serve.engines import ServerSettings, refused_request
+from fastgrpo.serve.errors import ApiError
+from fastgrpo.serve.recordings import is_recorded_chat
+from fastgrpo.serve.state import ServerState
 
 log = logging.getLogger("fastgrpo.serve")
-
-# (method, path) of vLLM's routes that this server serves as they are; everything else of vLLM's stays out
-# (/collective_rpc, /sleep, LoRA loading from paths, ...: they would bypass admission or reach the workers).
-VLLM_ROUTES = {
-    ("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"),
-    ("POST", "/tokenize"), ("POST", "/detokenize"), ("GET", "/version"), ("GET", "/metrics"),
-    ("POST", "/inference/v1/generate"),
-    ("GET", "/get_world_size"), ("GET", "/server_info"), ("POST", "/pause"), ("POST", "/resume"),
-    ("GET", "/is_paused"),
-}
 # Generation routes: a Tap each, and weight versions in their answers.
 TAPPED_PATHS = ("/v1/completions", "/v1/chat/completions")
-# ... and vLLM's weight routes, which serve/vllm_weights.py answers.
-OPENAI_SHAPED_PATHS = {path for _, path in VLLM_ROUTES} | {route.path for route in vllm_weight_routes.routes}
-
-
-def is_recorded_chat(path: str) -> bool:
-    return path.startswith("/rollouts/") and path.endswith("/v1/chat/completions")
-
-
-def openai_shaped(path: str) -> bool:
-    """Whether errors on `path` take OpenAI's format (vLLM's routes, and the recorded chat route), which
-    OpenAI clients read, rather than ours."""
-    return path in OPENAI_SHAPED_PATHS or is_recorded_chat(path)
-
-
-def openai_error(status: int, type: str, message: str, param: str | None = None):
-    from fastapi.responses import JSONResponse
-
-    return JSONResponse({"error": {"message": message, "type": type, "param": param, "code": status}},
-                        status_code=status)
 
 
 @dataclass
@@ -171,7 +147,7 @@ class AdmittedEngine:
 # Building vLLM's API into our app.
 
 
-def frontend_args(settings):
+def frontend_args(settings: ServerSettings) -> Namespace:
     """vLLM's server arguments, as `vllm serve` would parse them for this server's flags."""
     from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
     from vllm.utils.argparse_utils import FlexibleArgumentParser
@@ -188,96 +164,14 @@ def frontend_args(settings):
     return args
 
 
-def include_vllm_routes(app, args) -> None:
-    """vLLM's routes of VLLM_ROUTES, from vLLM's own routers, and its Prometheus instrumentation."""
-    from fastapi import FastAPI
-    from vllm.entrypoints.generate.api_router import register_generate_api_routers
-    from vllm.entrypoints.openai.models.api_router import attach_router as models_router
-    from vllm.entrypoints.rl.online.api_router import router as rl_router
-    from vllm.entrypoints.scale_out.token_in_token_out.api_router import router as tokens_router
-    from vllm.entrypoints.serve.dev.server_info.api_router import attach_router as server_info_router
-    from vllm.entrypoints.serve.instrumentator.basic import router as basic_router
-    from vllm.entrypoints.serve.instrumentator.metrics import attach_router as metrics_router
-    from vllm.entrypoints.serve.engine.protocol import ErrorResponse as VllmErrorResponse
-    from vllm.entrypoints.serve.tokenize.api_router import attach_router as tokenize_router
-
-    scratch = FastAPI()
-    scratch.state.args = args
-    register_generate_api_routers(scratch)
-    models_router(scratch)
-    tokenize_router(scratch)
-    server_info_router(scratch)
-    scratch.include_router(rl_router)
-    scratch.include_router(tokens_router)
-    scratch.include_router(basic_router)
-    taken = set()
-    for route in scratch.routes:
-        for method in getattr(route, "methods", None) or ():
-            if (method, route.path) in VLLM_ROUTES:
-                # What our admission, auth and readiness may answer, in the shape they answer it on these routes.
-                for code in (400, 401, 503):
-                    route.responses.setdefault(code, {"model": VllmErrorResponse})
-                app.router.routes.append(route)
-                taken.add((method, route.path))
-                break
-    metrics_router(app)  # instruments our app and mounts /metrics on it
-    install_vllm_errors(app)
-    missing = VLLM_ROUTES - taken - {("GET", "/metrics")}
-    if missing:  # a vLLM release that moved a route: say so at start, not with a 404 later
-        raise RuntimeError(f"vLLM's routes {sorted(missing)} were not found in this vLLM ({_vllm_version()})")
-
-
-def install_vllm_errors(app) -> None:
-    """Errors on OPENAI_SHAPED_PATHS in OpenAI's format: what vLLM raises on bad input (its VLLMError,
-    ValueError, TypeError, ...) is answered as vLLM answers it (a 4xx), and ours (a body that cannot be read,
-    503 while weights are mixed) take the same shape. On our routes the same exceptions are our bugs: a 500,
-    logged."""
-    from fastapi.exceptions import RequestValidationError
-    from starlette.exceptions import HTTPException
-    from vllm.entrypoints.serve.exception_handling.handlers.exception import exception_handler
-    from vllm.entrypoints.serve.exception_handling.handlers.vllm_error import vllm_error_handler
-    from vllm.exceptions import VLLMError
-
-    from fastgrpo.serve.errors import internal_error
-
-    def on_vllm_routes(handler, ours=None):
-        async def handle(request, exc):
-            if openai_shaped(request.url.path):
-                return await handler(request, exc)
-            return await ours(request, exc) if ours is not None else internal_error(request, exc)
-        return handle
-
-    def reshaped(ours):  # our message and type, OpenAI's shape
-        async def handle(request, exc):
-            response = await ours(request, exc)
-            body = json.loads(response.body)
-            reply = openai_error(response.status_code, body["type"], body["error"], body.get("field"))
-            reply.headers.update({k: v for k, v in response.headers.items() if k.lower() == "allow"})
-            return reply
-        return handle
-
-    for kind in (ApiError, RequestValidationError, HTTPException):
-        ours = app.exception_handlers[kind]
-        app.exception_handler(kind)(on_vllm_routes(reshaped(ours), ours))
-    app.exception_handler(VLLMError)(on_vllm_routes(vllm_error_handler))
-    for kind in (ValueError, TypeError, OverflowError, NotImplementedError):
-        app.exception_handler(kind)(on_vllm_routes(exception_handler))
-
-
-def _vllm_version() -> str:
-    import vllm
-
-    return vllm.__version__
-
-
-async def init_vllm_api(app, state: ServerState, args) -> None:
+async def init_vllm_api(app: FastAPI, state: ServerState, args: Namespace) -> None:
     """vLLM's serving classes on `app.state`, over our engine (once the engines run)."""
     from vllm.entrypoints.launchers.api_server.app_state import init_app_state
 
     await init_app_state(AdmittedEngine(state), app.state, args, ("generate",))
 
 
-def sync_adapters(app, state: ServerState) -> None:
+def sync_adapters(app: FastAPI, state: ServerState) -> None:
     """vLLM's routes resolve `model` names through its model registry: list our adapters' current versions."""
     models = getattr(app.state, "openai_serving_models", None)
     if models is not None:

@@ -21,11 +21,12 @@ import logging
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Request
+from fastapi import APIRouter, Body, Request
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
+from fastgrpo.serve.errors import ApiError
 from fastgrpo.serve.specs import check_push
-from fastgrpo.serve.state import ApiError, PendingPush, ServerState, WeightGroup, server_state
+from fastgrpo.serve.state import PendingPush, ServerState, State, VllmPush, WeightGroup
 from fastgrpo.serve.weights import (
     FINISH_TIMEOUT_S,
     begin_load,
@@ -36,11 +37,11 @@ from fastgrpo.serve.weights import (
     finish_load,
     rendezvous_error,
 )
+from fastgrpo.transfer.plugin import register
 
 log = logging.getLogger("fastgrpo.serve")
 router = APIRouter(tags=["vLLM's weight transfer"], responses={  # errors in OpenAI's shape, as on vLLM's routes
     code: {"model": ErrorResponse} for code in (400, 403, 409, 502, 503, 504)})
-State = Annotated[ServerState, Depends(server_state)]
 VLLM_API_OWNER = "vllm-api"  # the group id of a group opened through these routes (they carry none)
 INIT_TIMEOUT_S = 120.0  # for the group to form: the trainer joins it while this request runs
 LOAD_TIMEOUT_S = 600.0  # for one /update_weights: the trainer sends while it runs
@@ -50,8 +51,6 @@ PUSH_IDLE_S = 120.0  # between two calls of one push
 def engine_class(backend: str):
     """The worker-side engine class of a backend, whose init and update info types check a body's fields."""
     from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
-
-    from fastgrpo.transfer.plugin import register
 
     register()
     return WeightTransferEngineFactory._registry[backend]()
@@ -65,35 +64,34 @@ def check_fields(info_cls, info: dict, what: str) -> Any:
                        what) from None
 
 
-class VllmPush:
-    """A push through these routes: from /start_weight_update to /finish_weight_update."""
+def start_push(state: ServerState, was_consistent: bool) -> VllmPush:
+    """The push /start_weight_update begins, watched: one that sees no call for PUSH_IDLE_S is failed and the
+    engines released (a trainer that died mid-push)."""
+    push = VllmPush(was_consistent)
+    push.idle = asyncio.create_task(fail_when_idle(state, push))
+    return push
 
-    def __init__(self, state: ServerState, was_consistent: bool):
-        self.state, self.was_consistent = state, was_consistent
-        self.names: list[str] = []
-        self.touched = time.monotonic()
-        self.loading = 0  # /update_weights or /finish_weight_update calls running: the push is not idle
-        self.idle = asyncio.create_task(self._fail_when_idle())
 
-    async def _fail_when_idle(self) -> None:
-        while self.loading or time.monotonic() - self.touched < PUSH_IDLE_S:
-            await asyncio.sleep(1.0)
-        log.warning("a push through vLLM's weight routes saw no call for %.0f s: failed, engines released",
-                    PUSH_IDLE_S)
-        await self.fail(TimeoutError(f"no /update_weights or /finish_weight_update for {PUSH_IDLE_S:.0f} s"))
+async def fail_when_idle(state: ServerState, push: VllmPush) -> None:
+    while push.loading or time.monotonic() - push.touched < PUSH_IDLE_S:
+        await asyncio.sleep(1.0)
+    log.warning("a push through vLLM's weight routes saw no call for %.0f s: failed, engines released", PUSH_IDLE_S)
+    await fail_push(state, push, TimeoutError(f"no /update_weights or /finish_weight_update for {PUSH_IDLE_S:.0f} s"))
 
-    async def fail(self, exc: BaseException) -> ApiError:
-        state = self.state
-        if state.pending is None or state.pending.request is not self:
-            return ApiError(409, "weight_transfer", "the push has already ended")
-        error = await fail_load(state, exc, LOAD_TIMEOUT_S)
-        await self.end()
-        return error
 
-    async def end(self) -> None:
-        if asyncio.current_task() is not self.idle:
-            self.idle.cancel()
-        await end_load(self.state)
+async def fail_push(state: ServerState, push: VllmPush, exc: BaseException) -> ApiError:
+    """Fail `push`, if it is still the one in progress, and release the engines; returns the error to answer."""
+    if state.pending is None or state.pending.request is not push:
+        return ApiError(409, "weight_transfer", "the push has already ended")
+    error = await fail_load(state, exc, LOAD_TIMEOUT_S)
+    await end_push(state, push)
+    return error
+
+
+async def end_push(state: ServerState, push: VllmPush) -> None:
+    if asyncio.current_task() is not push.idle:
+        push.idle.cancel()
+    await end_load(state)
 
 
 def current_push(state: ServerState) -> VllmPush:
@@ -105,11 +103,9 @@ def current_push(state: ServerState) -> VllmPush:
     return pending.request
 
 
-@router.post("/init_weight_transfer_engine")
-async def init_weight_transfer_engine(request: Request, state: State,
-                                      init_info: Annotated[dict[str, Any], Body(embed=True)]):
-    from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
-
+def checked_init_info(init_info: dict[str, Any], peer: str | None, state: ServerState) -> Any:
+    """vLLM's init info, as its backend's InitInfo, once the group it opens fits this server: its size, our
+    workers' ranks in it, and a host that is the requester."""
     engine = state.engine
     if not engine.alive:
         raise ApiError(503, "engine_dead", str(engine.dead_error()))
@@ -126,10 +122,20 @@ async def init_weight_transfer_engine(request: Request, state: State,
     if getattr(info, "rank_offset", 1) != 1:
         raise ApiError(400, "invalid_request", f"rank_offset={info.rank_offset}: the trainer is rank 0 and the "
                        "server's workers follow it, so rank_offset is 1", "init_info")
-    address, port = getattr(info, "master_address", None), getattr(info, "master_port", None)
+    address = getattr(info, "master_address", None)
     if address is not None:
-        check_group_address(address, request.client.host if request.client else None,
-                            request.app.state.weight_transfer_any_address)
+        check_group_address(address, peer, state.weight_transfer_any_address)
+    return info
+
+
+@router.post("/init_weight_transfer_engine")
+async def init_weight_transfer_engine(request: Request, state: State,
+                                      init_info: Annotated[dict[str, Any], Body(embed=True)]):
+    from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
+
+    engine = state.engine
+    info = checked_init_info(init_info, request.client.host if request.client else None, state)
+    address, port = getattr(info, "master_address", None), getattr(info, "master_port", None)
     if state.pending is not None:
         raise ApiError(409, "weight_transfer", "a weight push is in progress: open a group once it has ended")
     owner = state.group
@@ -167,7 +173,7 @@ async def start_weight_update(state: State):
     except ApiError:
         state.pending = None
         raise
-    state.pending.request = VllmPush(state, was_consistent)
+    state.pending.request = start_push(state, was_consistent)
     return {"message": "Weight update started"}
 
 
@@ -188,7 +194,7 @@ async def update_weights(state: State, update_info: Annotated[dict[str, Any], Bo
         await state.engine.each("update_weights", WeightTransferUpdateRequest(update_info=update_info),
                                 timeout=LOAD_TIMEOUT_S)
     except Exception as exc:
-        raise await push.fail(exc) from None
+        raise await fail_push(state, push, exc) from None
     finally:
         push.loading -= 1
     push.names += names
@@ -209,9 +215,8 @@ async def finish_weight_update(state: State, weight_version: Annotated[str | Non
     try:
         await finish_load(state, push.names, push.was_consistent, version)
     except Exception as exc:
-        raise await push.fail(exc) from None
+        raise await fail_push(state, push, exc) from None
     finally:
         push.loading -= 1
-    await push.end()
+    await end_push(state, push)
     return {"message": "Weight update finished", "weight_version": state.weight_version}
-
