@@ -50,18 +50,18 @@ def test_the_producer_generates_each_round_once_in_order_and_only_when_allowed()
         started.set()
         return Completions([[[index]]], [[[0.0]]], 0, [[True]], [[(0, 0)]])
 
-    producer = RoundProducer(prompts_of=lambda r: [[r]], generate=generate, trained_at=lambda r: r, start=2,
+    producer = RoundProducer(inputs_of=lambda r: [[r]], generate=generate, trained_at=lambda r: r, start=2,
                              max_staleness=1)
     try:
         time.sleep(0.2)
         assert generated == []  # nothing pushed: it waits
         producer.pushed(1)  # rounds 2 (trained at 2) may start, not 3
-        assert producer.take(2).prompt_ids == [[2]]
+        assert producer.take(2).inputs == [[2]]
         time.sleep(0.2)
         assert generated == [2]
         producer.pushed(2)
         round3 = producer.take(3)
-        assert round3.completions.token_ids == [[[3]]] and generated == [2, 3]
+        assert round3.result.token_ids == [[[3]]] and generated == [2, 3]
     finally:
         producer.close()
 

@@ -17,13 +17,18 @@ import pytest
 import torch
 
 from fastgrpo.trainer.loss import (
+    LossSpec,
+    aggregate,
+    clip_metrics,
     entropy_from_logits,
     group_advantages,
-    grpo_loss,
+    kl_penalty,
+    policy_term,
     selective_log_softmax,
     vllm_importance_weights,
     weighted_rewards,
 )
+from loss_call import loss_with
 
 FORWARD_TOL = 1e-10
 GRAD_TOL = 1e-6
@@ -315,7 +320,7 @@ def test_logit_helpers_errors():
 def test_loss_on_policy_matches_reference(loss_type):
     """num_iterations == 1: old = current, ratio == 1, no clipping."""
     logps, _, advantages, mask = make_batch(seed=10)
-    loss, metrics = grpo_loss(logps, None, advantages, mask, loss_type=loss_type, max_completion_length=7)
+    loss, metrics = loss_with(logps, None, advantages, mask, loss_type=loss_type, max_completion_length=7)
     want = reference_loss(rows(logps), rows(logps), rows(advantages), rows(mask), loss_type=loss_type, max_len=7)
     assert close(loss.item(), want)
     assert metrics["clip_ratio/region_mean"].item() == 0.0
@@ -326,7 +331,7 @@ def test_loss_on_policy_matches_reference(loss_type):
 @pytest.mark.parametrize("eps_low, eps_high", [(0.2, 0.2), (0.1, 0.28)])
 def test_loss_with_clipping_matches_reference(loss_type, eps_low, eps_high):
     logps, old_logps, advantages, mask = make_batch(seed=11, spread=0.6)
-    loss, metrics = grpo_loss(
+    loss, metrics = loss_with(
         logps, old_logps, advantages, mask, loss_type=loss_type,
         epsilon_low=eps_low, epsilon_high=eps_high, max_completion_length=9,
     )
@@ -357,7 +362,7 @@ def test_loss_with_kl_matches_reference(loss_type):
     g = torch.Generator().manual_seed(13)
     ref_logps = logps + torch.randn(logps.shape, generator=g, dtype=torch.float64) * 0.3
     beta = 0.04
-    loss, metrics = grpo_loss(
+    loss, metrics = loss_with(
         logps, old_logps, advantages, mask, loss_type=loss_type, beta=beta,
         ref_per_token_logps=ref_logps, max_completion_length=7,
     )
@@ -387,7 +392,7 @@ def test_loss_with_importance_sampling_matches_reference(loss_type, with_old):
     sampling_logps[mask == 0] = -math.inf  # what a generator may put in padding
     cap = 2.0
     ref_logps = logps - 0.1
-    loss, metrics = grpo_loss(
+    loss, metrics = loss_with(
         logps, old_logps if with_old else None, advantages, mask, loss_type=loss_type,
         beta=0.1, ref_per_token_logps=ref_logps, max_completion_length=7,
         sampling_per_token_logps=sampling_logps, vllm_is_mode="token_truncate", vllm_is_clip_max=cap,
@@ -432,14 +437,14 @@ def test_dapo_normalizer_is_global_across_processes():
 
     per_process = []
     for part in (slice(0, 3), slice(3, 6)):
-        loss, _ = grpo_loss(
+        loss, _ = loss_with(
             logps[part], old_logps[part], advantages[part], mask[part], loss_type="dapo",
             num_items_in_batch=torch.tensor(global_tokens), num_processes=2,
         )
         per_process.append(loss.item())
     assert close(sum(per_process) / 2, whole)
     # Without the global count, each process normalizes by its own tokens: not the same.
-    local, _ = grpo_loss(logps[:3], old_logps[:3], advantages[:3], mask[:3], loss_type="dapo")
+    local, _ = loss_with(logps[:3], old_logps[:3], advantages[:3], mask[:3], loss_type="dapo")
     assert close(local.item(), reference_loss(
         rows(logps[:3]), rows(old_logps[:3]), rows(advantages[:3]), rows(mask[:3]), loss_type="dapo"))
 
@@ -448,7 +453,7 @@ def test_padding_values_do_not_leak():
     """Whatever sits in padded positions (inf, NaN) changes neither the loss nor the gradient."""
     logps, old_logps, advantages, mask = make_batch(seed=17)
     clean = logps.clone().requires_grad_()
-    loss_clean, _ = grpo_loss(
+    loss_clean, _ = loss_with(
         clean, old_logps, advantages, mask, loss_type="grpo", beta=0.1, ref_per_token_logps=old_logps
     )
     loss_clean.backward()
@@ -458,7 +463,7 @@ def test_padding_values_do_not_leak():
     dirty = dirty_values.requires_grad_()
     dirty_old = old_logps.clone()
     dirty_old[mask == 0] = math.inf
-    loss_dirty, metrics = grpo_loss(
+    loss_dirty, metrics = loss_with(
         dirty, dirty_old, advantages, mask, loss_type="grpo", beta=0.1, ref_per_token_logps=dirty_old
     )
     loss_dirty.backward()
@@ -484,7 +489,7 @@ def test_loss_gradient_matches_finite_differences(loss_type, case):
     beta = 0.05 if with_extras else 0.0
 
     x = logps.clone().requires_grad_()
-    loss, _ = grpo_loss(
+    loss, _ = loss_with(
         x, None if on_policy else old_logps, advantages, mask, loss_type=loss_type,
         epsilon_low=0.2, epsilon_high=0.28, beta=beta,
         ref_per_token_logps=ref_logps if with_extras else None, max_completion_length=7,
@@ -518,6 +523,60 @@ def test_loss_gradient_matches_finite_differences(loss_type, case):
 
 
 # ---------------------------------------------------------------------------
+# The loss's pieces alone, each against its reference
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("eps_low, eps_high", [(0.2, 0.2), (0.1, 0.28)])
+def test_policy_term_is_the_clipped_objective_token_by_token(eps_low, eps_high):
+    logps, old_logps, advantages, mask = make_batch(seed=40, spread=0.6)
+    spec = LossSpec("grpo", epsilon_low=eps_low, epsilon_high=eps_high)
+    term, ratio, _ = policy_term(spec, logps, old_logps, advantages[:, None], mask.bool(), None)
+    for b in range(logps.shape[0]):
+        for t in range(logps.shape[1]):
+            r = math.exp(logps[b, t].item() - old_logps[b, t].item())
+            assert close(ratio[b, t].item(), r)
+            assert close(term[b, t].item(), -reference_token_objective(r, advantages[b].item(), eps_low, eps_high))
+
+
+def test_kl_penalty_is_the_k3_estimator_and_its_bias_correction_multiplies_by_the_ratio():
+    logps, ref_logps, _, _ = make_batch(seed=41)
+    ratio = torch.rand(logps.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 0.5
+    plain, corrected = kl_penalty(ref_logps, logps, ratio, False), kl_penalty(ref_logps, logps, ratio, True)
+    for b in range(logps.shape[0]):
+        for t in range(logps.shape[1]):
+            d = ref_logps[b, t].item() - logps[b, t].item()
+            assert close(plain[b, t].item(), math.exp(d) - d - 1)
+            assert close(corrected[b, t].item(), (math.exp(d) - d - 1) * ratio[b, t].item())
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "sapo", "luspo", "bnpo", "dr_grpo", "dapo", "cispo", "vespo"])
+def test_aggregate_divides_by_each_loss_types_normaliser(loss_type):
+    _, _, _, mask = make_batch(seed=42)
+    per_token = torch.randn(mask.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    masked, m = (per_token * mask).tolist(), mask.tolist()
+    sums, counts = [sum(row) for row in masked], [sum(row) for row in m]
+    want = {"grpo": sum(s / max(c, 1) for s, c in zip(sums, counts)) / len(sums),
+            "luspo": sum(sums) / len(sums), "bnpo": sum(sums) / sum(counts), "dr_grpo": sum(sums) / (len(sums) * 7),
+            "dapo": sum(sums) / (50 / 2)}
+    want["sapo"], want["cispo"], want["vespo"] = want["grpo"], want["dapo"], want["dapo"]
+    got = aggregate(loss_type, per_token * mask, mask.to(per_token.dtype), 7, 50, num_processes=2)
+    assert close(got.item(), want[loss_type])
+
+
+def test_clip_metrics_count_only_the_tokens_the_clip_binds_in_the_advantages_direction():
+    ratio = torch.tensor([[0.5, 1.0, 1.5], [0.5, 1.0, 1.5]], dtype=torch.float64)
+    advantage = torch.tensor([[-1.0], [1.0]], dtype=torch.float64)
+    mask = torch.tensor([[True, True, True], [True, True, False]])  # the last token is padding
+    metrics = clip_metrics(ratio, advantage, mask, 0.2, 0.2)
+    # Row 0 (A < 0): 0.5 is clipped low, 1.5 is not (the clip binds only downwards). Row 1 (A > 0): 0.5 is
+    # not clipped; 1.5 would be, but it is padding. 1 of 5 real tokens is clipped.
+    assert metrics["clip_ratio/low_mean"].item() == pytest.approx(1 / 5)
+    assert metrics["clip_ratio/high_mean"].item() == 0.0
+    assert metrics["clip_ratio/region_mean"].item() == pytest.approx(1 / 5)
+
+
+# ---------------------------------------------------------------------------
 # The loss: invalid inputs
 # ---------------------------------------------------------------------------
 
@@ -525,27 +584,27 @@ def test_loss_gradient_matches_finite_differences(loss_type, case):
 def test_loss_errors():
     logps, old_logps, advantages, mask = make_batch(seed=30)
     with pytest.raises(ValueError, match="loss_type must be one of"):
-        grpo_loss(logps, None, advantages, mask, loss_type="ppo")
+        loss_with(logps, None, advantages, mask, loss_type="ppo")
     with pytest.raises(ValueError, match="pass max_completion_length"):
-        grpo_loss(logps, None, advantages, mask, loss_type="dr_grpo")
+        loss_with(logps, None, advantages, mask, loss_type="dr_grpo")
     with pytest.raises(ValueError, match="pass ref_per_token_logps"):
-        grpo_loss(logps, None, advantages, mask, loss_type="grpo", beta=0.1)
+        loss_with(logps, None, advantages, mask, loss_type="grpo", beta=0.1)
     with pytest.raises(ValueError, match=r"advantages must have shape \[batch\] = \(6,\)"):
-        grpo_loss(logps, None, advantages[:5], mask, loss_type="grpo")
+        loss_with(logps, None, advantages[:5], mask, loss_type="grpo")
     with pytest.raises(ValueError, match="completion_mask must have the shape of per_token_logps"):
-        grpo_loss(logps, None, advantages, mask[:, :5], loss_type="grpo")
+        loss_with(logps, None, advantages, mask[:, :5], loss_type="grpo")
     with pytest.raises(ValueError, match="old_per_token_logps must have the shape"):
-        grpo_loss(logps, old_logps[:, :5], advantages, mask, loss_type="grpo")
+        loss_with(logps, old_logps[:, :5], advantages, mask, loss_type="grpo")
     with pytest.raises(ValueError, match="ref_per_token_logps must have the shape"):
-        grpo_loss(logps, None, advantages, mask, loss_type="grpo", beta=0.1, ref_per_token_logps=logps[:3])
+        loss_with(logps, None, advantages, mask, loss_type="grpo", beta=0.1, ref_per_token_logps=logps[:3])
     with pytest.raises(ValueError, match="sampling_per_token_logps must have the shape"):
-        grpo_loss(logps, None, advantages, mask, loss_type="grpo", sampling_per_token_logps=logps[:, :2])
+        loss_with(logps, None, advantages, mask, loss_type="grpo", sampling_per_token_logps=logps[:, :2])
     with pytest.raises(ValueError, match="importance sampling clip must be positive"):
-        grpo_loss(logps, None, advantages, mask, loss_type="grpo", sampling_per_token_logps=logps,
+        loss_with(logps, None, advantages, mask, loss_type="grpo", sampling_per_token_logps=logps,
                   vllm_is_clip_max=0)
     with pytest.raises(ValueError, match="epsilon_low and epsilon_high must be >= 0"):
-        grpo_loss(logps, None, advantages, mask, loss_type="grpo", epsilon_low=-0.1)
+        loss_with(logps, None, advantages, mask, loss_type="grpo", epsilon_low=-0.1)
     with pytest.raises(ValueError, match="num_processes must be >= 1"):
-        grpo_loss(logps, None, advantages, mask, loss_type="dapo", num_processes=0)
+        loss_with(logps, None, advantages, mask, loss_type="dapo", num_processes=0)
     with pytest.raises(ValueError, match=r"per_token_logps must have shape \[batch, completion_tokens\]"):
-        grpo_loss(logps[0], None, advantages, mask, loss_type="grpo")
+        loss_with(logps[0], None, advantages, mask, loss_type="grpo")

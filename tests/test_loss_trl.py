@@ -32,10 +32,10 @@ from fastgrpo.trainer.loss import (
     get_high_entropy_mask,
     get_off_policy_mask,
     group_advantages,
-    grpo_loss,
     normalize_then_sum_advantages,
     weighted_rewards,
 )
+from loss_call import loss_with
 
 # Forward values: float64 throughout, loops and vectorised code sum a few dozen terms in different orders,
 # so they agree to ~1e-14; 1e-10 leaves room without hiding a wrong term (those are >= 1e-3 here).
@@ -215,7 +215,7 @@ def test_luspo_sums_each_completion_then_averages(level, extras):
               "sampling_per_token_logps": sampling if extras else None, "vllm_is_mode": "token_truncate",
               "vllm_is_clip_max": 1.2}
     x = logps.clone().requires_grad_()
-    loss, metrics = grpo_loss(x, old, advantages, mask, loss_type="luspo", **kwargs)
+    loss, metrics = loss_with(x, old, advantages, mask, loss_type="luspo", **kwargs)
     weights = ref_token_is_weights(L(old), L(sampling), L(mask), "token_truncate", None, 1.2) if extras else None
 
     def f(values):
@@ -228,7 +228,7 @@ def test_luspo_sums_each_completion_then_averages(level, extras):
     grad = finite_difference_grad(f, L(logps))
     assert max(abs(x.grad[b, t].item() - grad[b][t]) for b in range(6) for t in range(7)) < GRAD_TOL
     # Not grpo: that divides each completion by its length (the fixture's lengths differ).
-    grpo, grpo_metrics = grpo_loss(logps, old, advantages, mask, loss_type="grpo", **kwargs)
+    grpo, grpo_metrics = loss_with(logps, old, advantages, mask, loss_type="grpo", **kwargs)
     assert not close(grpo.item(), loss.item())
     # TRL logs the clip ratios for luspo as for grpo.
     for key in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
@@ -254,7 +254,7 @@ def test_vespo_weights_minus_advantage_logp_by_gamma(trl_grpo, mode):
     params = {"vespo_k_pos": 1.5, "vespo_lambda_pos": 2.5, "vespo_k_neg": 3.0, "vespo_lambda_neg": 2.0}
     clip = (0.8, 1.25)
     x = logps.clone().requires_grad_()
-    loss, metrics = grpo_loss(x, old, advantages, mask, loss_type="vespo", num_items_in_batch=40, num_processes=2,
+    loss, metrics = loss_with(x, old, advantages, mask, loss_type="vespo", num_items_in_batch=40, num_processes=2,
                               sampling_per_token_logps=None if mode is None else sampling,
                               vllm_is_mode=mode or "token_mask", vllm_is_clip_min=clip[0],
                               vllm_is_clip_max=clip[1], **params)
@@ -296,7 +296,7 @@ def test_vespo_weights_minus_advantage_logp_by_gamma(trl_grpo, mode):
 def test_vespo_needs_a_token_level_sampler_correction():
     logps, old, sampling, advantages, mask = make_batch(46)
     with pytest.raises(ValueError, match="vllm_is_mode must be 'token_truncate' or 'token_mask'"):
-        grpo_loss(logps, old, advantages, mask, loss_type="vespo", sampling_per_token_logps=sampling,
+        loss_with(logps, old, advantages, mask, loss_type="vespo", sampling_per_token_logps=sampling,
                   vllm_is_mode="sequence_mask")
 
 
@@ -312,7 +312,7 @@ def test_bias_corrected_kl_weighs_the_kl_by_the_ratio(level, on_policy):
     g = torch.Generator().manual_seed(48)
     ref = logps + torch.randn(6, 7, generator=g, dtype=torch.float64) * 0.4
     x = logps.clone().requires_grad_()
-    loss, metrics = grpo_loss(x, None if on_policy else old, advantages, mask, loss_type="bnpo", beta=0.1,
+    loss, metrics = loss_with(x, None if on_policy else old, advantages, mask, loss_type="bnpo", beta=0.1,
                               ref_per_token_logps=ref, use_bias_correction_kl=True, importance_sampling_level=level)
     base = logps if on_policy else old  # on-policy: old is the current logps, held
 
@@ -338,7 +338,7 @@ def test_bias_corrected_kl_weighs_the_kl_by_the_ratio(level, on_policy):
     if on_policy:
         # r == 1 in value, so the loss is the uncorrected one, but the gradient is not.
         plain = x.detach().clone().requires_grad_()
-        plain_loss, _ = grpo_loss(plain, None, advantages, mask, loss_type="bnpo", beta=0.1, ref_per_token_logps=ref)
+        plain_loss, _ = loss_with(plain, None, advantages, mask, loss_type="bnpo", beta=0.1, ref_per_token_logps=ref)
         plain_loss.backward()
         assert close(plain_loss.item(), loss.item())
         assert (plain.grad - x.grad).abs().max() > 1e-5  # beta * KL / tokens: ~1e-4 here

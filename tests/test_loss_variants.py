@@ -14,7 +14,8 @@ import math
 import pytest
 import torch
 
-from fastgrpo.trainer.loss import entropy_threshold, grpo_loss, vllm_importance_weights
+from fastgrpo.trainer.loss import entropy_threshold, vllm_importance_weights
+from loss_call import loss_with
 from test_loss import finite_difference_grad as finite_difference
 
 TOL = 1e-10
@@ -112,7 +113,7 @@ def test_sequence_level_ratio_gspo(loss_type):
     logps, old, _, advantages, mask = make_batch(1, spread=0.3)
     old += torch.tensor([-0.3, 0.3, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64)[:, None]  # completions 0, 1: clipped
     x = logps.clone().requires_grad_()
-    loss, metrics = grpo_loss(x, old, advantages, mask, loss_type=loss_type, importance_sampling_level="sequence",
+    loss, metrics = loss_with(x, old, advantages, mask, loss_type=loss_type, importance_sampling_level="sequence",
                               epsilon_low=0.05, epsilon_high=0.08, max_completion_length=7)
     f = lambda v: reference(v, L(old), L(advantages), L(mask), loss_type=loss_type, level="sequence",  # noqa: E731
                             eps_low=0.05, eps_high=0.08)
@@ -127,7 +128,7 @@ def test_sequence_level_ratio_gspo(loss_type):
 def test_cispo_weights_minus_advantage_logp_with_a_held_clipped_weight():
     logps, old, _, advantages, mask = make_batch(2, spread=1.5)
     x = logps.clone().requires_grad_()
-    loss, metrics = grpo_loss(x, old, advantages, mask, loss_type="cispo", epsilon_high=1.2,
+    loss, metrics = loss_with(x, old, advantages, mask, loss_type="cispo", epsilon_high=1.2,
                               num_items_in_batch=40, num_processes=2)
     assert close(loss.item(), reference(L(logps), L(old), L(advantages), L(mask), loss_type="cispo", eps_high=1.2,
                                         global_tokens=40, num_processes=2))
@@ -148,7 +149,7 @@ def test_cispo_weights_minus_advantage_logp_with_a_held_clipped_weight():
 def test_sapo_gate_with_temperatures_by_advantage_sign():
     logps, old, _, advantages, mask = make_batch(3)
     x = logps.clone().requires_grad_()
-    loss, _ = grpo_loss(x, old, advantages, mask, loss_type="sapo", sapo_temperature_pos=0.7,
+    loss, _ = loss_with(x, old, advantages, mask, loss_type="sapo", sapo_temperature_pos=0.7,
                         sapo_temperature_neg=1.6)
     f = lambda v: reference(v, L(old), L(advantages), L(mask), loss_type="sapo", tau_pos=0.7, tau_neg=1.6)  # noqa: E731
     assert close(loss.item(), f(L(logps)))
@@ -158,14 +159,14 @@ def test_sapo_gate_with_temperatures_by_advantage_sign():
     # On-policy (r = 1) the gate's slope is 1 whatever tau: the gradient is GRPO's.
     y = logps.clone().requires_grad_()
     z = logps.clone().requires_grad_()
-    grpo_loss(y, None, advantages, mask, loss_type="sapo", sapo_temperature_neg=3.0)[0].backward()
-    grpo_loss(z, None, advantages, mask, loss_type="grpo")[0].backward()
+    loss_with(y, None, advantages, mask, loss_type="sapo", sapo_temperature_neg=3.0)[0].backward()
+    loss_with(z, None, advantages, mask, loss_type="grpo")[0].backward()
     assert torch.allclose(y.grad, z.grad, atol=1e-12)
 
 
 def test_delta_caps_the_unclipped_ratio_of_negative_advantages():
     logps, old, _, advantages, mask = make_batch(4, spread=2.0)
-    loss, _ = grpo_loss(logps, old, advantages, mask, loss_type="dapo", delta=1.5)
+    loss, _ = loss_with(logps, old, advantages, mask, loss_type="dapo", delta=1.5)
     want = reference(L(logps), L(old), L(advantages), L(mask), loss_type="dapo", delta=1.5)
     without = reference(L(logps), L(old), L(advantages), L(mask), loss_type="dapo")
     assert close(loss.item(), want)
@@ -177,7 +178,7 @@ def test_delta_caps_the_unclipped_ratio_of_negative_advantages():
 def test_vllm_importance_sampling_modes(mode, clip):
     logps, old, sampling, advantages, mask = make_batch(5)
     sampling[mask == 0] = -math.inf  # what a generator may leave in padding
-    loss, metrics = grpo_loss(logps, old, advantages, mask, loss_type="grpo", sampling_per_token_logps=sampling,
+    loss, metrics = loss_with(logps, old, advantages, mask, loss_type="grpo", sampling_per_token_logps=sampling,
                               vllm_is_mode=mode, vllm_is_clip_min=clip[0], vllm_is_clip_max=clip[1])
     weights, counted = ref_is_weights(L(old), L(sampling), L(mask), mode, *clip)
     assert close(loss.item(), reference(L(logps), L(old), L(advantages), L(mask), loss_type="grpo", is_weights=weights))
@@ -200,7 +201,7 @@ def test_importance_weights_refuse_a_truncation_without_bounds_and_a_reversed_cl
 def test_off_policy_mask_drops_negative_advantage_completions_far_from_the_sampler():
     logps, old, sampling, advantages, mask = make_batch(6)
     sampling[1] += 3.0  # completion 1 (A < 0): the sampler found it far likelier than the policy does
-    loss, _ = grpo_loss(logps, old, advantages, mask, loss_type="bnpo", sampling_per_token_logps=sampling,
+    loss, _ = loss_with(logps, old, advantages, mask, loss_type="bnpo", sampling_per_token_logps=sampling,
                         vllm_is_mode="token_truncate", vllm_is_clip_max=3.0, off_policy_mask_threshold=0.5)
     weights, _ = ref_is_weights(L(old), L(sampling), L(mask), "token_truncate", None, 3.0)
     want = reference(L(logps), L(old), L(advantages), L(mask), loss_type="bnpo", is_weights=weights, off_policy=0.5,
@@ -225,7 +226,7 @@ def test_entropy_mask_keeps_the_top_quantile():
 
     logps, old, _, advantages, mask = make_batch(7)
     keep = (torch.rand(6, 7, generator=torch.Generator().manual_seed(8)) > 0.5)
-    loss, _ = grpo_loss(logps, old, advantages, mask, loss_type="dr_grpo", max_completion_length=7, entropy_mask=keep)
+    loss, _ = loss_with(logps, old, advantages, mask, loss_type="dr_grpo", max_completion_length=7, entropy_mask=keep)
     assert close(loss.item(), reference(L(logps), L(old), L(advantages), L(mask), loss_type="dr_grpo",
                                         entropy_keep=L(keep.double())))
 

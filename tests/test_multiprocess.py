@@ -150,6 +150,27 @@ def test_a_collective_failure_is_recognised_and_explained():
     assert "ddp_timeout=3600 s" in str(error) and "TORCH_DISTRIBUTED_DEBUG=DETAIL" in str(error)
 
 
+def test_processes_launched_together_that_accelerate_set_up_alone_are_refused(monkeypatch):
+    """`accelerate launch --num_processes 2` on a CPU machine without use_cpu: accelerate sets each process up
+    alone (seen with the examples), and both would train and push as the main process. Refused, naming
+    use_cpu; a process launched alone, or one that accelerate joined to the others, passes."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from fastgrpo.trainer.sharding import check_layout
+
+    def accelerator(processes, kind):
+        return SimpleNamespace(num_processes=processes, distributed_type=kind, is_fsdp2=False)
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"one of 2 \(WORLD_SIZE=2\).*use_cpu=True"):
+        check_layout(accelerator(1, DistributedType.NO), merged_lora=False, local_multi_turn=False)
+    check_layout(accelerator(2, DistributedType.MULTI_CPU), merged_lora=False, local_multi_turn=False)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    check_layout(accelerator(1, DistributedType.NO), merged_lora=False, local_multi_turn=False)
+
+
 def test_sharded_layouts_that_cannot_work_are_refused_naming_the_fix():
     from types import SimpleNamespace
 

@@ -371,3 +371,18 @@ def test_reward_model_object_without_tokenizer_source():
 def test_processing_classes_length_checked():
     with pytest.raises(ValueError, match="one per reward function"):
         prepare_reward_funcs([format_reward, accuracy_reward], [None])
+
+
+def test_the_rewards_trl_has_give_trls_values_from_fastgrpo_rewards():
+    """`from fastgrpo.rewards import ...` for `from trl.rewards import ...`: the same functions, the same values
+    as TRL 1.16's on conversational completions (TRL's own shape), right, wrong and unparsable."""
+    import fastgrpo.rewards as ours
+    import trl.rewards as theirs
+
+    completions = [[{"role": "assistant", "content": c}] for c in
+                   ["The answer is $\\frac{1}{2}$", "It is 0.3", "<think>\nhm\n</think>\nyes", "no tags", "\\boxed{4}"]]
+    solutions = ["$\\frac{1}{2}$", "$\\frac{1}{2}$", "$2$", "$2$", "$4$"]
+    assert ours.accuracy_reward(completions, solution=solutions) == theirs.accuracy_reward(completions,
+                                                                                         solution=solutions)
+    assert ours.think_format_reward(completions) == theirs.think_format_reward(completions)
+    assert sorted(set(ours.__all__) & set(dir(theirs))) == ["accuracy_reward", "think_format_reward"]

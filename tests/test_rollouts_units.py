@@ -300,7 +300,7 @@ def test_a_rollout_funcs_result_is_checked_row_by_row(tiny_qwen2, tmp_path):
 
 
 def test_the_recording_protocol_round_trips():
-    from fastgrpo.serve.protocol import RolloutRecording
+    from fastgrpo.protocol import RolloutRecording
 
     body = {"rollout_id": "a", "sequences": [{"prompt_ids": [1], "completion_ids": [2, 3], "completion_mask": [1, 0],
                                               "logprobs": [-1.0, 0.0], "calls": 1, "weight_versions": [0, 0]}],
@@ -510,17 +510,11 @@ def question(n):
 
 def trainer_metrics(rollout) -> dict:
     """What the trainer logs of a round's per-row metrics (its own function, on one process)."""
-    from collections import defaultdict
-    from types import SimpleNamespace
-
     import torch
 
-    from fastgrpo.trainer.grpo_trainer import GRPOTrainer
+    from fastgrpo.trainer.rounds import episode_metrics
 
-    one_process = SimpleNamespace(accelerator=SimpleNamespace(device=torch.device("cpu"), gather=lambda t: t))
-    metrics = defaultdict(list)
-    GRPOTrainer._log_multi_turn(one_process, metrics, rollout)
-    return {k: v[0] for k, v in metrics.items()}
+    return episode_metrics({k: torch.tensor(v, dtype=torch.float32) for k, v in rollout.per_row.items()})
 
 
 def test_tool_metrics_are_trls_and_there_on_a_round_where_no_episode_called_a_tool(tokenizer, tmp_path):

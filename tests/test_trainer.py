@@ -247,7 +247,7 @@ def test_chat_template_kwargs_reach_the_template_and_shuffle_dataset_keeps_the_o
     config = base_config(tmp_path, use_vllm=False, chat_template_kwargs={"mood": "zebra"}, shuffle_dataset=False)
     trainer = GRPOTrainer(tiny_llama, reward_digits, args=config, train_dataset=tiny_dataset(),
                           processing_class=tokenizer)
-    ids = trainer._prompt_ids([[{"role": "user", "content": "hello"}]])[0]
+    ids = trainer.rounds.prompt_ids([[{"role": "user", "content": "hello"}]])[0]
     assert tokenizer.decode(ids).endswith("hello mood zebra")
     order = list(trainer._get_train_sampler(trainer.train_dataset))
     assert order[:8] == [0] * 4 + [1] * 4  # prompts in dataset order, each num_generations times
@@ -635,7 +635,7 @@ def run_async(tmp_path, server, tiny_qwen2, on_loss=None, **overrides) -> list[d
 @pytest.mark.slow
 def test_an_async_run_trains_every_round_within_the_staleness_bound_and_says_so(server, tiny_qwen2, tmp_path,
                                                                                  caplog):
-    with caplog.at_level(logging.WARNING, logger="fastgrpo.trainer.grpo_trainer"):
+    with caplog.at_level(logging.WARNING, logger="fastgrpo.trainer"):
         logs = run_async(tmp_path, server, tiny_qwen2)
     # The test server runs on this process's cores, which the trainer says (it slows async steps down).
     assert "which this trainer runs on too" in caplog.text
@@ -732,7 +732,7 @@ def test_a_server_restarted_mid_run_is_waited_for_and_gets_the_weights_again_bef
 def test_an_async_run_goes_on_after_a_push_that_broke_while_a_round_was_generating(server, tiny_qwen2, tmp_path,
                                                                                   monkeypatch, caplog):
     from fastgrpo.trainer import generation
-    from fastgrpo.trainer.grpo_trainer import generation_may_pass
+    from fastgrpo.trainer.weight_sync import generation_may_pass
 
     # Round 2 (the producer's third round) is generated while step 2's push is broken half-way: the server
     # refuses it (503, weights mixed); the trainer pushes step 2 again, and the run must go on, training round 2
@@ -763,7 +763,17 @@ def test_an_async_run_goes_on_after_a_push_that_broke_while_a_round_was_generati
         if pushes == [0, 1, 2]:
             try:
                 return real_sync(HalfWay(weights, fail_after=5), version)
-            finally:  # the server holds mixed weights now: let the round ask, before the trainer pushes again
+            finally:
+                # The trainer's side broke, but the server's side of the push runs on: its /weights/update may
+                # not even have arrived yet (CI once served the round on the old weights in that gap). Wait
+                # until the server has given up on the push and holds mixed weights, then let the round ask,
+                # before the trainer pushes again.
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    health = trainer.backend.client.health()
+                    if not health["weights_consistent"] and health["weight_push"] == "none":
+                        break
+                    time.sleep(0.1)
                 broke.set()
                 assert refused.wait(60), "the round was not refused"
         return real_sync(weights, version)

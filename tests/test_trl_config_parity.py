@@ -99,3 +99,19 @@ def test_a_trl_config_constructs_with_the_same_values(tmp_path):
         assert getattr(ours, name) == getattr(theirs, name), name
     for name in ("generation_batch_size", "steps_per_generation", "vllm_importance_sampling_clip_max"):
         assert getattr(ours, name) == getattr(theirs, name), name
+
+
+def test_dict_fields_read_json_flags_as_trls_do(tmp_path):
+    """TRL types model_init_kwargs, generation_kwargs, chat_template_kwargs as `dict | str` so that a script's
+    HfArgumentParser takes them as JSON flags; ours read to the same dicts."""
+    from transformers import HfArgumentParser
+
+    trl = pytest.importorskip("trl")
+    argv = ["--output_dir", str(tmp_path), "--use_cpu", "true", "--model_init_kwargs", '{"dtype": "float32"}',
+            "--generation_kwargs", '{"min_tokens": 2}', "--chat_template_kwargs", '{"enable_thinking": false}']
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        (theirs,) = HfArgumentParser(trl.GRPOConfig).parse_args_into_dataclasses(argv)
+    (ours,) = HfArgumentParser(GRPOConfig).parse_args_into_dataclasses(argv)
+    for name in ("model_init_kwargs", "generation_kwargs", "chat_template_kwargs"):
+        assert getattr(ours, name) == getattr(theirs, name) and isinstance(getattr(ours, name), dict), name

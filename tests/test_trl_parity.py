@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from fastgrpo import GRPOConfig, GRPOTrainer
 from fastgrpo.config import ConfigError
 from fastgrpo.trainer import grpo_trainer as trainer_module
+from fastgrpo.trainer.backends import UNSET_MODE_WAIT_S
 from fastgrpo.trainer.batching import pad_to_multiple
 from fastgrpo.trainer.forward import PromptSharingUnsupported, completion_logits
 
@@ -49,7 +50,7 @@ def test_prompts_are_not_cut_by_default(tiny_qwen2, tmp_path):
     """Default max_prompt_length is None: the model sees the whole prompt (TRL has no such cut since 0.28)."""
     trainer = GRPOTrainer(tiny_qwen2, reward_len, args=config(tmp_path), train_dataset=prompts(4))
     long_prompt = "word " * 600  # past the 512 tokens of the old default
-    ids = trainer._prompt_ids([long_prompt])[0]
+    ids = trainer.rounds.prompt_ids([long_prompt])[0]
     assert ids == trainer.tokenizer(long_prompt)["input_ids"] and len(ids) > 512
 
 
@@ -61,7 +62,7 @@ def test_unset_vllm_mode_with_no_server_fails_in_seconds_saying_why(tiny_qwen2, 
     with pytest.raises(Exception, match=r"vllm_mode was not set.*TRL's is 'colocate'"):
         GRPOTrainer(tiny_qwen2, reward_len, args=config(tmp_path, use_vllm=True, vllm_server_port=port),
                     train_dataset=prompts(4))
-    assert time.monotonic() - began < trainer_module.UNSET_MODE_WAIT_S + 10
+    assert time.monotonic() - began < UNSET_MODE_WAIT_S + 10
 
 
 def test_hybrid_models_fall_back_to_the_plain_forward_with_a_reason(tmp_path, caplog):
@@ -109,7 +110,9 @@ def test_reward_functions_log_metrics_and_completion_columns(tiny_qwen2, tmp_pat
         log_extra("length_text", [f"n={n}" for n in lengths])
         return [float(n) for n in lengths]
 
-    monkeypatch.setattr(trainer_module, "report_completions", lambda rows, *a, **k: tables.append(rows))
+    from fastgrpo.trainer import completion_log
+
+    monkeypatch.setattr(completion_log, "report_completions", lambda rows, *a, **k: tables.append(rows))
     trainer = GRPOTrainer(tiny_qwen2, reward, args=config(tmp_path, max_steps=2, log_completions=True),
                           train_dataset=prompts(8))
     trainer.train()

@@ -8,7 +8,7 @@ from transformers import TrainingArguments
 
 from fastgrpo.rollouts.episode import DEFAULT_CONCURRENCY, DEFAULT_STEP_TIMEOUT_S
 from fastgrpo.rollouts.tools import DEFAULT_MAX_TOOL_RESULT_CHARS, DEFAULT_TOOL_TIMEOUT_S
-from fastgrpo.serve.protocol import GENERATION_KWARGS
+from fastgrpo.protocol import GENERATION_KWARGS
 from fastgrpo.trainer.loss import (
     GLOBALLY_NORMALISED,
     IMPORTANCE_SAMPLING_LEVELS,
@@ -38,19 +38,69 @@ UNSUPPORTED_TRL_FIELDS = {
 }
 
 
+def _positive(value) -> bool:
+    return value > 0
+
+
+def _at_least(low):
+    return lambda value: value >= low
+
+
+def _optional(valid):
+    return lambda value: value is None or valid(value)
+
+
+def _one_of(choices):
+    return lambda value: value in choices
+
+
+# Single-field checks: (field, valid(value), what to do; the error reads "field=value: what to do").
+FIELD_BOUNDS = (
+    ("num_generations", _at_least(2), "GRPO compares completions within a group, so it needs at least 2 (8 is common)"),
+    ("pad_to_multiple_of", _optional(_at_least(1)), "use a positive int, 'auto' or None"),
+    ("multi_objective_aggregation", _one_of(AGGREGATIONS), f"use one of {AGGREGATIONS}"),
+    ("entropy_coef_delta", _at_least(0), "must be >= 0"),
+    ("min_p", _optional(lambda p: 0.0 <= p <= 1.0), "use a probability in [0, 1] (None: off)"),
+    ("loss_type", _one_of(LOSS_TYPES), f"use one of {LOSS_TYPES}"),
+    ("scale_rewards", _one_of(SCALE_REWARDS_MODES), f"use one of {SCALE_REWARDS_MODES}"),
+    ("importance_sampling_level", _one_of(IMPORTANCE_SAMPLING_LEVELS), "use 'token' or 'sequence' (GSPO)"),
+    ("vllm_importance_sampling_mode", _one_of(VLLM_IS_MODES), f"use one of {VLLM_IS_MODES}"),
+    ("top_entropy_quantile", lambda q: 0.0 <= q <= 1.0, "use a fraction in [0, 1] (1.0: every token)"),
+    ("num_generations_eval", _optional(_at_least(1)),
+     "must be >= 1 (1: one completion per eval prompt, advantages 0)"),
+    ("vllm_mode", _one_of(VLLM_MODES), "use 'server' (a `fastgrpo vllm-serve` process) or 'colocate'"),
+    ("max_tool_calling_iterations", _optional(_at_least(0)), "must be >= 0 (None: no limit)"),
+    ("ddp_timeout", _positive,
+     "must be > 0 seconds (the longest a collective between the training processes may wait)"),
+    ("vllm_generation_timeout", _positive, "must be > 0 seconds"),
+    ("environment_step_timeout", _positive, "must be > 0 seconds"),
+    ("environment_concurrency", _at_least(1), "must be >= 1 (1: one step at a time)"),
+    ("tool_timeout", _positive, "must be > 0 seconds"),
+    ("max_tool_result_length", _at_least(1), "must be >= 1 character"),
+    ("max_completion_length", _at_least(1), "must be >= 1"),
+    ("num_iterations", _at_least(1), "must be >= 1"),
+    ("temperature", _positive, "GRPO samples, so it must be > 0 (1.0 is common)"),
+    ("repetition_penalty", lambda r: 0.01 <= r <= 100, "use a value in [0.01, 100] (1.0: no penalty)"),
+)
+
+
 class ConfigError(ValueError):
     """A GRPOConfig that cannot work; the message says how to fix it."""
 
 
 @dataclass
 class GRPOConfig(TrainingArguments):
+    # Given as JSON text (a command-line flag, as TRL takes them), TrainingArguments reads these into dicts.
+    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + [
+        "model_init_kwargs", "transformers_continuous_batching_config", "generation_kwargs", "chat_template_kwargs"]
+
     # --- data and model ---------------------------------------------------------
-    model_init_kwargs: dict | None = field(default=None, metadata={"help": "kwargs for from_pretrained of the policy"})
+    model_init_kwargs: dict | str | None = field(default=None, metadata={"help": "kwargs for from_pretrained of the policy"})
     trust_remote_code: bool = False
     disable_dropout: bool = field(default=False, metadata={"help": "set every dropout of the policy (and reference) "
                                                            "to 0"})
     shuffle_dataset: bool = True
-    chat_template_kwargs: dict | None = field(default=None, metadata={"help": "passed to apply_chat_template"})
+    chat_template_kwargs: dict | str | None = field(default=None, metadata={"help": "passed to apply_chat_template"})
     max_prompt_length: int | None = field(default=None, metadata={
         "help": "ours (TRL removed it in 0.28): a prompt longer than this many tokens stops the run with an error "
                 "naming it, never a silent cut; filter the dataset first (None: no limit)"})
@@ -66,7 +116,7 @@ class GRPOConfig(TrainingArguments):
     top_k: int = 0
     min_p: float | None = None
     repetition_penalty: float = 1.0
-    generation_kwargs: dict | None = field(default=None, metadata={"help": "more sampling fields: " +
+    generation_kwargs: dict | str | None = field(default=None, metadata={"help": "more sampling fields: " +
                                                                    ", ".join(GENERATION_KWARGS)})
     generation_batch_size: int | None = field(
         default=None, metadata={"help": "completions per generation round, all processes together"})
@@ -202,7 +252,7 @@ class GRPOConfig(TrainingArguments):
     log_unique_prompts: bool = False
     log_completions_hub_repo: str | None = None
     use_transformers_continuous_batching: bool = False
-    transformers_continuous_batching_config: dict | None = None
+    transformers_continuous_batching_config: dict | str | None = None
     use_transformers_paged: bool = False
 
     # --- several training processes -------------------------------------------------------
@@ -251,174 +301,147 @@ class GRPOConfig(TrainingArguments):
             warnings.warn("vllm_importance_sampling_cap is deprecated (as in TRL): use "
                           "vllm_importance_sampling_clip_max", FutureWarning, stacklevel=3)
             self.vllm_importance_sampling_clip_max = self.vllm_importance_sampling_cap
+        self._resolve()
         self._check()
+        self._warn_incoherent()
 
     @property
     def effective_epsilon_high(self) -> float:
         return self.epsilon if self.epsilon_high is None else self.epsilon_high
 
-    def _check(self) -> None:
-        def fail(message: str):
-            raise ConfigError(message)
-
-        if self.num_generations < 2:
-            fail(f"num_generations={self.num_generations}: GRPO compares completions within a group, so it needs "
-                 "at least 2 (8 is common)")
-        for name, (default, instead) in UNSUPPORTED_TRL_FIELDS.items():
-            if getattr(self, name) != default:
-                fail(f"{name}={getattr(self, name)!r}: TRL's option is not supported by fastgrpo ({instead}); "
-                     f"leave it at {default!r}")
-        if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
-            fail(f"pad_to_multiple_of={self.pad_to_multiple_of}: use a positive int, 'auto' or None")
-        if self.multi_objective_aggregation not in AGGREGATIONS:
-            fail(f"multi_objective_aggregation={self.multi_objective_aggregation!r}: use one of {AGGREGATIONS}")
-        if self.sync_ref_model:
-            if self.beta == 0.0:
-                fail("sync_ref_model=True while beta=0.0: the reference model is not used during training, so "
-                     "there is nothing to synchronize; set sync_ref_model=False, or set beta to a non-zero value")
-            if not 0.0 <= self.ref_model_mixup_alpha <= 1.0:
-                fail(f"ref_model_mixup_alpha={self.ref_model_mixup_alpha}: use a fraction in [0, 1]")
-            if self.ref_model_sync_steps < 1:
-                fail(f"ref_model_sync_steps={self.ref_model_sync_steps}: must be >= 1")
-        if self.use_adaptive_entropy and not self.entropy_coef_min <= self.entropy_coef_max:
-            fail(f"entropy_coef_min={self.entropy_coef_min} must not exceed entropy_coef_max={self.entropy_coef_max}")
-        if self.entropy_coef_delta < 0:
-            fail(f"entropy_coef_delta={self.entropy_coef_delta}: must be >= 0")
-        if self.min_p is not None and not 0.0 <= self.min_p <= 1.0:
-            fail(f"min_p={self.min_p}: use a probability in [0, 1] (None: off)")
-        if self.loss_type not in LOSS_TYPES:
-            fail(f"loss_type={self.loss_type!r}: use one of {LOSS_TYPES}")
-        if self.scale_rewards not in SCALE_REWARDS_MODES:
-            fail(f"scale_rewards={self.scale_rewards!r}: use one of {SCALE_REWARDS_MODES}")
-        if self.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
-            fail(f"importance_sampling_level={self.importance_sampling_level!r}: use 'token' or 'sequence' (GSPO)")
-        if self.vllm_importance_sampling_mode not in VLLM_IS_MODES:
-            fail(f"vllm_importance_sampling_mode={self.vllm_importance_sampling_mode!r}: use one of {VLLM_IS_MODES}")
-        low, high = self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max
-        if low is not None and high is not None and not low < high:
-            fail(f"vllm_importance_sampling_clip_min={low} must be below vllm_importance_sampling_clip_max={high}")
-        if self.vllm_importance_sampling_mode.endswith("truncate") and low is None and high is None:
-            fail(f"vllm_importance_sampling_mode={self.vllm_importance_sampling_mode!r} clamps the ratio: set "
-                 "vllm_importance_sampling_clip_max (3.0 is TRL's default)")
-        if self.delta is not None and self.delta <= 1 + self.effective_epsilon_high:
-            fail(f"delta={self.delta} caps the ratio above the clip range: it must exceed 1 + epsilon_high = "
-                 f"{1 + self.effective_epsilon_high} (TRL's paper uses 1.5 to 2)")
-        if self.delta is not None and self.loss_type in ("cispo", "sapo"):
-            fail(f"delta clips the ratio of the clipped losses; loss_type={self.loss_type!r} has no such ratio")
-        if not 0.0 <= self.top_entropy_quantile <= 1.0:
-            fail(f"top_entropy_quantile={self.top_entropy_quantile}: use a fraction in [0, 1] (1.0: every token)")
-        if self.sapo_temperature_pos <= 0 or self.sapo_temperature_neg <= 0:
-            fail("sapo_temperature_pos and sapo_temperature_neg must be > 0")
+    def _resolve(self) -> None:
+        """The fields other fields decide: aliases, and defaults that depend on the rest of the config."""
         if self.vllm_max_model_len is not None:
             if self.vllm_max_model_length not in (None, self.vllm_max_model_len):
-                fail(f"vllm_max_model_length={self.vllm_max_model_length} and its alias vllm_max_model_len="
-                     f"{self.vllm_max_model_len} differ: set one")
+                raise ConfigError(f"vllm_max_model_length={self.vllm_max_model_length} and its alias "
+                                  f"vllm_max_model_len={self.vllm_max_model_len} differ: set one")
             self.vllm_max_model_length = self.vllm_max_model_len
         self.vllm_max_model_len = self.vllm_max_model_length
-        for key in self.generation_kwargs or {} if self.use_vllm else ():  # without vLLM: GenerationConfig's keys
-            if key not in GENERATION_KWARGS:
-                own = {"max_tokens": "max_completion_length"}.get(key, key)
-                instead = (f"set GRPOConfig.{own} instead (the loss uses it too)"
-                           if own in self.__dataclass_fields__ else f"the supported keys are {GENERATION_KWARGS}")
-                fail(f"generation_kwargs[{key!r}] is not supported: {instead}")
-        if self.num_generations_eval is not None and self.num_generations_eval < 1:
-            fail(f"num_generations_eval={self.num_generations_eval}: must be >= 1 (1: one completion per eval "
-                 "prompt, advantages 0)")
-        if self.vllm_mode not in VLLM_MODES:
-            fail(f"vllm_mode={self.vllm_mode!r}: use 'server' (a `fastgrpo vllm-serve` process) or 'colocate'")
-        if self.vllm_enable_sleep_mode and not (self.use_vllm and self.vllm_mode == "colocate"):
-            fail("vllm_enable_sleep_mode=True puts a colocated engine to sleep while the trainer trains: it needs "
-                 "use_vllm=True and vllm_mode='colocate' (a server's engines are on devices of their own)")
-        if self.vllm_enable_sleep_mode and self.use_cpu:
-            fail("vllm_enable_sleep_mode=True needs a GPU: vLLM's CPU build has no sleep mode")
-        if self.max_tool_calling_iterations is not None and self.max_tool_calling_iterations < 0:
-            fail(f"max_tool_calling_iterations={self.max_tool_calling_iterations}: must be >= 0 (None: no limit)")
-        if self.ddp_timeout <= 0:
-            fail(f"ddp_timeout={self.ddp_timeout}: must be > 0 seconds (the longest a collective between the "
-                 "training processes may wait)")
-        if self.vllm_generation_timeout <= 0:
-            fail(f"vllm_generation_timeout={self.vllm_generation_timeout}: must be > 0 seconds")
-        if self.environment_step_timeout <= 0:
-            fail(f"environment_step_timeout={self.environment_step_timeout}: must be > 0 seconds")
-        if self.environment_concurrency < 1:
-            fail(f"environment_concurrency={self.environment_concurrency}: must be >= 1 (1: one step at a time)")
-        if self.tool_timeout <= 0:
-            fail(f"tool_timeout={self.tool_timeout}: must be > 0 seconds")
-        if self.max_tool_result_length < 1:
-            fail(f"max_tool_result_length={self.max_tool_result_length}: must be >= 1 character")
-        if self.max_completion_length < 1:
-            fail(f"max_completion_length={self.max_completion_length}: must be >= 1")
-        if self.num_iterations < 1:
-            fail(f"num_iterations={self.num_iterations}: must be >= 1")
-        if self.epsilon <= 0 or self.effective_epsilon_high <= 0:
-            fail("epsilon and epsilon_high must be > 0 (0.2 and 0.28 are common)")
-        if self.temperature <= 0:
-            fail(f"temperature={self.temperature}: GRPO samples, so it must be > 0 (1.0 is common)")
-        if self.use_vllm and self.temperature > 2.0:
-            fail(f"temperature={self.temperature}: vLLM samples at temperatures up to 2.0 only")
-        if not 0.01 <= self.repetition_penalty <= 100:
-            fail(f"repetition_penalty={self.repetition_penalty}: use a value in [0.01, 100] (1.0: no penalty)")
-        if self.weight_sync_bucket_bytes < MIN_BUCKET_BYTES:
-            fail(f"vllm_weight_sync_bucket_mb={self.vllm_weight_sync_bucket_mb}: use at least "
-                 f"{MIN_BUCKET_BYTES / 2**20:.4f} MiB (32 is the default)")
         if self.vllm_max_weight_staleness is None:
             self.vllm_max_weight_staleness = 1 if self.async_generation else 0
-        if self.vllm_max_weight_staleness < 0:
-            fail("vllm_max_weight_staleness must be >= 0")
-        if self.async_generation:
-            if not (self.use_vllm and self.vllm_mode == "server"):
-                where = "with use_vllm=False" if not self.use_vllm else "in colocate mode"
-                fail(f"async_generation needs a generator on devices of its own, a `fastgrpo vllm-serve` server "
-                     f"(use_vllm=True, vllm_mode='server'): {where} generation runs on the trainer's devices, so "
-                     "it cannot overlap training")
-            if self.vllm_max_weight_staleness < 1:
-                fail("async_generation=True with vllm_max_weight_staleness=0: a round generated while the trainer "
-                     "trains is at least one step old; allow 1 (the default) or more, or turn async off")
-
         # The generation batch: how many completions one round produces, all processes together.
         per_step = self.per_device_train_batch_size * self.world_size
         if self.generation_batch_size is not None and self.steps_per_generation is not None:
-            fail("set generation_batch_size or steps_per_generation, not both")
+            raise ConfigError("set generation_batch_size or steps_per_generation, not both")
         if self.generation_batch_size is None:
             if self.steps_per_generation is None:
                 self.steps_per_generation = self.gradient_accumulation_steps
             self.generation_batch_size = per_step * self.steps_per_generation
         else:
             if self.generation_batch_size % per_step:
-                fail(f"generation_batch_size={self.generation_batch_size} must be a multiple of "
-                     f"per_device_train_batch_size x processes = {self.per_device_train_batch_size} x "
-                     f"{self.world_size} = {per_step}")
+                raise ConfigError(f"generation_batch_size={self.generation_batch_size} must be a multiple of "
+                                  f"per_device_train_batch_size x processes = {self.per_device_train_batch_size} "
+                                  f"x {self.world_size} = {per_step}")
             self.steps_per_generation = self.generation_batch_size // per_step
+
+    def _check(self) -> None:
+        """Fail at construction, naming the field and the fix, for every config that cannot work."""
+        for name, valid, advice in FIELD_BOUNDS:
+            if not valid(getattr(self, name)):
+                raise ConfigError(f"{name}={getattr(self, name)!r}: {advice}")
+        for name, (default, instead) in UNSUPPORTED_TRL_FIELDS.items():
+            if getattr(self, name) != default:
+                raise ConfigError(f"{name}={getattr(self, name)!r}: TRL's option is not supported by fastgrpo "
+                                  f"({instead}); leave it at {default!r}")
+        for check in (self._check_loss, self._check_generation, self._check_async, self._check_batches):
+            message = check()
+            if message:
+                raise ConfigError(message)
+        if self.reward_weights is not None and any(not isinstance(w, (int, float)) for w in self.reward_weights):
+            raise ConfigError("reward_weights must be numbers, one per reward function")
+
+    def _check_loss(self) -> str | None:
+        if self.sync_ref_model:
+            if self.beta == 0.0:
+                return ("sync_ref_model=True while beta=0.0: the reference model is not used during training, so "
+                        "there is nothing to synchronize; set sync_ref_model=False, or set beta to a non-zero value")
+            if not 0.0 <= self.ref_model_mixup_alpha <= 1.0:
+                return f"ref_model_mixup_alpha={self.ref_model_mixup_alpha}: use a fraction in [0, 1]"
+            if self.ref_model_sync_steps < 1:
+                return f"ref_model_sync_steps={self.ref_model_sync_steps}: must be >= 1"
+        if self.use_adaptive_entropy and not self.entropy_coef_min <= self.entropy_coef_max:
+            return f"entropy_coef_min={self.entropy_coef_min} must not exceed entropy_coef_max={self.entropy_coef_max}"
+        low, high = self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max
+        if low is not None and high is not None and not low < high:
+            return f"vllm_importance_sampling_clip_min={low} must be below vllm_importance_sampling_clip_max={high}"
+        if self.vllm_importance_sampling_mode.endswith("truncate") and low is None and high is None:
+            return (f"vllm_importance_sampling_mode={self.vllm_importance_sampling_mode!r} clamps the ratio: set "
+                    "vllm_importance_sampling_clip_max (3.0 is TRL's default)")
+        if self.epsilon <= 0 or self.effective_epsilon_high <= 0:
+            return "epsilon and epsilon_high must be > 0 (0.2 and 0.28 are common)"
+        if self.delta is not None and self.delta <= 1 + self.effective_epsilon_high:
+            return (f"delta={self.delta} caps the ratio above the clip range: it must exceed 1 + epsilon_high = "
+                    f"{1 + self.effective_epsilon_high} (TRL's paper uses 1.5 to 2)")
+        if self.delta is not None and self.loss_type in ("cispo", "sapo"):
+            return f"delta clips the ratio of the clipped losses; loss_type={self.loss_type!r} has no such ratio"
+        if self.sapo_temperature_pos <= 0 or self.sapo_temperature_neg <= 0:
+            return "sapo_temperature_pos and sapo_temperature_neg must be > 0"
+        if (self.loss_type == "vespo" and self.use_vllm and self.vllm_importance_sampling_correction
+                and self.vllm_importance_sampling_mode not in ("token_truncate", "token_mask")):
+            return (f"loss_type='vespo' folds the sampler's token ratios into its weights: it needs "
+                    f"vllm_importance_sampling_mode 'token_truncate' or 'token_mask', not "
+                    f"{self.vllm_importance_sampling_mode!r} (or vllm_importance_sampling_correction=False)")
+        return None
+
+    def _check_generation(self) -> str | None:
+        for key in self.generation_kwargs or {} if self.use_vllm else ():  # without vLLM: GenerationConfig's keys
+            if key not in GENERATION_KWARGS:
+                own = {"max_tokens": "max_completion_length"}.get(key, key)
+                instead = (f"set GRPOConfig.{own} instead (the loss uses it too)"
+                           if own in self.__dataclass_fields__ else f"the supported keys are {GENERATION_KWARGS}")
+                return f"generation_kwargs[{key!r}] is not supported: {instead}"
+        if self.use_vllm and self.temperature > 2.0:
+            return f"temperature={self.temperature}: vLLM samples at temperatures up to 2.0 only"
+        if self.vllm_enable_sleep_mode and not (self.use_vllm and self.vllm_mode == "colocate"):
+            return ("vllm_enable_sleep_mode=True puts a colocated engine to sleep while the trainer trains: it needs "
+                    "use_vllm=True and vllm_mode='colocate' (a server's engines are on devices of their own)")
+        if self.vllm_enable_sleep_mode and self.use_cpu:
+            return "vllm_enable_sleep_mode=True needs a GPU: vLLM's CPU build has no sleep mode"
+        if self.weight_sync_bucket_bytes < MIN_BUCKET_BYTES:
+            return (f"vllm_weight_sync_bucket_mb={self.vllm_weight_sync_bucket_mb}: use at least "
+                    f"{MIN_BUCKET_BYTES / 2**20:.4f} MiB (32 is the default)")
+        return None
+
+    def _check_async(self) -> str | None:
+        if self.vllm_max_weight_staleness < 0:
+            return "vllm_max_weight_staleness must be >= 0"
+        if not self.async_generation:
+            return None
+        if not (self.use_vllm and self.vllm_mode == "server"):
+            where = "with use_vllm=False" if not self.use_vllm else "in colocate mode"
+            return (f"async_generation needs a generator on devices of its own, a `fastgrpo vllm-serve` server "
+                    f"(use_vllm=True, vllm_mode='server'): {where} generation runs on the trainer's devices, so "
+                    "it cannot overlap training")
+        if self.vllm_max_weight_staleness < 1:
+            return ("async_generation=True with vllm_max_weight_staleness=0: a round generated while the trainer "
+                    "trains is at least one step old; allow 1 (the default) or more, or turn async off")
+        return None
+
+    def _check_batches(self) -> str | None:
+        """A round holds whole groups and whole optimizer steps (or a whole part of one)."""
         spg, ga = self.steps_per_generation, self.gradient_accumulation_steps
         if spg % ga and ga % spg:
-            fail(f"steps_per_generation={spg} and gradient_accumulation_steps={ga}: a generation round must hold "
-                 "whole optimizer steps (steps_per_generation a multiple of GA) or a whole part of one (GA a "
-                 "multiple of steps_per_generation)")
+            return (f"steps_per_generation={spg} and gradient_accumulation_steps={ga}: a generation round must hold "
+                    "whole optimizer steps (steps_per_generation a multiple of GA) or a whole part of one (GA a "
+                    "multiple of steps_per_generation)")
         if self.loss_type in GLOBALLY_NORMALISED and spg % ga:
-            fail(f"loss_type={self.loss_type!r} normalises each optimizer step by its own token count, which is known "
-                 f"only when a round holds whole steps: make steps_per_generation ({spg}) a multiple of "
-                 f"gradient_accumulation_steps ({ga})")
+            return (f"loss_type={self.loss_type!r} normalises each optimizer step by its own token count, which is "
+                    f"known only when a round holds whole steps: make steps_per_generation ({spg}) a multiple of "
+                    f"gradient_accumulation_steps ({ga})")
         if self.generation_batch_size % self.num_generations:
-            fail(f"the generation batch ({self.generation_batch_size} completions = per_device_train_batch_size "
-                 f"{self.per_device_train_batch_size} x {self.world_size} processes x steps_per_generation "
-                 f"{self.steps_per_generation}) is not divisible by num_generations={self.num_generations}: "
-                 f"every prompt needs a whole group. Make the batch a multiple of {self.num_generations} "
-                 f"(e.g. per_device_train_batch_size={self.num_generations}) or change num_generations.")
+            return (f"the generation batch ({self.generation_batch_size} completions = per_device_train_batch_size "
+                    f"{self.per_device_train_batch_size} x {self.world_size} processes x steps_per_generation "
+                    f"{self.steps_per_generation}) is not divisible by num_generations={self.num_generations}: "
+                    f"every prompt needs a whole group. Make the batch a multiple of {self.num_generations} "
+                    f"(e.g. per_device_train_batch_size={self.num_generations}) or change num_generations.")
         if self.eval_strategy != "no":
             eval_rows = self.per_device_eval_batch_size * self.world_size
             group = self.num_generations_eval or self.num_generations
             if eval_rows % group:
-                fail(f"the eval batch (per_device_eval_batch_size {self.per_device_eval_batch_size} x "
-                     f"{self.world_size} processes = {eval_rows}) must hold whole groups of {group} completions "
-                     f"(num_generations_eval): make it a multiple of {group}")
-        if (self.loss_type == "vespo" and self.use_vllm and self.vllm_importance_sampling_correction
-                and self.vllm_importance_sampling_mode not in ("token_truncate", "token_mask")):
-            fail(f"loss_type='vespo' folds the sampler's token ratios into its weights: it needs "
-                 f"vllm_importance_sampling_mode 'token_truncate' or 'token_mask', not "
-                 f"{self.vllm_importance_sampling_mode!r} (or vllm_importance_sampling_correction=False)")
-        self._warn_incoherent()
-        if self.reward_weights is not None and any(not isinstance(w, (int, float)) for w in self.reward_weights):
-            fail("reward_weights must be numbers, one per reward function")
+                return (f"the eval batch (per_device_eval_batch_size {self.per_device_eval_batch_size} x "
+                        f"{self.world_size} processes = {eval_rows}) must hold whole groups of {group} completions "
+                        f"(num_generations_eval): make it a multiple of {group}")
+        return None
 
     def _warn_incoherent(self) -> None:
         """TRL's warnings for combinations that run but do not do what their papers do, and one of ours (an

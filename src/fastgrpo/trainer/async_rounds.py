@@ -15,8 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-
-from fastgrpo.trainer.generation import Completions
+from typing import Generic, TypeVar
 
 logger = logging.getLogger(__name__)
 
@@ -62,34 +61,55 @@ def too_stale(first_versions: list[int], trained_version: int, max_staleness: in
     return [i for i, s in enumerate(staleness(first_versions, trained_version)) if s > max_staleness or s < 0]
 
 
+Inputs = TypeVar("Inputs")  # what a round is generated from: unique prompt ids, or (multi-turn) dataset rows
+Result = TypeVar("Result")  # what generating it gives: Completions, or (multi-turn) a RoundRollout
+
+
 @dataclass
-class GeneratedRound:
+class GeneratedRound(Generic[Inputs, Result]):
     index: int
-    prompt_ids: list  # the round's unique prompts, in order (multi-turn: this process's rows)
-    completions: Completions | None = None  # (multi-turn: a trainer.multi_turn.RoundRollout)
+    inputs: Inputs | None = None
+    result: Result | None = None
     error: BaseException | None = None
     recoverable: bool = False  # its error may pass once a push lands: the trainer generates it again
     seconds: float = 0.0  # spent generating
 
 
-class RoundProducer:
+def why_not_train(generated: GeneratedRound, same_inputs: bool, first_versions: list[int] | None,
+                  rows: int, trained_version: int, max_staleness: int) -> str | None:
+    """Why a round generated ahead must be generated again now, or None to train on it: its generation failed
+    in a way a push mends (and the push landed), the look-ahead over the dataset picked other inputs than the
+    trainer's, or a completion ran on weights beyond the staleness bound (`rows` completions expected)."""
+    if generated.recoverable:
+        return f"its generation failed ({generated.error}), and the push since landed"
+    if not same_inputs:
+        return "its inputs are not this round's (the look-ahead over the dataset missed)"
+    firsts = first_versions or []
+    if len(firsts) != rows or too_stale(firsts, trained_version, max_staleness):
+        return (f"completions ran on weights up to {max(staleness(firsts, trained_version), default='?')} steps "
+                f"older than the trainer's (step {trained_version}), beyond vllm_max_weight_staleness="
+                f"{max_staleness}")
+    return None
+
+
+class RoundProducer(Generic[Inputs, Result]):
     """Generates rounds start, start + 1, ... in a daemon thread, each once `may_start` allows it.
 
-    `prompts_of(r)` gives round r's unique prompts, `generate(prompt_ids, r)` its completions, `trained_at(r)`
-    its first step. The trainer calls `pushed(version)` after each push and `take(r)` at each round.
+    `inputs_of(r)` gives round r's inputs, `generate(inputs, r)` its result, `trained_at(r)` its first step.
+    The trainer calls `pushed(version)` after each push and `take(r)` at each round.
 
     A round whose generation fails with an error `recoverable(error)` accepts (the server refused it while a push
     that failed half-way left its weights mixed, say) is handed over as failed-but-recoverable, and the producer
     waits for the next push before it goes on; any other error ends the producer, and `take` raises it."""
 
-    def __init__(self, prompts_of: Callable[[int], list[list[int]]],
-                 generate: Callable[[list[list[int]], int], Completions], trained_at: Callable[[int], int],
-                 start: int, max_staleness: int, recoverable: Callable[[BaseException], bool] = lambda e: False):
-        self.prompts_of, self.generate, self.recoverable = prompts_of, generate, recoverable
+    def __init__(self, inputs_of: Callable[[int], Inputs], generate: Callable[[Inputs, int], Result],
+                 trained_at: Callable[[int], int], start: int, max_staleness: int,
+                 recoverable: Callable[[BaseException], bool] = lambda e: False):
+        self.inputs_of, self.generate, self.recoverable = inputs_of, generate, recoverable
         self.trained_at, self.max_staleness = trained_at, max_staleness
         self.start, self.next_index = start, start
         self.pushed_version: int | None = None
-        self.rounds: dict[int, GeneratedRound] = {}
+        self.rounds: dict[int, GeneratedRound[Inputs, Result]] = {}
         self.closed = False
         self.cond = threading.Condition()
         self.thread = threading.Thread(target=self._run, name="fastgrpo-rounds", daemon=True)
@@ -111,11 +131,11 @@ class RoundProducer:
                 index = self.next_index
                 self.next_index += 1
                 version = self.pushed_version
-            generated = GeneratedRound(index, [])
+            generated = GeneratedRound(index)
             began = time.perf_counter()
             try:
-                generated.prompt_ids = self.prompts_of(index)
-                generated.completions = self.generate(generated.prompt_ids, index)
+                generated.inputs = self.inputs_of(index)
+                generated.result = self.generate(generated.inputs, index)
             except BaseException as exc:  # handed to the trainer
                 generated.error = exc
                 generated.recoverable = isinstance(exc, Exception) and self.recoverable(exc)
@@ -131,7 +151,7 @@ class RoundProducer:
             if generated.error is not None and not generated.recoverable:
                 return
 
-    def take(self, index: int) -> GeneratedRound:
+    def take(self, index: int) -> GeneratedRound[Inputs, Result]:
         """Round `index`, waiting for it; raises what its generation raised, unless that may pass (then the
         round comes back with `recoverable` set, for the trainer to generate again)."""
         with self.cond:

@@ -318,7 +318,7 @@ class ColocateBackend(GenerationBackend):
             self.asleep -= set(tags)
 
     def _open_group(self) -> None:
-        from fastgrpo.serve.launcher import free_port
+        from fastgrpo.net import free_port
         from fastgrpo.transfer import open_sender
 
         port = free_port()

@@ -1,54 +1,47 @@
 """GRPOTrainer: TRL's GRPO workflow on transformers' Trainer, with generation on vLLM.
 
-One generation round serves `steps_per_generation` micro-steps: the sampler hands
-each process its share of a generation batch (every prompt `num_generations` times
-in a row), the round generates completions (each prompt with its own seed), scores
-them, computes group advantages over the whole batch (all processes), and cuts it
-into micro-batches: rows dealt to the round's optimizer steps at random, ordered to
-pad little inside each (batching.py). A round that serves later steps keeps the
-generating policy's logprobs for their ratio. After every optimizer step the new
-weights go to the generator. Checkpoints keep the buffered round, so a resume in
-the middle of one is exact.
+The class keeps transformers' hooks (data loading, training_step, compute_loss, evaluate, checkpoints, log)
+and wires the parts that do the work, each in a module of its own (the words round, step, micro-batch and
+part are defined in rounds.py):
+- round_generation.RoundGenerator: a round's completions, single- or multi-turn, now or ahead;
+- rewards, loss (pure): scores, group advantages, and the policy loss behind a LossSpec;
+- batching, forward, packing: a round cut into micro-batches, and their logprobs;
+- weight_sync: the push after every optimizer step, retried on every rank alike;
+- rounds, completion_log: the round's tensors and metrics, and the completions table.
+
+One generation round serves `steps_per_generation` micro-steps: the sampler hands each process its share of
+a generation batch (every prompt `num_generations` times in a row), the round generates completions (each
+prompt with its own seed), scores them, computes group advantages over the whole batch (all processes), and
+cuts it into micro-batches: rows dealt to the round's optimizer steps at random, ordered to pad little
+inside each (batching.py). A round that serves later steps keeps the generating policy's logprobs for their
+ratio. Checkpoints keep the buffered round, so a resume in the middle of one is exact.
 """
 
 import atexit
 import contextlib
-import copy
 import logging
 import os
 import shutil
-import socket
-import tempfile
 import time
 from collections import defaultdict
-from urllib.parse import urlparse
 
 import torch
 from datasets import Dataset, IterableDataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, set_seed
 
 from fastgrpo.config import GRPOConfig
-from fastgrpo.hardware import keep_freed_memory, usable_cores
-from fastgrpo.trainer.async_rounds import (RoundProducer, cores_shared_with_server, first_step, staleness,
-                                            too_stale)
+from fastgrpo.hardware import keep_freed_memory
+from fastgrpo.trainer.backends import colocate_backend, server_backend, stop_token_ids, warn_if_sharing_cores
 from fastgrpo.trainer.batching import (completion_token_cost, pad_rows, pad_to_multiple, parts_of, round_layout,
                                       split_round)
-from fastgrpo.trainer.collectives import (ExplainedError, explain, gathered_max, is_collective_failure,
-                                         set_timeout)
+from fastgrpo.trainer.collectives import explain, gathered_max, is_collective_failure, set_timeout
+from fastgrpo.trainer.completion_log import CompletionTable, RewardLogs, flush_reward_logs
 from fastgrpo.trainer.forward import PromptSharingUnsupported, completion_logits, prompt_groups
-from fastgrpo.trainer.packing import pack, packed_completion_logits, packing_unsupported, unpack
-from fastgrpo.trainer.generation import (
-    ColocateBackend,
-    GenerationBackend,
-    Sampling,
-    ServerBackend,
-    TransformersBackend,
-    derived_seed,
-    prompt_seeds,
-)
+from fastgrpo.trainer.generation import GenerationBackend, ServerBackend, TransformersBackend, derived_seed
 from fastgrpo.trainer.loss import (
     GLOBALLY_NORMALISED,
     AdaptiveEntropy,
+    LossSpec,
     entropy_bonus,
     entropy_from_logits,
     get_high_entropy_mask,
@@ -59,43 +52,26 @@ from fastgrpo.trainer.loss import (
     selective_log_softmax,
     weighted_rewards,
 )
-from fastgrpo.trainer.lora import LoraSync, adapter_config, adapter_tensors, default_adapter_name, run_identity
-from fastgrpo.trainer.multi_turn import MultiTurn, RoundRollout, turn_generator
-from fastgrpo.trainer.reporting import report_completions
+from fastgrpo.trainer.lora import LoraSync, adapter_config, adapter_tensors, default_adapter_name
+from fastgrpo.trainer.multi_turn import MultiTurn
+from fastgrpo.trainer.packing import pack, packed_completion_logits, packing_unsupported, unpack
 from fastgrpo.trainer.rewards import RewardModel, compute_rewards, env_reward, prepare_reward_funcs, reward_func_name
+from fastgrpo.trainer.round_generation import RoundGenerator
+from fastgrpo.trainer.rounds import Generated, episode_metrics, length_metrics, round_tensors
 from fastgrpo.trainer.sampler import RepeatedStream, RepeatSampler
 from fastgrpo.trainer.sharding import (check_layout, full_tensors, gathered_adapter, generation_weights,
                                        prepare_reference, reshard, sharded)
+from fastgrpo.trainer.weight_sync import push_with_retries
 from fastgrpo.transfer import ModelWeights
 
 logger = logging.getLogger(__name__)
 
 
 ROUND_STATE = "fastgrpo_round_state_{rank}.pt"  # in each checkpoint folder, one per process
-COMPLETION_SEEDS = -7  # generate_completions' seeds: apart from the rounds' (indices >= 0) and evaluation's
-WEIGHT_SYNC_ATTEMPTS = 3  # a push that fails for a reason that may pass is tried again (see sync_weights)
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written (a full disk, say); the half-written folder is gone."""
-
-
-# vllm_mode left unset means fastgrpo's 'server', where a TRL script expects 'colocate': with nothing listening
-# at the server's address, the start fails this soon, saying so, rather than after vllm_server_timeout.
-UNSET_MODE_WAIT_S = 10.0
-UNSET_MODE_HINT = ("GRPOConfig.vllm_mode was not set, and fastgrpo's default is 'server' (TRL's is 'colocate'). "
-                   "Start `fastgrpo vllm-serve --model <model>` there, set vllm_mode='colocate' to generate inside "
-                   "this process as TRL does, or set vllm_mode='server' to wait up to vllm_server_timeout for a "
-                   "server that is starting")
-SERVER_RESTARTED = "server-restarted"  # in _generate's broadcast: every process pushes again
-
-
-class StaleGenerationError(RuntimeError):
-    pass
-
-
-class WeightSyncError(ExplainedError):
-    """A push failed on some rank (every rank raises it): its own transport errors are not collectives'."""
 
 
 class _SyncWeightsCallback(TrainerCallback):
@@ -111,7 +87,7 @@ class _SyncWeightsCallback(TrainerCallback):
         self.trainer.sync_weights()
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.trainer._stop_producer()
+        self.trainer.rounds.stop_producer()
 
 
 class _SyncReferenceCallback(TrainerCallback):
@@ -144,63 +120,172 @@ class GRPOTrainer(Trainer):
         init_kwargs.setdefault("dtype", torch.float32)  # master weights; bf16 comes from autocast
         if args.trust_remote_code:
             init_kwargs.setdefault("trust_remote_code", True)
-        if isinstance(model, str):
-            from fastgrpo.models import resolve_model
-
-            self.model_path = resolve_model(model)
-            policy_kwargs = dict(init_kwargs)
-            if quantization_config is not None:
-                if "quantization_config" in policy_kwargs:
-                    raise ValueError("quantization_config was given both to the trainer and in "
-                                     "args.model_init_kwargs: give it once")
-                policy_kwargs["quantization_config"] = quantization_config
-            model = AutoModelForCausalLM.from_pretrained(self.model_path, **policy_kwargs)
-        else:
-            if quantization_config is not None:
-                logger.warning("quantization_config is ignored: the model was given already loaded (as TRL does)")
-            self.model_path = model.config._name_or_path
+        model = self._load_policy(model, init_kwargs, quantization_config)
         if processing_class is None:
             processing_class = AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=args.trust_remote_code)
         if processing_class.pad_token is None:
             processing_class.pad_token = processing_class.eos_token
         self.tokenizer = processing_class
+        model = self._add_adapters(model, args, peft_config)
+        train_dataset = self._set_up_multi_turn(args, train_dataset, eval_dataset, tools, environment_factory,
+                                                rollout_func, tool_call_parser)
+        self._set_up_rewards(args, reward_funcs, reward_processing_classes)
+        self._check_inputs(args, train_dataset, eval_dataset, peft_config)
+        check_router_loss(model, args.router_aux_loss_coef)
+        if args.cast_lm_head_to_fp32:
+            cast_lm_head_to_fp32(model)
+        self.ref_model = self._load_reference(args, init_kwargs) if args.beta != 0.0 and peft_config is None else None
+        if args.disable_dropout:
+            for module in (model, self.ref_model):
+                if module is not None:
+                    _disable_dropout(module)
+
+        super().__init__(model=model, args=args, data_collator=_identity_collator, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
+                         optimizers=optimizers)
+        # We normalise the loss for gradient accumulation ourselves (see compute_loss).
+        self.loss_is_scaled_for_ga = True
+        self.model_accepts_loss_kwargs = False
+        check_layout(self.accelerator, merged_lora=self.lora is not None and not self.lora.adapter_only,
+                     local_multi_turn=self.multi_turn is not None and not args.use_vllm)
+        if self.ref_model is not None:  # sharded like the policy under FSDP2 / ZeRO-3
+            self.ref_model = prepare_reference(self.ref_model, self.accelerator, args.per_device_train_batch_size)
+
+        self._init_run_state()
+        self._loss_spec = LossSpec.from_config(args)
+        self._entropy = AdaptiveEntropy(args.entropy_coef, adaptive=args.use_adaptive_entropy,
+                                        target=args.entropy_target, delta=args.entropy_coef_delta,
+                                        coef_min=args.entropy_coef_min, coef_max=args.entropy_coef_max)
+        # Sharing needs the model's cache in training, which gradient checkpointing switches off.
+        self._share_prompts = args.share_prompt_prefix and not args.gradient_checkpointing
+        self._pack = self._share_prompts and args.padding_free and self._packing_unsupported() is None
+        self._completion_token_cost = completion_token_cost(self.model)
+        if self.accelerator.device.type == "cpu":
+            keep_freed_memory()  # activations live in host memory: reuse it rather than fault it in again
+        self.rounds = RoundGenerator(args, self.accelerator, self.tokenizer, self._make_backend(), self.train_dataset,
+                                     self._get_train_sampler, self._server_backend, self.multi_turn,
+                                     pushed_version=lambda: self._synced_version, push_again=self._push_again,
+                                     trainer=self)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            atexit.register(_destroy_process_group)  # for scripts that never call close() (see close)
+            set_timeout(args.ddp_timeout)  # every collective ends (trainer/collectives.py)
+        self._where = "setup"  # what this process is doing, for a failed collective's message
+        self.add_callback(_SyncWeightsCallback(self))
+        if args.sync_ref_model:
+            self.add_callback(_SyncReferenceCallback(self))
+        for f in self.reward_funcs:  # reward models score on the trainer's device, as TRL places them
+            if isinstance(f, RewardModel):
+                f.model.to(self.accelerator.device)
+
+    def _check_inputs(self, args: GRPOConfig, train_dataset, eval_dataset, peft_config) -> None:
+        """Datasets with a 'prompt' column (streams prepared as TRL does), and options that fit the backend."""
+        eval_sets = eval_dataset.items() if isinstance(eval_dataset, dict) else [("eval", eval_dataset)]
+        for name, dataset in [("training", train_dataset), *eval_sets]:
+            columns = getattr(dataset, "column_names", None)  # a stream may not know its columns yet
+            if dataset is not None and columns is not None and "prompt" not in columns:
+                raise ValueError(f"the {name} dataset needs a 'prompt' column (text or chat messages); it has "
+                                 f"{columns}")
+        self._prepare_for_streams(args, train_dataset, [d for _, d in eval_sets])
+        if not args.use_vllm:
+            unknown = TransformersBackend.unknown_kwargs(args.generation_kwargs or {})
+            if unknown:
+                raise ValueError(f"generation_kwargs {unknown}: with use_vllm=False they go to transformers' "
+                                 f"GenerationConfig, which has no such fields (nor are they {TransformersBackend.GENERATION_KWARGS})")
+        if args.sync_ref_model and peft_config is not None:
+            raise NotImplementedError(
+                "sync_ref_model=True with peft_config: with LoRA the reference is the base model with the adapter "
+                "disabled, so there is no reference model to synchronize; use sync_ref_model=False, or a full "
+                "fine-tune for a synced reference")
+
+    def _load_reference(self, args: GRPOConfig, init_kwargs: dict):
+        """The frozen reference for the KL penalty (LoRA has none: the base model, the adapter disabled)."""
+        reference = AutoModelForCausalLM.from_pretrained(self.model_path, **init_kwargs).eval()
+        reference.requires_grad_(False)
+        if args.cast_lm_head_to_fp32:
+            cast_lm_head_to_fp32(reference)
+        return reference
+
+    def _init_run_state(self) -> None:
+        """What the run keeps between micro-steps: metrics, the buffered round, the push and the producer."""
+        self._metrics = defaultdict(list)  # logged means since the last log
+        self._eval_metrics = defaultdict(list)
+        a = self.args
+        self._completions = CompletionTable(self.reward_func_names, a.generation_batch_size * 2,
+                                            a.num_completions_to_print, a.report_to)
+        self._round_seconds = 0.0  # generation + reward time inside the current training_step
+        self._buffered: list[dict] | None = None
+        self._step = 0
+        self._synced_version: int | None = None
+        self._pending_time = defaultdict(float)
+        self._total_tokens = 0
+
+    def _load_policy(self, model, init_kwargs: dict, quantization_config):
+        """The policy from a name or path (the embedded model's names too), or as given; sets model_path."""
+        if not isinstance(model, str):
+            if quantization_config is not None:
+                logger.warning("quantization_config is ignored: the model was given already loaded (as TRL does)")
+            self.model_path = model.config._name_or_path
+            return model
+        from fastgrpo.models import resolve_model
+
+        self.model_path = resolve_model(model)
+        policy_kwargs = dict(init_kwargs)
+        if quantization_config is not None:
+            if "quantization_config" in policy_kwargs:
+                raise ValueError("quantization_config was given both to the trainer and in args.model_init_kwargs: "
+                                 "give it once")
+            policy_kwargs["quantization_config"] = quantization_config
+        return AutoModelForCausalLM.from_pretrained(self.model_path, **policy_kwargs)
+
+    def _add_adapters(self, model, args: GRPOConfig, peft_config):
+        """TRL's peft_config: train these adapters on the (frozen) model."""
         self.lora = None
-        if peft_config is not None:  # TRL's meaning: train these adapters on the (frozen) model
-            from peft import PeftModel, get_peft_model
+        if peft_config is None:
+            return model
+        from peft import PeftModel, get_peft_model
 
-            if isinstance(model, PeftModel):
-                raise ValueError("peft_config was given with a model that already has adapters: pass the base "
-                                 "model, or the PeftModel without peft_config")
-            if args.gradient_checkpointing:
-                model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need grads
-            # The adapters' random initialisation from the run's seed (Trainer seeds only later): the same on
-            # every process, and the same run after run.
-            set_seed(args.seed)
-            model = get_peft_model(model, peft_config)
-            if args.use_vllm:
-                self.lora = LoraSync(model, args.vllm_lora_name or default_adapter_name(args.output_dir))
+        if isinstance(model, PeftModel):
+            raise ValueError("peft_config was given with a model that already has adapters: pass the base "
+                             "model, or the PeftModel without peft_config")
+        if args.gradient_checkpointing:
+            model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need grads
+        # The adapters' random initialisation from the run's seed (Trainer seeds only later): the same on
+        # every process, and the same run after run.
+        set_seed(args.seed)
+        model = get_peft_model(model, peft_config)
+        if args.use_vllm:
+            self.lora = LoraSync(model, args.vllm_lora_name or default_adapter_name(args.output_dir))
+        return model
 
+    def _set_up_multi_turn(self, args: GRPOConfig, train_dataset, eval_dataset, tools, environment_factory,
+                           rollout_func, tool_call_parser):
+        """Tools, environments or a rollout_func (self.multi_turn); returns the training set (an environment
+        may own its data)."""
         self.multi_turn = None
-        if tools or environment_factory is not None or rollout_func is not None:
-            if args.async_generation and rollout_func is not None:
-                raise ValueError("async_generation=True with a rollout_func: the function takes the trainer and "
-                                 "runs when the round is due; set async_generation=False (tools and environments "
-                                 "do run ahead)")
-            self.multi_turn = MultiTurn(processing_class, args, tools, environment_factory, rollout_func,
-                                        tool_call_parser)
-            if train_dataset is None and environment_factory is not None and not isinstance(environment_factory, dict):
-                train_dataset = environment_owned_data(args)
-            self.multi_turn.check_dataset(train_dataset)
-            for name, dataset in eval_dataset.items() if isinstance(eval_dataset, dict) else [("eval", eval_dataset)]:
-                self.multi_turn.check_dataset(dataset, name)
-            if rollout_func is None and isinstance(train_dataset, Dataset) and len(train_dataset) \
-                    and not isinstance(train_dataset[0]["prompt"], list):
-                raise ValueError("tools and environment_factory need conversational prompts (a 'prompt' column of "
-                                 "message lists, [{'role': 'user', 'content': ...}]): the chat template writes each "
-                                 "turn; this dataset's prompts are plain text")
-        elif args.max_tool_calling_iterations is not None:
-            raise ValueError(f"max_tool_calling_iterations={args.max_tool_calling_iterations} limits tool calls, but "
-                             "no tools were given: pass GRPOTrainer(tools=[...]) or leave it None")
+        if not (tools or environment_factory is not None or rollout_func is not None):
+            if args.max_tool_calling_iterations is not None:
+                raise ValueError(f"max_tool_calling_iterations={args.max_tool_calling_iterations} limits tool "
+                                 "calls, but no tools were given: pass GRPOTrainer(tools=[...]) or leave it None")
+            return train_dataset
+        if args.async_generation and rollout_func is not None:
+            raise ValueError("async_generation=True with a rollout_func: the function takes the trainer and "
+                             "runs when the round is due; set async_generation=False (tools and environments "
+                             "do run ahead)")
+        self.multi_turn = MultiTurn(self.tokenizer, args, tools, environment_factory, rollout_func, tool_call_parser)
+        if train_dataset is None and environment_factory is not None and not isinstance(environment_factory, dict):
+            train_dataset = environment_owned_data(args)
+        self.multi_turn.check_dataset(train_dataset)
+        for name, dataset in eval_dataset.items() if isinstance(eval_dataset, dict) else [("eval", eval_dataset)]:
+            self.multi_turn.check_dataset(dataset, name)
+        if rollout_func is None and isinstance(train_dataset, Dataset) and len(train_dataset) \
+                and not isinstance(train_dataset[0]["prompt"], list):
+            raise ValueError("tools and environment_factory need conversational prompts (a 'prompt' column of "
+                             "message lists, [{'role': 'user', 'content': ...}]): the chat template writes each "
+                             "turn; this dataset's prompts are plain text")
+        return train_dataset
+
+    def _set_up_rewards(self, args: GRPOConfig, reward_funcs, reward_processing_classes) -> None:
+        """The reward functions (models loaded), their names and weights, environments' own rewards included."""
         if not reward_funcs and self.multi_turn is not None and self.multi_turn.has_step_environments:
             reward_funcs = [env_reward]  # step environments' own rewards: the sum of their steps'
         reward_init_kwargs = {"trust_remote_code": args.trust_remote_code, **(args.model_init_kwargs or {})}
@@ -219,83 +304,6 @@ class GRPOTrainer(Trainer):
             raise ValueError("No reward source provided. Pass `reward_funcs`, or an `environment_factory` whose "
                              "environment defines a `get_reward` method.")
         self.reward_weights = torch.tensor(weights, dtype=torch.float32)
-        eval_sets = eval_dataset.items() if isinstance(eval_dataset, dict) else [("eval", eval_dataset)]
-        for name, dataset in [("training", train_dataset), *eval_sets]:
-            columns = getattr(dataset, "column_names", None)  # a stream may not know its columns yet
-            if dataset is not None and columns is not None and "prompt" not in columns:
-                raise ValueError(f"the {name} dataset needs a 'prompt' column (text or chat messages); it has "
-                                 f"{columns}")
-        self._prepare_for_streams(args, train_dataset, [d for _, d in eval_sets])
-        if not args.use_vllm:
-            unknown = TransformersBackend.unknown_kwargs(args.generation_kwargs or {})
-            if unknown:
-                raise ValueError(f"generation_kwargs {unknown}: with use_vllm=False they go to transformers' "
-                                 f"GenerationConfig, which has no such fields (nor are they {TransformersBackend.GENERATION_KWARGS})")
-
-        if args.sync_ref_model and peft_config is not None:
-            raise NotImplementedError(
-                "sync_ref_model=True with peft_config: with LoRA the reference is the base model with the adapter "
-                "disabled, so there is no reference model to synchronize; use sync_ref_model=False, or a full "
-                "fine-tune for a synced reference")
-        check_router_loss(model, args.router_aux_loss_coef)
-        if args.cast_lm_head_to_fp32:
-            cast_lm_head_to_fp32(model)
-        self.ref_model = None
-        if args.beta != 0.0 and peft_config is None:  # LoRA: the reference is the base, the adapter disabled
-            self.ref_model = AutoModelForCausalLM.from_pretrained(self.model_path, **init_kwargs).eval()
-            self.ref_model.requires_grad_(False)
-            if args.cast_lm_head_to_fp32:
-                cast_lm_head_to_fp32(self.ref_model)
-        if args.disable_dropout:
-            for module in (model, self.ref_model):
-                if module is not None:
-                    _disable_dropout(module)
-
-        super().__init__(model=model, args=args, data_collator=_identity_collator, train_dataset=train_dataset,
-                         eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
-                         optimizers=optimizers)
-        # We normalise the loss for gradient accumulation ourselves (see compute_loss).
-        self.loss_is_scaled_for_ga = True
-        self.model_accepts_loss_kwargs = False
-        check_layout(self.accelerator, merged_lora=self.lora is not None and not self.lora.adapter_only,
-                     local_multi_turn=self.multi_turn is not None and not args.use_vllm)
-        if self.ref_model is not None:  # sharded like the policy under FSDP2 / ZeRO-3
-            self.ref_model = prepare_reference(self.ref_model, self.accelerator, args.per_device_train_batch_size)
-
-        self._metrics = defaultdict(list)  # logged means since the last log
-        self._eval_metrics = defaultdict(list)
-        self._completion_rows: list[dict] = []  # log_completions: rows since the last log
-        self._round_seconds = 0.0  # generation + reward time inside the current training_step
-        self._buffered: list[dict] | None = None
-        self._step = 0
-        self._synced_version: int | None = None
-        self._producer: RoundProducer | None = None  # async_generation: rounds generated ahead (main process)
-        self._producer_backend: ServerBackend | None = None
-        self._turn_backend: ServerBackend | None = None  # multi-turn episodes on a process that holds no backend
-        self._completion_calls = 0  # generate_completions: seeds apart per call
-        self._regenerated_rounds = 0
-        self._pending_time = defaultdict(float)
-        self._total_tokens = 0
-        self._entropy = AdaptiveEntropy(args.entropy_coef, adaptive=args.use_adaptive_entropy,
-                                        target=args.entropy_target, delta=args.entropy_coef_delta,
-                                        coef_min=args.entropy_coef_min, coef_max=args.entropy_coef_max)
-        # Sharing needs the model's cache in training, which gradient checkpointing switches off.
-        self._share_prompts = args.share_prompt_prefix and not args.gradient_checkpointing
-        self._pack = self._share_prompts and args.padding_free and self._packing_unsupported() is None
-        self._completion_token_cost = completion_token_cost(self.model)
-        if self.accelerator.device.type == "cpu":
-            keep_freed_memory()  # activations live in host memory: reuse it rather than fault it in again
-        self.backend = self._make_backend()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            atexit.register(_destroy_process_group)  # for scripts that never call close() (see close)
-            set_timeout(args.ddp_timeout)  # every collective ends (trainer/collectives.py)
-        self._where = "setup"  # what this process is doing, for a failed collective's message
-        self.add_callback(_SyncWeightsCallback(self))
-        if args.sync_ref_model:
-            self.add_callback(_SyncReferenceCallback(self))
-        for f in self.reward_funcs:  # reward models score on the trainer's device, as TRL places them
-            if isinstance(f, RewardModel):
-                f.model.to(self.accelerator.device)
 
     @staticmethod
     def _prepare_for_streams(args: GRPOConfig, train_dataset, eval_datasets: list) -> None:
@@ -320,116 +328,61 @@ class GRPOTrainer(Trainer):
     # --- generation backends ------------------------------------------------------
 
     def _make_backend(self) -> GenerationBackend | None:
-        a = self.args
+        a, acc = self.args, self.accelerator
         if not a.use_vllm:
-            acc = self.accelerator
             return TransformersBackend(lambda: acc.unwrap_model(self.model), self.tokenizer,
-                                       _stop_token_ids(acc.unwrap_model(self.model), self.tokenizer),
+                                       stop_token_ids(acc.unwrap_model(self.model), self.tokenizer),
                                        synced=sharded(acc),
                                        weights=lambda: generation_weights(self.model, acc, a.ds3_gather_for_generation))
-        if a.vllm_mode == "server":
-            if not self.accelerator.is_main_process:
-                return None  # only the main process talks to the server
-            backend = self._server_backend()
-            if a.async_generation:
-                self._warn_if_sharing_cores(backend)
-            return backend
-        path = self.model_path
-        if path is None or not isinstance(path, str):
-            path = tempfile.mkdtemp(prefix="fastgrpo-colocate-")
-            self.accelerator.unwrap_model(self.model).save_pretrained(path)
-            self.tokenizer.save_pretrained(path)
-        max_len = a.vllm_max_model_length or ((a.max_prompt_length or 1024) + a.max_completion_length)
-        lora_rank = self.lora and self.lora.adapter_only and adapter_config(self.model)["r"]
-        return ColocateBackend(path, a.vllm_gpu_memory_utilization, a.vllm_tensor_parallel_size, max_len,
-                               seed=a.seed + self.accelerator.process_index, bucket_bytes=a.weight_sync_bucket_bytes,
-                               sleep_mode=a.vllm_enable_sleep_mode, lora_rank=lora_rank or None)
+        if a.vllm_mode == "colocate":
+            return colocate_backend(a, acc.unwrap_model(self.model), self.tokenizer, self.model_path,
+                                    acc.process_index, adapter_only=bool(self.lora and self.lora.adapter_only))
+        if not acc.is_main_process:
+            return None  # only the main process talks to the server
+        backend = self._server_backend()
+        if a.async_generation:
+            warn_if_sharing_cores(backend, acc.device.type)
+        return backend
 
     def _server_backend(self) -> ServerBackend:
-        a = self.args
-        return ServerBackend(a.vllm_server_base_url, a.vllm_server_host, a.vllm_server_port, a.vllm_server_timeout,
-                             bucket_bytes=a.weight_sync_bucket_bytes, api_key=a.vllm_server_api_key,
-                             adapter=self.policy_adapter, adapter_owner=run_identity(a.output_dir),
-                             request_timeout=a.vllm_generation_timeout,
-                             nothing_listening=(UNSET_MODE_WAIT_S, UNSET_MODE_HINT) if a.vllm_mode_is_default else None)
+        return server_backend(self.args, self.policy_adapter)
 
     @property
     def policy_adapter(self) -> str | None:
         """The adapter this run's generations use (its own, when only adapters are pushed); None: the base model."""
         return self.lora.name if self.lora is not None and self.lora.adapter_only else None
 
-    def _warn_if_sharing_cores(self, backend: ServerBackend) -> None:
-        """Async rounds overlap generation with training only where each has its own devices: a CPU server
-        on this trainer's cores makes every step slower instead (the demo's steps: 2-3x)."""
-        if self.accelerator.device.type != "cpu":
-            return
-        host = urlparse(backend.client.base_url).hostname
-        if host not in ("127.0.0.1", "localhost", "::1", socket.gethostname()):
-            return
-        shared = cores_shared_with_server(backend.client.info, set(usable_cores()))
-        if shared:
-            logger.warning(
-                "async_generation: the server at %s generates on CPU cores %s, which this trainer runs on too; "
-                "generation and training then compete for those cores and each step gets slower, not faster. "
-                "Give each its own cores (start the server with VLLM_CPU_OMP_THREADS_BIND=<its cores> and the "
-                "trainer under `taskset -c <the others>`), or train synchronously.",
-                backend.client.base_url, ",".join(map(str, sorted(shared))))
-
-    def _server_mode(self) -> bool:
-        return self.args.use_vllm and self.args.vllm_mode == "server"
-
     # --- weight sync ----------------------------------------------------------------
 
     def sync_weights(self) -> None:
-        """Push the current weights if they changed since the last push (every rank calls this).
-
-        Parameters are gathered one at a time from ZeRO-3 / FSDP shards as the sender packs them, so no
-        rank holds a full copy of the model. Gathering is a collective: every rank iterates all of them,
-        also when the push fails, and a failure on any rank is known to every rank.
-
-        A push that fails for a reason that may pass (the connection, a timeout, the server side) is tried
-        again, up to WEIGHT_SYNC_ATTEMPTS times in all: this is how a failed push recovers without a human.
-        Meanwhile the generator refuses to generate (its weights may be mixed), so no completion of an
-        inconsistent generator is ever trained on. A refused push (4xx: bad names, a wrong key) fails at once.
-        """
-        from accelerate.utils import gather_object
-
+        """Push the current weights if they changed since the last push (every rank calls this), tried again
+        on every rank while the failure may pass (weight_sync.push_with_retries)."""
         if isinstance(self.backend, TransformersBackend):
             return
         version = self.state.global_step
         if self._synced_version == version:
             return
         began, self._where = time.perf_counter(), f"the weight push of step {version}"
-        for attempt in range(1, WEIGHT_SYNC_ATTEMPTS + 1):
-            model = self.accelerator.unwrap_model(self.model)
-            failure = None
-            with self._weights_to_push(model) as weights:
-                try:
-                    if weights is None:  # LoRA: the adapter alone, gathered on every rank where it is sharded
-                        with gathered_adapter(model, self.accelerator):
-                            tensors = full_tensors(adapter_tensors(model))
-                        if self.backend is not None:
-                            self.backend.sync_adapter(self.lora.name, tensors, adapter_config(model), version)
-                    elif self.backend is not None:
-                        self.backend.sync_weights(weights, version)
-                except Exception as exc:
-                    failure = (f"{type(exc).__name__}: {exc}", _may_pass(exc))
-                    logger.error("weight sync of step %d failed on process %d (attempt %d of %d): %s", version,
-                                 self.accelerator.process_index, attempt, WEIGHT_SYNC_ATTEMPTS, failure[0])
-                finally:
-                    if weights is not None:
-                        weights.drain()
-            failures = [f for f in gather_object([failure]) if f is not None]
-            if not failures:
-                break
-            if attempt == WEIGHT_SYNC_ATTEMPTS or not all(may_pass for _, may_pass in failures):
-                tried = f" after {attempt} attempts" if attempt > 1 else ""
-                raise WeightSyncError(f"pushing the weights of step {version} to the generator failed{tried}: "
-                                      f"{failures[0][0]}")
+        push_with_retries(lambda: self._push_once(version), version, self.accelerator.process_index)
         self._synced_version = version
-        if self._producer is not None:
-            self._producer.pushed(version)
+        self.rounds.pushed(version)
         self._pending_time["time/weight_sync"] += time.perf_counter() - began
+
+    def _push_once(self, version: int) -> None:
+        """One attempt: every rank gathers every parameter (a collective), also when its own send failed."""
+        model = self.accelerator.unwrap_model(self.model)
+        with self._weights_to_push(model) as weights:
+            try:
+                if weights is None:  # LoRA: the adapter alone, gathered on every rank where it is sharded
+                    with gathered_adapter(model, self.accelerator):
+                        tensors = full_tensors(adapter_tensors(model))
+                    if self.backend is not None:
+                        self.backend.sync_adapter(self.lora.name, tensors, adapter_config(model), version)
+                elif self.backend is not None:
+                    self.backend.sync_weights(weights, version)
+            finally:
+                if weights is not None:
+                    weights.drain()
 
     @contextlib.contextmanager
     def _weights_to_push(self, model):
@@ -480,200 +433,15 @@ class GRPOTrainer(Trainer):
 
     # --- one generation round -----------------------------------------------------
 
-    def _prompt_ids(self, prompts, tokenizer=None) -> list[list[int]]:
-        tokenizer = tokenizer or self.tokenizer
-        conversational = isinstance(prompts[0], list)
-        ids = []
-        for prompt in prompts:
-            if conversational:
-                row = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
-                                                         return_dict=True,
-                                                         **(self.args.chat_template_kwargs or {}))["input_ids"]
-            else:
-                row = tokenizer(prompt)["input_ids"]
-            ids.append(self.args.check_prompt_length(list(row)))
-        return ids
-
-    def _sampling(self, n: int) -> Sampling:
-        a = self.args
-        return Sampling(n=n, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p or 0.0,
-                        repetition_penalty=a.repetition_penalty, max_tokens=a.max_completion_length,
-                        extra=tuple(sorted((a.generation_kwargs or {}).items())))
-
-    def _generate(self, prompt_ids: list[list[int]], num_generations: int, round_index: int, evaluating: bool,
-                  restarts: int = 0):
-        """Completions of this process's rows, in row order: (token ids, sampler logprobs or None, whether each
-        ended on a stop condition, weights version, each completion's staleness or None when the round was
-        generated now). Each prompt of the round samples with its own seed."""
-        from accelerate.utils import broadcast_object_list, gather_object
-
-        from fastgrpo.client import ServerRestarted
-
-        a, acc = self.args, self.accelerator
-        if not self._server_mode():
-            rows = len(prompt_ids)
-            seeds = prompt_seeds(a.seed, round_index, rows * acc.num_processes)
-            seeds = seeds[acc.process_index * rows : (acc.process_index + 1) * rows]
-            with acc.autocast():  # transformers generation runs in the training precision (bf16 if set)
-                comps = self.backend.generate(prompt_ids, self._sampling(1), seeds)
-            ids = [c[0] for c in comps.token_ids]
-            lps = [c[0] for c in comps.logprobs] if comps.logprobs is not None else None
-            return ids, lps, [s[0] for s in comps.stopped], comps.weight_version, None
-        everyone = gather_object(prompt_ids)
-        payload = [None, None, None, None, None]
-        if acc.is_main_process:
-            groups = [everyone[i : i + num_generations] for i in range(0, len(everyone), num_generations)]
-            if any(any(row != group[0] for row in group) for group in groups):
-                raise RuntimeError("a generation batch is not made of whole groups of identical prompts; this is "
-                                   "a sampler bug: please report it with your GRPOConfig")
-            unique, behind = [g[0] for g in groups], None
-            try:
-                if a.async_generation and not evaluating:
-                    comps, behind = self._take_round(unique, round_index)
-                else:
-                    comps = self.backend.generate(unique, self._sampling(num_generations),
-                                                  prompt_seeds(a.seed, round_index, len(groups)))
-                payload = [[c for group in comps.token_ids for c in group],
-                           [lp for group in comps.logprobs for lp in group],
-                           [s for group in comps.stopped for s in group], comps.weight_version, behind]
-            except ServerRestarted as exc:  # every process pushes again (a collective), then this generates again
-                if restarts >= 2 or (a.async_generation and not evaluating):
-                    raise
-                payload = [SERVER_RESTARTED, str(exc), None, None, None]
-        broadcast_object_list(payload, from_process=0)
-        if payload[0] == SERVER_RESTARTED:
-            logger.warning("%s; pushing this run's weights to it again, then generating round %d again", payload[1],
-                           round_index)
-            self._synced_version = None
-            self.sync_weights()
-            return self._generate(prompt_ids, num_generations, round_index, evaluating, restarts + 1)
-        start = acc.process_index * len(prompt_ids)
-        rows = slice(start, start + len(prompt_ids))
-        return payload[0][rows], payload[1][rows], payload[2][rows], payload[3], payload[4]
-
-    def _take_round(self, prompt_ids: list[list[int]], round_index: int):
-        """async_generation: round `round_index` from the producer (started here at the first round), and
-        each completion's staleness. A round with other prompts than the trainer's (the look-ahead missed) or a
-        completion older than vllm_max_weight_staleness is generated again now, and counted."""
-        a = self.args
-        sampling, bound = self._sampling(a.num_generations), a.vllm_max_weight_staleness
-        if self._producer is None:
-            # Its own HTTP client and tokenizer: a Rust tokenizer used from two threads at once can fail.
-            sampler, backend = self._get_train_sampler(), self._server_backend()
-            tokenizer, every = copy.deepcopy(self.tokenizer), a.steps_per_generation * a.num_iterations
-            self._producer_backend = backend
-
-            def prompts_of(r: int) -> list[list[int]]:
-                return self._prompt_ids([self.train_dataset[i]["prompt"] for i in sampler.batch_prompts(r)], tokenizer)
-
-            self._producer = RoundProducer(
-                prompts_of=prompts_of,
-                generate=lambda ids, r: backend.generate(ids, sampling, prompt_seeds(a.seed, r, len(ids))),
-                trained_at=lambda r: first_step(r, every, a.gradient_accumulation_steps),
-                start=round_index, max_staleness=bound, recoverable=generation_may_pass)
-            self._producer.pushed(self._synced_version)
-        generated = self._producer.take(round_index)
-        self._metrics["async/generation_seconds"].append(generated.seconds)
-        trained = self._synced_version
-        if generated.recoverable:
-            why = f"its generation failed ({generated.error}), and the push since landed"
-        elif generated.prompt_ids != prompt_ids:
-            why = "its prompts are not this round's (the look-ahead over the dataset missed)"
-        elif too_stale(firsts := [v[0] for group in generated.completions.weight_versions for v in group], trained,
-                       bound):
-            why = (f"completions were generated by weights up to {max(staleness(firsts, trained))} steps older "
-                   f"than the trainer's (step {trained}), beyond vllm_max_weight_staleness={bound}")
-        else:
-            return generated.completions, staleness(firsts, trained)
-        logger.warning("round %d generated ahead is not trained on: %s; generating it again now", round_index, why)
-        self._regenerated_rounds += 1
-        comps = self.backend.generate(prompt_ids, sampling, prompt_seeds(a.seed, round_index, len(prompt_ids)))
-        return comps, staleness([v[0] for group in comps.weight_versions for v in group], trained)
-
-    # --- multi-turn rounds --------------------------------------------------------
-
-    def _multi_turn_round(self, prompts: list, inputs: list[dict], round_index: int, evaluating: bool):
-        """This process's rows as episodes (tools, environments) or through the rollout_func, and each episode's
-        staleness (None when the round was generated now)."""
-        if self.args.async_generation and not evaluating:
-            return self._take_multi_turn_round(prompts, inputs, round_index)
-        from accelerate.utils import gather_object
-
-        rollout = self._run_multi_turn(self.multi_turn, inputs, round_index, self._generator())
-        # Episodes (or agents) on weights the trainer did not push: every rank checks every rank's versions, so all
-        # raise together (one rank alone would leave the others waiting in the next collective).
-        versions = sorted(set(rollout.first_versions or []))
-        if self.accelerator.num_processes > 1:
-            versions = sorted({v for rank in gather_object([versions]) for v in rank})
-        for version in versions:
-            self._check_version(version)
-        return rollout, None
-
-    def _run_multi_turn(self, multi_turn: MultiTurn, inputs: list[dict], round_index: int,
-                        backend: GenerationBackend) -> RoundRollout:
-        """Turn k of this process's row i samples with a seed of (run seed, round, the row's place in the whole
-        round, k): the same whether the round is generated now or ahead."""
-        a, acc = self.args, self.accelerator
-        rows = [{k: v for k, v in x.items() if k != "prompt"} for x in inputs]
-        first_row = acc.process_index * len(inputs)
-        generate = turn_generator(backend, self._sampling(1))
-        context = acc.autocast() if isinstance(backend, TransformersBackend) else contextlib.nullcontext()
-        with context:
-            return multi_turn.run(self, [x["prompt"] for x in inputs], rows, generate,
-                                  lambda i, turn: derived_seed(a.seed, round_index, first_row + i, turn))
-
-    def _take_multi_turn_round(self, prompts: list, inputs: list[dict], round_index: int):
-        """async_generation with tools or environments: every process runs its own rows' episodes ahead, in a
-        thread with its own client (and tokenizer), within vllm_max_weight_staleness as single turns do; a round
-        whose rows are not this round's, or whose episodes ran on weights beyond the bound, is run again now."""
-        a, acc = self.args, self.accelerator
-        bound, rows_per_round = a.vllm_max_weight_staleness, len(inputs)
-        if self._producer is None:
-            sampler, backend = self._get_train_sampler(), self._server_backend()
-            multi_turn, every = self.multi_turn.with_tokenizer(copy.deepcopy(self.tokenizer)), \
-                a.steps_per_generation * a.num_iterations
-            self._producer_backend = backend
-
-            def rows_of(r: int) -> list[dict]:  # this process's share of round r, as _generate deals it
-                indices = [i for i in sampler.batch_prompts(r) for _ in range(a.num_generations)]
-                start = acc.process_index * rows_per_round
-                return [self.train_dataset[i] for i in indices[start : start + rows_per_round]]
-
-            self._producer = RoundProducer(
-                prompts_of=rows_of, generate=lambda rows, r: self._run_multi_turn(multi_turn, rows, r, backend),
-                trained_at=lambda r: first_step(r, every, a.gradient_accumulation_steps),
-                start=round_index, max_staleness=bound, recoverable=generation_may_pass)
-            self._producer.pushed(self._synced_version)
-        generated = self._producer.take(round_index)
-        self._metrics["async/generation_seconds"].append(generated.seconds)
-        trained, rollout = self._synced_version, generated.completions
-        firsts = (rollout.first_versions if rollout is not None else None) or []
-        if generated.recoverable:
-            why = f"its episodes failed ({generated.error}), and the push since landed"
-        elif [x["prompt"] for x in generated.prompt_ids] != prompts:
-            why = "its rows are not this round's (the look-ahead over the dataset missed)"
-        elif len(firsts) != len(prompts) or too_stale(firsts, trained, bound):
-            why = (f"episodes ran on weights up to {max(staleness(firsts, trained), default='?')} steps older than "
-                   f"the trainer's (step {trained}), beyond vllm_max_weight_staleness={bound}")
-        else:
-            return rollout, staleness(firsts, trained)
-        logger.warning("round %d generated ahead is not trained on: %s; running it again now", round_index, why)
-        self._regenerated_rounds += 1
-        rollout = self._run_multi_turn(self.multi_turn, inputs, round_index, self._generator())
-        return rollout, staleness(rollout.first_versions or [trained] * len(prompts), trained)
-
-    def _generator(self) -> GenerationBackend:
-        """This process's generator; in server mode a process other than the main one gets a client of its own."""
-        if self.backend is not None:
-            return self.backend
-        if self._turn_backend is None:
-            self._turn_backend = self._server_backend()
-        return self._turn_backend
+    @property
+    def backend(self) -> GenerationBackend | None:
+        """This process's generator (None on the processes of a server-mode run that do not talk to it)."""
+        return self.rounds.backend
 
     @property
     def vllm_client(self):
         """This process's client of the generation server (server mode), e.g. for a rollout_func."""
-        generator = self._generator()
+        generator = self.rounds.generator()
         if not isinstance(generator, ServerBackend):
             raise ValueError("this needs the generation server: use_vllm=True, vllm_mode='server'")
         return generator.client
@@ -681,56 +449,11 @@ class GRPOTrainer(Trainer):
     def generate_completions(self, prompt_ids: list[list[int]], max_tokens: int | list[int] | None = None) -> list[dict]:
         """For a rollout_func: one completion of each prompt (token ids) with the run's sampling settings, as
         {"completion_ids", "logprobs" (the generator's; None without vLLM), "stopped"} per prompt."""
-        a, acc = self.args, self.accelerator
-        caps = [max_tokens] * len(prompt_ids) if isinstance(max_tokens, int) else max_tokens
-        self._completion_calls += 1
-        seeds = [derived_seed(a.seed, COMPLETION_SEEDS, self._completion_calls, acc.process_index, i)
-                 for i in range(len(prompt_ids))]
-        context = acc.autocast() if isinstance(self.backend, TransformersBackend) else contextlib.nullcontext()
-        with context:
-            turns = turn_generator(self._generator(), self._sampling(1))(
-                prompt_ids, caps or [a.max_completion_length] * len(prompt_ids), seeds)
-        return [{"completion_ids": t.token_ids, "logprobs": t.logprobs, "stopped": t.stopped} for t in turns]
+        return self.rounds.generate_completions(prompt_ids, max_tokens)
 
-    def _log_multi_turn(self, metrics, rollout: RoundRollout) -> None:
-        """Per-episode means over every process's rows (TRL's tools/call_frequency and tools/failure_frequency)."""
-        acc, device = self.accelerator, self.accelerator.device
-        totals = {k: acc.gather(torch.tensor(v, device=device, dtype=torch.float32)).cpu()
-                  for k, v in rollout.per_row.items()}
-        if "multi_turn/turns" in totals:
-            metrics["multi_turn/turns_mean"].append(totals["multi_turn/turns"].mean().item())
-            metrics["multi_turn/turns_max"].append(totals["multi_turn/turns"].max().item())
-            metrics["multi_turn/step_timeouts"].append(totals["multi_turn/step_timeouts"].sum().item())
-        generated, env = totals["completions/generated_tokens"], totals["completions/env_tokens"]
-        metrics["completions/generated_tokens_mean"].append(generated.mean().item())
-        metrics["completions/env_tokens_mean"].append(env.mean().item())
-        metrics["completions/generated_fraction"].append((generated.sum() / (generated.sum() + env.sum()).clamp(
-            min=1)).item())
-        if "tools/calls" in totals:
-            calls, failures = totals["tools/calls"].sum().item(), totals["tools/failures"].sum().item()
-            metrics["tools/call_frequency"].append(totals["tools/calls"].mean().item())
-            metrics["tools/failure_frequency"].append(failures / calls if calls else 0.0)
-            metrics["tools/failures_per_episode"].append(totals["tools/failures"].mean().item())
-            for key, values in totals.items():
-                if key.startswith("tools/failures/"):
-                    metrics[key].append(values.mean().item())
-
-    def _stop_producer(self) -> None:
-        if self._producer is not None:
-            self._producer.close()
-            self._producer_backend.close()
-            self._producer = self._producer_backend = None
-
-    def _check_version(self, version: int | None) -> None:
-        if version is None or self._synced_version is None:
-            return
-        lag = self._synced_version - version
-        if lag < 0 or lag > self.args.vllm_max_weight_staleness:
-            raise StaleGenerationError(
-                f"the generator used weights version {version}, but the trainer pushed version "
-                f"{self._synced_version} (optimizer step {self.state.global_step}). Another trainer may be pushing "
-                "to the same server, or a push was lost. Use one server per run, or allow off-policy data with "
-                "vllm_max_weight_staleness.")
+    def _push_again(self) -> None:
+        self._synced_version = None
+        self.sync_weights()
 
     @torch.no_grad()
     def _generate_and_score(self, inputs: list[dict], round_index: int, evaluating: bool = False) -> list[dict]:
@@ -738,73 +461,79 @@ class GRPOTrainer(Trainer):
 
         Evaluating, it only generates and scores (one micro-batch, no old or reference logprobs), and logs
         under the eval metrics."""
-        a, acc, device = self.args, self.accelerator, self.accelerator.device
+        a, acc = self.args, self.accelerator
         metrics = self._eval_metrics if evaluating else self._metrics
-        num_generations = (a.num_generations_eval or a.num_generations) if evaluating else a.num_generations
         prompts = [x["prompt"] for x in inputs]
-        conversational = isinstance(prompts[0], list)
-
         began = time.perf_counter()
-        rollout = None
-        if self.multi_turn is not None:
-            rollout, behind = self._multi_turn_round(prompts, inputs, round_index, evaluating)
-            prompt_ids, completion_ids, sampling_logps = rollout.prompt_ids, rollout.completion_ids, rollout.sampling_logps
-            terminated, version = rollout.stopped, rollout.weight_version
-        else:
-            prompt_ids = self._prompt_ids(prompts)
-            completion_ids, sampling_logps, terminated, version, behind = self._generate(
-                prompt_ids, num_generations, round_index, evaluating)
+        generated = self.rounds.generate(prompts, inputs, round_index, evaluating)
         generate_s = time.perf_counter() - began
-        self._check_version(version)
+        self.rounds.check_version(generated.weight_version)
 
-        texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-        if rollout is not None:
-            completions = rollout.completions
-        else:
-            completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
-
+        texts = self.tokenizer.batch_decode(generated.completion_ids, skip_special_tokens=True)
         began = time.perf_counter()
-        columns = {k: [x[k] for x in inputs] for k in inputs[0] if k != "prompt"}
-        if rollout is not None:
-            clash = set(columns) & set(rollout.reward_columns)
-            if clash:
-                raise ValueError(f"dataset columns {sorted(clash)} clash with what multi-turn rollouts pass to the "
-                                 "reward functions: rename the columns")
-            columns.update(rollout.reward_columns)
         logged = RewardLogs()
-        local_rewards = compute_rewards(self.reward_funcs, prompts, completions, completion_ids, columns,
-                                        trainer_state=self.state, log_extra=logged.extra, log_metric=logged.metric)
-        all_rewards = acc.gather(local_rewards.to(device)).float().cpu()
-        total, per_func = weighted_rewards(all_rewards, self.reward_weights)
-        if a.multi_objective_aggregation == "normalize_then_sum":
-            advantages, stats = normalize_then_sum_advantages(all_rewards, self.reward_weights, num_generations)
-        else:
-            advantages, stats = group_advantages(total, num_generations, a.scale_rewards)
+        all_rewards, advantages, stats, per_func = self._score(prompts, inputs, generated, texts, logged, evaluating)
         reward_s = time.perf_counter() - began
         start = acc.process_index * len(inputs)
-        local_advantages = advantages[start : start + len(inputs)]
-
-        # Batch tensors: prompts left-padded, completions right-padded.
-        pad = self.tokenizer.pad_token_id
-        prompt_mask = pad_rows([[1] * len(p) for p in prompt_ids], 0, left=True)
-        completion_attention = pad_rows([[1] * len(c) for c in completion_ids], 0)
-        # The loss covers the model's own tokens: all of a single turn, never a tool's or an environment's.
-        completion_mask = completion_attention.clone() if rollout is None else pad_rows(rollout.completion_mask, 0)
-        if a.mask_truncated_completions:
-            completion_mask[~torch.tensor(terminated, dtype=torch.bool)] = 0
-        batch = {"prompt_ids": pad_rows(prompt_ids, pad, left=True), "prompt_mask": prompt_mask,
-                 "completion_ids": pad_rows(completion_ids, pad), "completion_attention": completion_attention,
-                 "completion_mask": completion_mask, "advantages": local_advantages}
+        batch = round_tensors(generated, advantages[start : start + len(inputs)], self.tokenizer.pad_token_id,
+                              a.mask_truncated_completions)
+        sampling_logps = generated.sampling_logps
         if sampling_logps is not None and a.vllm_importance_sampling_correction and not evaluating:
             batch["sampling_logps"] = pad_rows(sampling_logps, 0.0).float()
         elif a.async_generation and not evaluating:
             # Generated ahead, by older weights: without the sampler correction, the ratio's denominator is
             # the sampler's own logprobs, never the trainer's current ones (a ratio of 1 for stale data).
             batch["old_logps"] = pad_rows(sampling_logps, 0.0).float()
+        micro = self._micro_batches(batch, round_index, evaluating)
 
+        self._round_metrics(metrics, generated, batch, stats, per_func, generate_s, reward_s, evaluating)
+        self._round_seconds += generate_s + reward_s
+        if not evaluating:
+            for key, value in self._pending_time.items():
+                metrics[key].append(value)
+            self._pending_time.clear()
+        extra_columns = flush_reward_logs(acc, logged, metrics, len(prompts), with_columns=a.log_completions)
+        if a.log_completions:
+            self._completions.add(acc, self.state.global_step, prompts, texts, all_rewards, advantages, evaluating,
+                                  extra_columns)
+        return micro
+
+    def _score(self, prompts: list, inputs: list[dict], generated: Generated, texts: list[str], logged: "RewardLogs",
+               evaluating: bool):
+        """Every process's rewards [rows, functions], the advantages of every row, and their statistics."""
+        a, acc = self.args, self.accelerator
+        episodes = generated.episodes
+        if episodes is not None:
+            completions = episodes.completions
+        elif isinstance(prompts[0], list):  # conversational
+            completions = [[{"role": "assistant", "content": t}] for t in texts]
+        else:
+            completions = texts
+        columns = {k: [x[k] for x in inputs] for k in inputs[0] if k != "prompt"}
+        if episodes is not None:
+            clash = set(columns) & set(episodes.reward_columns)
+            if clash:
+                raise ValueError(f"dataset columns {sorted(clash)} clash with what multi-turn rollouts pass to the "
+                                 "reward functions: rename the columns")
+            columns.update(episodes.reward_columns)
+        local_rewards = compute_rewards(self.reward_funcs, prompts, completions, generated.completion_ids, columns,
+                                        trainer_state=self.state, log_extra=logged.extra, log_metric=logged.metric)
+        all_rewards = acc.gather(local_rewards.to(acc.device)).float().cpu()
+        total, per_func = weighted_rewards(all_rewards, self.reward_weights)
+        num_generations = (a.num_generations_eval or a.num_generations) if evaluating else a.num_generations
+        if a.multi_objective_aggregation == "normalize_then_sum":
+            advantages, stats = normalize_then_sum_advantages(all_rewards, self.reward_weights, num_generations)
+        else:
+            advantages, stats = group_advantages(total, num_generations, a.scale_rewards)
+        return all_rewards, advantages, stats, per_func
+
+    def _micro_batches(self, batch: dict, round_index: int, evaluating: bool) -> list[dict]:
+        """The round cut into micro-batches, with the old policy's and the reference's logprobs where needed."""
+        a, acc = self.args, self.accelerator
         if evaluating:  # one micro-batch, every row, normalised by its own tokens on every process
-            tokens = acc.gather(completion_mask.sum().reshape(1).to(device)).sum().float().cpu()
-            micro = [{**pad_to_multiple(batch, a.pad_to_multiple_of, pad), "num_items_in_batch": tokens}]
+            tokens = acc.gather(batch["completion_mask"].sum().reshape(1).to(acc.device)).sum().float().cpu()
+            micro = [{**pad_to_multiple(batch, a.pad_to_multiple_of, self.tokenizer.pad_token_id),
+                      "num_items_in_batch": tokens}]
         else:
             micro = self._split_round(batch, round_index)
         # A round that serves later optimizer steps (or several iterations) trains them off-policy: their
@@ -815,68 +544,45 @@ class GRPOTrainer(Trainer):
                 m["old_logps"] = self._per_token_logps(self.model, m)
             if a.beta != 0.0:
                 m["ref_logps"] = self._reference_logps(m)
+        return micro
 
-        # Metrics, TRL's names.
-        lengths = acc.gather(torch.tensor([len(c) for c in completion_ids], device=device)).cpu()
+    def _round_metrics(self, metrics, generated: Generated, batch: dict, stats: dict, per_func: dict,
+                       generate_s: float, reward_s: float, evaluating: bool) -> None:
+        """TRL's round metrics over every process: tokens, rewards, lengths, times, and the async staleness."""
+        acc, device = self.accelerator, self.accelerator.device
+        lengths = acc.gather(torch.tensor([len(c) for c in generated.completion_ids], device=device)).cpu()
         round_tokens = int(acc.gather(torch.tensor(
-            [prompt_mask.sum().item() + completion_attention.sum().item()], device=device)).sum().item())
+            [batch["prompt_mask"].sum().item() + batch["completion_attention"].sum().item()], device=device)
+        ).sum().item())
         if not evaluating:
             self._total_tokens += round_tokens
             metrics["num_tokens"].append(self._total_tokens)
-        metrics["reward"].append(stats["reward"].item())
-        metrics["reward_std"].append(stats["reward_std"].item())
-        metrics["frac_reward_zero_std"].append(stats["frac_reward_zero_std"].item())
+        for name in ("reward", "reward_std", "frac_reward_zero_std"):
+            metrics[name].append(stats[name].item())
         for i, name in enumerate(self.reward_func_names):
             metrics[f"rewards/{name}/mean"].append(per_func["mean"][i].item())
             metrics[f"rewards/{name}/std"].append(per_func["std"][i].item())
-        all_terminated = acc.gather(torch.tensor(terminated, device=device)).cpu().bool()
-        metrics["completions/mean_length"].append(lengths.float().mean().item())
-        metrics["completions/min_length"].append(lengths.min().item())
-        metrics["completions/max_length"].append(lengths.max().item())
-        metrics["completions/clipped_ratio"].append(1.0 - all_terminated.float().mean().item())
-        done = lengths[all_terminated]
-        metrics["completions/mean_terminated_length"].append(done.float().mean().item() if len(done) else 0.0)
-        metrics["completions/min_terminated_length"].append(done.min().item() if len(done) else 0.0)
-        metrics["completions/max_terminated_length"].append(done.max().item() if len(done) else 0.0)
+        terminated = acc.gather(torch.tensor(generated.terminated, device=device)).cpu().bool()
+        for name, value in length_metrics(lengths, terminated).items():
+            metrics[name].append(value)
         metrics["time/generate"].append(generate_s)
         metrics["time/reward"].append(reward_s)
-        self._round_seconds += generate_s + reward_s
-        if rollout is None:
+        if generated.episodes is None:
             metrics["generate/tokens_per_second"].append(lengths.sum().item() / max(generate_s, 1e-9))
         else:  # the model's tokens only, not the tool results and messages between its turns
-            generated = acc.gather(completion_mask.sum().reshape(1).to(device)).sum().item()
-            metrics["generate/tokens_per_second"].append(generated / max(generate_s, 1e-9))
-            self._log_multi_turn(metrics, rollout)
+            tokens = acc.gather(batch["completion_mask"].sum().reshape(1).to(device)).sum().item()
+            metrics["generate/tokens_per_second"].append(tokens / max(generate_s, 1e-9))
+            totals = {k: acc.gather(torch.tensor(v, device=device, dtype=torch.float32)).cpu()
+                      for k, v in generated.episodes.per_row.items()}
+            for name, value in episode_metrics(totals).items():
+                metrics[name].append(value)
+        behind = generated.staleness
         if behind is not None:
             metrics["async/staleness_mean"].append(sum(behind) / len(behind))
             metrics["async/staleness_max"].append(max(behind))
-            metrics["async/regenerated_rounds"].append(self._regenerated_rounds)
-        if not evaluating:
-            for key, value in self._pending_time.items():
-                metrics[key].append(value)
-            self._pending_time.clear()
-        extra_columns = self._flush_reward_logs(logged, metrics, len(prompts))
-        if a.log_completions:
-            self._log_completions(prompts, texts, all_rewards, advantages, evaluating, extra_columns)
-        return micro
-
-    def _flush_reward_logs(self, logged: "RewardLogs", metrics, rows: int) -> dict[str, list]:
-        """What reward functions logged this round, over every process: log_metric values averaged into the
-        metrics, log_extra columns gathered for the completions table. The names are agreed first, in one
-        order, so every process issues the same gathers whatever its own functions logged."""
-        from accelerate.utils import gather_object
-
-        acc = self.accelerator
-        names = sorted({n for rank in gather_object([sorted(logged.metrics)]) for n in rank})
-        for name in names:
-            values = logged.metrics.get(name, [])
-            totals = acc.gather(torch.tensor([[sum(values), len(values)]], dtype=torch.float64,
-                                             device=acc.device)).sum(0)
-            metrics[name].append((totals[0] / totals[1].clamp(min=1)).item())
-        if not self.args.log_completions:  # the columns go to the completions table only
-            return {}
-        columns = sorted({c for rank in gather_object([sorted(logged.columns)]) for c in rank})
-        return {c: gather_object(list(logged.columns.get(c, [None] * rows))) for c in columns}
+            metrics["async/regenerated_rounds"].append(self.rounds.regenerated)
+        if generated.ahead_seconds is not None:
+            metrics["async/generation_seconds"].append(generated.ahead_seconds)
 
     def _split_round(self, batch: dict, round_index: int) -> list[dict]:
         """The round's micro-batches in training order, each with its optimizer step's token count.
@@ -925,31 +631,6 @@ class GRPOTrainer(Trainer):
         return 8
 
     # --- completions, evaluation, checkpoints ------------------------------------
-
-    def _log_completions(self, prompts, texts, all_rewards, advantages, evaluating: bool,
-                         extra_columns: dict[str, list]) -> None:
-        """Keep this round's rows (all processes) for the next log: step, prompt, completion, rewards, advantage."""
-        from accelerate.utils import gather_object
-
-        from fastgrpo.trainer.rewards import completion_text
-
-        prompts = gather_object([completion_text(p[-1]) if isinstance(p, list) else p for p in prompts])
-        texts = gather_object(list(texts))
-        if not self.accelerator.is_main_process:
-            return
-        for i, (prompt, text) in enumerate(zip(prompts, texts)):
-            row = {"step": self.state.global_step, "prompt": prompt, "completion": text}
-            row.update({name: all_rewards[i, f].item() for f, name in enumerate(self.reward_func_names)})
-            row["advantage"] = advantages[i].item()
-            row.update({column: values[i] if i < len(values) else None for column, values in extra_columns.items()})
-            if evaluating:
-                row["split"] = "eval"
-            self._completion_rows.append(row)
-        del self._completion_rows[: -self.args.generation_batch_size * 2]  # at most two rounds' worth
-
-    def _report_completions(self) -> None:
-        rows, self._completion_rows = self._completion_rows, []
-        report_completions(rows, self.reward_func_names, self.args.num_completions_to_print, self.args.report_to)
 
     def get_eval_dataloader(self, eval_dataset=None):
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
@@ -1141,22 +822,12 @@ class GRPOTrainer(Trainer):
         entropy_mask = None
         if a.top_entropy_quantile < 1.0:
             entropy_mask = self.get_high_entropy_mask(entropy.detach(), mask, 1.0 - a.top_entropy_quantile)
-        old_logps = inputs.get("old_logps")
-        loss, metrics = grpo_loss(
-            logps, None if old_logps is None else old_logps.to(device), inputs["advantages"].to(device), mask,
-            loss_type=a.loss_type, epsilon_low=a.epsilon, epsilon_high=a.effective_epsilon_high, delta=a.delta,
-            importance_sampling_level=a.importance_sampling_level, sapo_temperature_pos=a.sapo_temperature_pos,
-            sapo_temperature_neg=a.sapo_temperature_neg, beta=a.beta,
-            ref_per_token_logps=inputs["ref_logps"].to(device) if "ref_logps" in inputs else None,
-            max_completion_length=a.max_completion_length, num_items_in_batch=inputs["num_items_in_batch"].item(),
-            num_processes=acc.num_processes,
-            sampling_per_token_logps=inputs["sampling_logps"].to(device) if "sampling_logps" in inputs else None,
-            vllm_is_mode=a.vllm_importance_sampling_mode, vllm_is_clip_min=a.vllm_importance_sampling_clip_min,
-            vllm_is_clip_max=a.vllm_importance_sampling_clip_max, off_policy_mask_threshold=a.off_policy_mask_threshold,
-            entropy_mask=entropy_mask, vespo_k_pos=a.vespo_k_pos, vespo_lambda_pos=a.vespo_lambda_pos,
-            vespo_k_neg=a.vespo_k_neg, vespo_lambda_neg=a.vespo_lambda_neg,
-            use_bias_correction_kl=a.use_bias_correction_kl,
-        )
+        old_logps, ref_logps, sampling_logps = (inputs[k].to(device) if k in inputs else None
+                                                for k in ("old_logps", "ref_logps", "sampling_logps"))
+        loss, metrics = grpo_loss(self._loss_spec, logps, old_logps, inputs["advantages"].to(device), mask,
+                                  ref_per_token_logps=ref_logps, sampling_per_token_logps=sampling_logps,
+                                  entropy_mask=entropy_mask, num_items_in_batch=inputs["num_items_in_batch"].item(),
+                                  num_processes=acc.num_processes)
         accumulation = getattr(self, "current_gradient_accumulation_steps", a.gradient_accumulation_steps) \
             if training else 1
         if a.loss_type not in GLOBALLY_NORMALISED:  # their normaliser already spans the step's micro-batches
@@ -1249,8 +920,8 @@ class GRPOTrainer(Trainer):
             steps = max(1, len(micro_steps) // self.args.gradient_accumulation_steps)
             averaged["time/train"] = sum(micro_steps) / steps
         self._metrics.clear()
-        if self._completion_rows and self.accelerator.is_main_process:
-            self._report_completions()
+        if self.accelerator.is_main_process:
+            self._completions.report()
         super().log({**logs, **averaged}, start_time)
 
     def close(self) -> None:
@@ -1260,53 +931,10 @@ class GRPOTrainer(Trainer):
         shutdown can abort the process: gloo's worker threads outlive the interpreter (torch, seen here as
         "terminate called without an active exception" on the rank that finished first, failing the launch).
         """
-        self._stop_producer()
-        if self.backend is not None:
-            self.backend.close()
-            self.backend = None
-        if self._turn_backend is not None:
-            self._turn_backend.close()
-            self._turn_backend = None
+        self.rounds.close()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             self.accelerator.wait_for_everyone()  # no rank tears the group down under another's collective
             self.accelerator.end_training()
-
-
-class RewardLogs:
-    """What reward functions log through TRL's `log_extra(column, values)` and `log_metric(name, value)` kwargs."""
-
-    def __init__(self):
-        self.columns: dict[str, list] = defaultdict(list)
-        self.metrics: dict[str, list[float]] = defaultdict(list)
-
-    def extra(self, column: str, values: list) -> None:
-        self.columns[column].extend(values)
-
-    def metric(self, name: str, value: float) -> None:
-        self.metrics[name].append(float(value))
-
-
-def generation_may_pass(exc: Exception) -> bool:
-    """Whether a generation that failed may succeed once the next push lands: the server refused it because a push
-    that failed half-way left its weights mixed (the trainer pushes again, and retries a failed push)."""
-    from fastgrpo.client import ServerError
-
-    while exc is not None:
-        if isinstance(exc, ServerError):
-            return exc.status == 503 and exc.type == "weights_inconsistent"
-        exc = exc.__cause__
-    return False
-
-
-def _may_pass(exc: Exception) -> bool:
-    """Whether trying a failed push again can help: not when the generator refused it (a 4xx answer)."""
-    from fastgrpo.client import ServerError
-
-    while exc is not None:
-        if isinstance(exc, ServerError):
-            return exc.status >= 500
-        exc = exc.__cause__
-    return True
 
 
 @torch.no_grad()
@@ -1384,13 +1012,3 @@ def _disable_dropout(model) -> None:
             module.attention_dropout = 0.0
     if isinstance(getattr(model.config, "attention_dropout", None), float):
         model.config.attention_dropout = 0.0
-
-
-def _stop_token_ids(model, tokenizer) -> list[int]:
-    """The ids that end a completion: the generation config's EOS ids (chat models often have several,
-    such as <|im_end|> and <|endoftext|>) and the tokenizer's."""
-    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids = [] if ids is None else ([ids] if isinstance(ids, int) else list(ids))
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids

@@ -16,6 +16,7 @@ in the docstring.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -652,42 +653,176 @@ def get_gamma_weights(
     return torch.exp(log_phi).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
 
 
+@dataclass(frozen=True)
+class LossSpec:
+    """The policy loss's settings: which loss, its clip range, its penalties and its corrections.
+
+    GRPOConfig's fields of the same meaning (`LossSpec.from_config`); checked once, when built.
+    epsilon_high None means epsilon_low (a symmetric clip)."""
+
+    loss_type: str
+    epsilon_low: float = 0.2
+    epsilon_high: float | None = None
+    delta: float | None = None  # caps the unclipped branch (two-sided clipping)
+    importance_sampling_level: str = "token"
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
+    beta: float = 0.0  # the KL penalty's weight
+    use_bias_correction_kl: bool = False
+    max_completion_length: int | None = None  # dr_grpo's constant normaliser
+    vllm_is_mode: str = "sequence_mask"
+    vllm_is_clip_min: float | None = None
+    vllm_is_clip_max: float | None = 3.0
+    off_policy_mask_threshold: float | None = None
+
+    def __post_init__(self):
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        if self.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+            raise ValueError(f"importance_sampling_level must be one of {IMPORTANCE_SAMPLING_LEVELS}, "
+                             f"got {self.importance_sampling_level!r}")
+        if self.epsilon_high is None:
+            object.__setattr__(self, "epsilon_high", self.epsilon_low)
+        if self.epsilon_low < 0 or self.epsilon_high < 0:
+            raise ValueError(f"epsilon_low and epsilon_high must be >= 0, got {self.epsilon_low} and "
+                             f"{self.epsilon_high}")
+        if self.delta is not None and self.delta <= 1 + self.epsilon_high:
+            raise ValueError(f"delta={self.delta} caps the ratio above the clip range, so it must exceed "
+                             f"1 + epsilon_high = {1 + self.epsilon_high}")
+        if self.sapo_temperature_pos <= 0 or self.sapo_temperature_neg <= 0:
+            raise ValueError("sapo temperatures must be > 0")
+        if self.loss_type == "dr_grpo" and (self.max_completion_length is None or self.max_completion_length < 1):
+            raise ValueError(f"loss_type='dr_grpo' divides by batch * max_completion_length: pass "
+                             f"max_completion_length (a positive int), got {self.max_completion_length}")
+
+    @classmethod
+    def from_config(cls, args) -> "LossSpec":
+        """From a GRPOConfig (TRL's field names)."""
+        return cls(
+            loss_type=args.loss_type, epsilon_low=args.epsilon, epsilon_high=args.effective_epsilon_high,
+            delta=args.delta, importance_sampling_level=args.importance_sampling_level,
+            sapo_temperature_pos=args.sapo_temperature_pos, sapo_temperature_neg=args.sapo_temperature_neg,
+            vespo_k_pos=args.vespo_k_pos, vespo_lambda_pos=args.vespo_lambda_pos, vespo_k_neg=args.vespo_k_neg,
+            vespo_lambda_neg=args.vespo_lambda_neg, beta=args.beta, use_bias_correction_kl=args.use_bias_correction_kl,
+            max_completion_length=args.max_completion_length, vllm_is_mode=args.vllm_importance_sampling_mode,
+            vllm_is_clip_min=args.vllm_importance_sampling_clip_min,
+            vllm_is_clip_max=args.vllm_importance_sampling_clip_max,
+            off_policy_mask_threshold=args.off_policy_mask_threshold)
+
+
+def policy_term(spec: LossSpec, logps: Tensor, old_logps: Tensor, advantage: Tensor, mask: Tensor,
+                is_weights: Tensor | None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """The per-token policy loss of spec.loss_type (see grpo_loss), before masks: (loss [B, T], ratio [B, T]
+    or [B, 1], metrics). logps and old_logps are 0 on padding; advantage is [B, 1]."""
+    metrics: dict[str, Tensor] = {}
+    token_log_ratio = logps - old_logps
+    log_ratio = token_log_ratio
+    if spec.importance_sampling_level == "sequence":
+        log_ratio = _sequence_mean(log_ratio, mask)  # [B, 1]: every token of a completion shares it
+    ratio = torch.exp(log_ratio)
+    if spec.loss_type == "cispo":
+        weight = ratio.clamp(max=spec.epsilon_high).detach()
+        per_token_loss = -weight * advantage * logps
+        cispo_clipped = ((ratio.detach() > spec.epsilon_high) & (advantage > 0)).expand_as(logps)
+        metrics["cispo_clip_ratio"] = masked_mean(cispo_clipped.to(logps.dtype), mask)
+    elif spec.loss_type == "sapo":
+        temperature = torch.where(advantage > 0, advantage.new_tensor(spec.sapo_temperature_pos),
+                                  advantage.new_tensor(spec.sapo_temperature_neg))
+        per_token_loss = -torch.sigmoid(temperature * (ratio - 1)) * 4 / temperature * advantage
+    elif spec.loss_type == "vespo":
+        # Padding's weight is 1 (log 0), whatever the clip range makes of the ratio 1 there.
+        folded = None if is_weights is None else torch.where(mask, is_weights, 1.0)
+        phi = get_gamma_weights(advantage, token_log_ratio, mask, folded, spec.vespo_k_pos, spec.vespo_lambda_pos,
+                                spec.vespo_k_neg, spec.vespo_lambda_neg)
+        per_token_loss = -phi * advantage * logps
+        metrics["vespo/phi_seq_mean"] = phi.mean()
+    else:  # grpo, bnpo, dr_grpo, dapo, luspo
+        clipped_ratio = ratio.clamp(1 - spec.epsilon_low, 1 + spec.epsilon_high)
+        capped = ratio if spec.delta is None else ratio.clamp(max=spec.delta)
+        per_token_loss = -torch.min(capped * advantage, clipped_ratio * advantage)
+    return per_token_loss.expand_as(logps), ratio, metrics
+
+
+def kl_penalty(ref_logps: Tensor, logps: Tensor, ratio: Tensor, bias_correction: bool) -> Tensor:
+    """The k3 estimator of KL(policy || reference) per token, exp(ref - logp) - (ref - logp) - 1; times the
+    ratio with bias_correction (DeepSeek-V3.2's unbiased estimator). ref_logps is 0 on padding."""
+    ref_minus_logp = ref_logps - logps
+    kl = torch.exp(ref_minus_logp) - ref_minus_logp - 1
+    return kl * ratio if bias_correction else kl
+
+
+def aggregate(loss_type: str, masked_loss: Tensor, mask_float: Tensor, max_completion_length: int | None,
+              num_items_in_batch: int | Tensor | None, num_processes: int) -> Tensor:
+    """The scalar loss from the masked per-token loss [B, T], by loss_type's normaliser (see grpo_loss)."""
+    if loss_type in ("grpo", "sapo"):
+        return (masked_loss.sum(dim=1) / mask_float.sum(dim=1).clamp(min=1)).mean()
+    if loss_type == "luspo":
+        return masked_loss.sum(dim=1).mean()
+    if loss_type == "bnpo":
+        return masked_loss.sum() / mask_float.sum().clamp(min=1)
+    if loss_type == "dr_grpo":
+        return masked_loss.sum() / (masked_loss.shape[0] * max_completion_length)
+    # dapo, cispo, vespo
+    global_tokens = mask_float.sum() if num_items_in_batch is None else num_items_in_batch
+    global_tokens = torch.as_tensor(global_tokens, dtype=masked_loss.dtype, device=masked_loss.device).clamp(min=1)
+    return masked_loss.sum() / (global_tokens / num_processes)
+
+
+def clip_metrics(ratio: Tensor, advantage: Tensor, mask: Tensor, epsilon_low: float,
+                 epsilon_high: float) -> dict[str, Tensor]:
+    """Which tokens the clip bound (only in the direction the advantage pushes), on the unclipped ratio, as
+    TRL measures it."""
+    ratio = ratio.detach().expand_as(mask)
+    low = (ratio < 1 - epsilon_low) & (advantage < 0)
+    high = (ratio > 1 + epsilon_high) & (advantage > 0)
+    dtype = ratio.dtype
+    return {"clip_ratio/low_mean": masked_mean(low.to(dtype), mask),
+            "clip_ratio/high_mean": masked_mean(high.to(dtype), mask),
+            "clip_ratio/region_mean": masked_mean((low | high).to(dtype), mask)}
+
+
+def _check_shapes(spec: LossSpec, per_token_logps: Tensor, advantages: Tensor, **others: Tensor | None) -> None:
+    if per_token_logps.dim() != 2:
+        raise ValueError(
+            f"per_token_logps must have shape [batch, completion_tokens], got {tuple(per_token_logps.shape)}")
+    for name, other in others.items():
+        if other is not None and other.shape != per_token_logps.shape:
+            raise ValueError(f"{name} must have the shape of per_token_logps {tuple(per_token_logps.shape)}, "
+                             f"got {tuple(other.shape)}")
+    batch_size = per_token_logps.shape[0]
+    if advantages.shape != (batch_size,):
+        raise ValueError(f"advantages must have shape [batch] = ({batch_size},), got {tuple(advantages.shape)}")
+    if spec.beta != 0.0 and others.get("ref_per_token_logps") is None:
+        raise ValueError("beta != 0 adds a KL penalty to the reference model: pass ref_per_token_logps")
+    if spec.loss_type == "vespo" and others.get("sampling_per_token_logps") is not None \
+            and not spec.vllm_is_mode.startswith("token"):
+        raise ValueError(f"loss_type='vespo' folds per-token importance weights into its sequence weight: "
+                         f"vllm_is_mode must be 'token_truncate' or 'token_mask', got {spec.vllm_is_mode!r}")
+
+
 def grpo_loss(
+    spec: LossSpec,
     per_token_logps: Tensor,
     old_per_token_logps: Tensor | None,
     advantages: Tensor,
     completion_mask: Tensor,
     *,
-    loss_type: str,
-    epsilon_low: float = 0.2,
-    epsilon_high: float | None = None,
-    delta: float | None = None,
-    importance_sampling_level: str = "token",
-    sapo_temperature_pos: float = 1.0,
-    sapo_temperature_neg: float = 1.05,
-    vespo_k_pos: float = 2.0,
-    vespo_lambda_pos: float = 3.0,
-    vespo_k_neg: float = 3.0,
-    vespo_lambda_neg: float = 2.0,
-    beta: float = 0.0,
     ref_per_token_logps: Tensor | None = None,
-    use_bias_correction_kl: bool = False,
-    max_completion_length: int | None = None,
+    sampling_per_token_logps: Tensor | None = None,
+    entropy_mask: Tensor | None = None,
     num_items_in_batch: int | Tensor | None = None,
     num_processes: int = 1,
-    sampling_per_token_logps: Tensor | None = None,
-    vllm_is_mode: str = "sequence_mask",
-    vllm_is_clip_min: float | None = None,
-    vllm_is_clip_max: float | None = 3.0,
-    off_policy_mask_threshold: float | None = None,
-    entropy_mask: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """GRPO's policy loss and its variants, with optional KL penalty, masks and IS correction.
 
     The ratio r = exp(logp - old_logp): per token, or (importance_sampling_level="sequence", GSPO)
     one per completion, exp of the mean of its tokens' log-ratios. old_per_token_logps None means
     the round is on-policy: old = logp.detach(), so r == 1 in value but carries logp's gradient.
-    With A the completion's advantage, the per-token loss is
+    With A the completion's advantage, the per-token loss (policy_term) is
     - grpo, bnpo, dr_grpo, dapo, luspo: -min(min(r, delta) * A, clip(r, 1 - epsilon_low, 1 + epsilon_high) * A)
       (delta, when given, caps the unclipped branch: two-sided clipping);
     - cispo: -min(r, epsilon_high).detach() * A * logp (the clipped weight, not the ratio, is held);
@@ -704,11 +839,10 @@ def grpo_loss(
     - the vLLM importance weights of vllm_importance_weights (mode vllm_is_mode) when
       sampling_per_token_logps is given, except for vespo, which folds them into w instead (log
       space, summed over the completion's tokens; vespo needs a token_* mode, as in TRL);
-    and the KL term beta * (exp(ref - logp) - (ref - logp) - 1), the k3 estimator, is added;
-    use_bias_correction_kl multiplies that KL by r first (differentiable, token or sequence level as
-    r is: DeepSeek-V3.2's unbiased estimator; it changes the gradient even on-policy, where r == 1).
+    and the KL term beta * kl_penalty is added; use_bias_correction_kl multiplies that KL by r first
+    (differentiable, token or sequence level as r is; it changes the gradient even on-policy, where r == 1).
 
-    Aggregation over the completion tokens (completion_mask[B, T]):
+    Aggregation over the completion tokens (completion_mask[B, T], see aggregate):
     - "grpo", "sapo": mean over each sequence's tokens, then mean over sequences;
     - "luspo": sum over each sequence's tokens, then mean over sequences (longer completions weigh more);
     - "bnpo": sum / number of tokens in this (local) batch;
@@ -726,51 +860,11 @@ def grpo_loss(
     kl (after the bias correction, as TRL) when beta != 0; and the sampling/* metrics of
     vllm_importance_weights.
     """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-    if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
-        raise ValueError(f"importance_sampling_level must be one of {IMPORTANCE_SAMPLING_LEVELS}, "
-                         f"got {importance_sampling_level!r}")
-    if epsilon_high is None:
-        epsilon_high = epsilon_low
-    if epsilon_low < 0 or epsilon_high < 0:
-        raise ValueError(f"epsilon_low and epsilon_high must be >= 0, got {epsilon_low} and {epsilon_high}")
-    if delta is not None and delta <= 1 + epsilon_high:
-        raise ValueError(f"delta={delta} caps the ratio above the clip range, so it must exceed 1 + epsilon_high "
-                         f"= {1 + epsilon_high}")
-    if sapo_temperature_pos <= 0 or sapo_temperature_neg <= 0:
-        raise ValueError("sapo temperatures must be > 0")
-    if loss_type == "vespo" and sampling_per_token_logps is not None and not vllm_is_mode.startswith("token"):
-        raise ValueError(f"loss_type='vespo' folds per-token importance weights into its sequence weight: "
-                         f"vllm_is_mode must be 'token_truncate' or 'token_mask', got {vllm_is_mode!r}")
-    if per_token_logps.dim() != 2:
-        raise ValueError(
-            f"per_token_logps must have shape [batch, completion_tokens], got {tuple(per_token_logps.shape)}"
-        )
-    batch_size = per_token_logps.shape[0]
-    for name, other in (("completion_mask", completion_mask), ("old_per_token_logps", old_per_token_logps),
-                        ("entropy_mask", entropy_mask)):
-        if other is not None and other.shape != per_token_logps.shape:
-            raise ValueError(f"{name} must have the shape of per_token_logps {tuple(per_token_logps.shape)}, "
-                             f"got {tuple(other.shape)}")
-    if advantages.shape != (batch_size,):
-        raise ValueError(f"advantages must have shape [batch] = ({batch_size},), got {tuple(advantages.shape)}")
-    if beta != 0.0:
-        if ref_per_token_logps is None:
-            raise ValueError("beta != 0 adds a KL penalty to the reference model: pass ref_per_token_logps")
-        if ref_per_token_logps.shape != per_token_logps.shape:
-            raise ValueError(
-                f"ref_per_token_logps must have the shape of per_token_logps {tuple(per_token_logps.shape)}, "
-                f"got {tuple(ref_per_token_logps.shape)}"
-            )
-    if loss_type == "dr_grpo" and (max_completion_length is None or max_completion_length < 1):
-        raise ValueError(
-            f"loss_type='dr_grpo' divides by batch * max_completion_length: pass max_completion_length "
-            f"(a positive int), got {max_completion_length}"
-        )
+    _check_shapes(spec, per_token_logps, advantages, completion_mask=completion_mask,
+                  old_per_token_logps=old_per_token_logps, entropy_mask=entropy_mask,
+                  ref_per_token_logps=ref_per_token_logps, sampling_per_token_logps=sampling_per_token_logps)
     if num_processes < 1:
         raise ValueError(f"num_processes must be >= 1, got {num_processes}")
-
     mask = completion_mask.bool()
     mask_float = mask.to(per_token_logps.dtype)
     # Padded positions may hold anything (even inf); replace them before exp so
@@ -782,77 +876,28 @@ def grpo_loss(
     metrics: dict[str, Tensor] = {}
     is_weights = None
     if sampling_per_token_logps is not None:
-        is_weights, is_metrics = vllm_importance_weights(
-            old_logps, sampling_per_token_logps, mask, vllm_is_mode, vllm_is_clip_min, vllm_is_clip_max
-        )
+        is_weights, is_metrics = vllm_importance_weights(old_logps, sampling_per_token_logps, mask, spec.vllm_is_mode,
+                                                         spec.vllm_is_clip_min, spec.vllm_is_clip_max)
         metrics.update(is_metrics)
+    per_token_loss, ratio, policy_metrics = policy_term(spec, logps, old_logps, advantage, mask, is_weights)
+    metrics.update(policy_metrics)
 
-    token_log_ratio = logps - old_logps
-    log_ratio = token_log_ratio
-    if importance_sampling_level == "sequence":
-        log_ratio = _sequence_mean(log_ratio, mask)  # [B, 1]: every token of a completion shares it
-    ratio = torch.exp(log_ratio)
-    if loss_type == "cispo":
-        weight = ratio.clamp(max=epsilon_high).detach()
-        per_token_loss = -weight * advantage * logps
-        cispo_clipped = ((ratio.detach() > epsilon_high) & (advantage > 0)).expand_as(logps)
-        metrics["cispo_clip_ratio"] = masked_mean(cispo_clipped.to(logps.dtype), mask)
-    elif loss_type == "sapo":
-        temperature = torch.where(advantage > 0, advantage.new_tensor(sapo_temperature_pos),
-                                  advantage.new_tensor(sapo_temperature_neg))
-        per_token_loss = -torch.sigmoid(temperature * (ratio - 1)) * 4 / temperature * advantage
-    elif loss_type == "vespo":
-        # Padding's weight is 1 (log 0), whatever the clip range makes of the ratio 1 there.
-        folded = None if is_weights is None else torch.where(mask, is_weights, 1.0)
-        phi = get_gamma_weights(advantage, token_log_ratio, mask, folded, vespo_k_pos, vespo_lambda_pos,
-                                vespo_k_neg, vespo_lambda_neg)
-        per_token_loss = -phi * advantage * logps
-        metrics["vespo/phi_seq_mean"] = phi.mean()
-    else:  # grpo, bnpo, dr_grpo, dapo, luspo
-        clipped_ratio = ratio.clamp(1 - epsilon_low, 1 + epsilon_high)
-        capped = ratio if delta is None else ratio.clamp(max=delta)
-        per_token_loss = -torch.min(capped * advantage, clipped_ratio * advantage)
-    per_token_loss = per_token_loss.expand_as(logps)
-
-    if off_policy_mask_threshold is not None:
+    if spec.off_policy_mask_threshold is not None:
         behaviour = old_logps if sampling_per_token_logps is None else torch.where(mask, sampling_per_token_logps, 0.0)
-        keep = get_off_policy_mask(advantage, logps, behaviour.detach(), mask_float, off_policy_mask_threshold)
-        per_token_loss = per_token_loss * keep
+        per_token_loss = per_token_loss * get_off_policy_mask(advantage, logps, behaviour.detach(), mask_float,
+                                                              spec.off_policy_mask_threshold)
     if entropy_mask is not None:
         per_token_loss = per_token_loss * entropy_mask.to(logps.dtype)
-    if is_weights is not None and loss_type != "vespo":
+    if is_weights is not None and spec.loss_type != "vespo":
         per_token_loss = per_token_loss * is_weights
-
-    if beta != 0.0:
-        ref_minus_logp = torch.where(mask, ref_per_token_logps, 0.0) - logps
-        per_token_kl = torch.exp(ref_minus_logp) - ref_minus_logp - 1
-        if use_bias_correction_kl:
-            per_token_kl = per_token_kl * ratio
-        per_token_loss = per_token_loss + beta * per_token_kl
+    if spec.beta != 0.0:
+        per_token_kl = kl_penalty(torch.where(mask, ref_per_token_logps, 0.0), logps, ratio,
+                                  spec.use_bias_correction_kl)
+        per_token_loss = per_token_loss + spec.beta * per_token_kl
         metrics["kl"] = masked_mean(per_token_kl.detach().expand_as(logps), mask)
 
-    masked_loss = per_token_loss * mask_float
-    if loss_type in ("grpo", "sapo"):
-        tokens_per_sequence = mask_float.sum(dim=1).clamp(min=1)
-        loss = (masked_loss.sum(dim=1) / tokens_per_sequence).mean()
-    elif loss_type == "luspo":
-        loss = masked_loss.sum(dim=1).mean()
-    elif loss_type == "bnpo":
-        loss = masked_loss.sum() / mask_float.sum().clamp(min=1)
-    elif loss_type == "dr_grpo":
-        loss = masked_loss.sum() / (batch_size * max_completion_length)
-    else:  # dapo, cispo, vespo
-        global_tokens = mask_float.sum() if num_items_in_batch is None else num_items_in_batch
-        global_tokens = torch.as_tensor(global_tokens, dtype=logps.dtype, device=logps.device).clamp(min=1)
-        loss = masked_loss.sum() / (global_tokens / num_processes)
-
-    if loss_type != "vespo":
-        # Which tokens the clip actually bound (it binds only in the direction the
-        # advantage pushes): measured on the unclipped ratio, as TRL does.
-        ratio = ratio.detach().expand_as(logps)
-        is_low_clipped = (ratio < 1 - epsilon_low) & (advantage < 0)
-        is_high_clipped = (ratio > 1 + epsilon_high) & (advantage > 0)
-        metrics["clip_ratio/low_mean"] = masked_mean(is_low_clipped.to(logps.dtype), mask)
-        metrics["clip_ratio/high_mean"] = masked_mean(is_high_clipped.to(logps.dtype), mask)
-        metrics["clip_ratio/region_mean"] = masked_mean((is_low_clipped | is_high_clipped).to(logps.dtype), mask)
+    loss = aggregate(spec.loss_type, per_token_loss * mask_float, mask_float, spec.max_completion_length,
+                     num_items_in_batch, num_processes)
+    if spec.loss_type != "vespo":
+        metrics.update(clip_metrics(ratio, advantage, mask, spec.epsilon_low, spec.epsilon_high))
     return loss, metrics

@@ -32,6 +32,14 @@ def check_layout(accelerator, merged_lora: bool, local_multi_turn: bool) -> None
     different collectives."""
     from accelerate.utils import DistributedType
 
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and accelerator.num_processes == 1:
+        # accelerate sets up a CPU process alone unless use_cpu is set: each would train its own copy of the run
+        # and push to the same server, which refuses the second pusher with a message that hides the cause.
+        raise ValueError(f"this process was launched as one of {launched} (WORLD_SIZE={launched}), but accelerate "
+                         "set it up as a run of its own: the processes would not train together. On a machine "
+                         "without GPUs set GRPOConfig(use_cpu=True), so that accelerate joins them over gloo; on "
+                         "GPUs, check that every process sees one")
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" \
             and accelerator.distributed_type != DistributedType.FSDP:
         # accelerate enables FSDP only on GPUs: on CPUs it trains with DDP instead, and transformers has already
