@@ -73,8 +73,8 @@ save_strategy: "no"
 lr_scheduler_type: constant
 logging_steps: 1
 """)
-    result = subprocess.run([sys.executable, "-m", "fastgrpo.cli", "grpo", "--config", str(spec), "learning_rate=1e-4"],
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, "-m", "fastgrpo.cli", "grpo", "--config", str(spec),
+                             "--learning_rate", "1e-4"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["learning_rate"] == pytest.approx(1e-4)  # the command-line override won

@@ -3,7 +3,8 @@
 Each subcommand lives in its own module exposing `add_parser(subparsers)`, which
 registers the parser and sets `func` (called with the parsed args, returns an
 exit code). Modules are imported lazily by name so that `fastgrpo --help` does
-not pay for importing vLLM or torch.
+not pay for importing vLLM or torch. A subcommand that sets `takes_argv` parses
+its own arguments: it gets them, as given, in `args.argv`.
 """
 
 import argparse
@@ -35,7 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if getattr(args, "takes_argv", False):
+        args.argv = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command is None:
         parser.print_help()
         return 0

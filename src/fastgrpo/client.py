@@ -4,18 +4,27 @@ Control messages go over HTTP (httpx); weights go over a collective (gloo for
 CPU tensors, NCCL for CUDA tensors) in packed buckets, never one request per
 tensor and never pickled; or, for a server on the trainer's own GPU, as CUDA IPC
 handles in the update request (transfer/ipc.py). Only requests that cannot have
-changed server state are retried (connection refused, health polling).
+changed server state are retried (connection refused, health polling), with tenacity.
 """
 
 import logging
 import socket
-import time
 from urllib.parse import urlparse
 
 import httpx
+from tenacity import (
+    RetryError,
+    Retrying,
+    retry_if_exception,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_fixed,
+    wait_incrementing,
+)
 
-from fastgrpo.serve.launcher import free_port
-from fastgrpo.serve.protocol import GenerateResponse, RolloutRecording
+from fastgrpo.net import free_port
+from fastgrpo.protocol import GenerateResponse, RolloutRecording
 from fastgrpo.transfer import (
     DEFAULT_BUCKET_BYTES,
     WeightControl,
@@ -29,6 +38,9 @@ from fastgrpo.transfer.adapters import ADAPTER_OWNER_HEADER
 from fastgrpo.transfer.packing import check_bucket_bytes
 
 log = logging.getLogger("fastgrpo.client")
+
+CONNECT_ATTEMPTS = 3  # a refused connection: tried again after 0.5 s, then 1 s
+HEALTH_POLL_S = 1.0
 
 
 class ServerError(RuntimeError):
@@ -46,6 +58,18 @@ class ServerUnavailable(ConnectionError):
 class ServerRestarted(RuntimeError):
     """The server that answered is not the process this client pushed its weights to (it restarted): its
     weights are its checkpoint's, so the trainer pushes again before generating."""
+
+
+class _NotReady(Exception):
+    """A /health poll that found no serving server; `listening`: something accepted the connection."""
+
+    def __init__(self, last: str, listening: bool):
+        super().__init__(last)
+        self.listening = listening
+
+
+def _group_closed(exc: BaseException) -> bool:
+    return isinstance(exc, ServerError) and exc.type == "group_closed"
 
 
 def _address_seen_by(host: str, port: int) -> str:
@@ -96,32 +120,31 @@ class VLLMClient:
     # --- plumbing -------------------------------------------------------------
 
     def _send(self, method: str, path: str, retry_connect: bool = True, **kwargs) -> httpx.Response:
-        """One request; every network failure becomes an error that names the server and what to check."""
-        attempts = 3 if retry_connect else 1
-        for attempt in range(attempts):
-            try:
-                return self.http.request(method, path, **kwargs)
-            except httpx.ConnectError as exc:  # nothing reached the server: safe to retry
-                if attempt == attempts - 1:
-                    raise ServerUnavailable(
-                        f"cannot connect to the fastgrpo server at {self.base_url}: {exc}. Check that "
-                        "`fastgrpo vllm-serve` is running, the host and port, and any firewall between here "
-                        "and there."
-                    ) from exc
-                time.sleep(0.5 * (attempt + 1))
-            except httpx.TimeoutException as exc:
-                waited = kwargs.get("timeout") or self.http.timeout.read
-                raise TimeoutError(f"{method} {path} to {self.base_url} got no answer within "
-                                   f"{waited:g} s ({exc}): the server may be overloaded or frozen, or the "
-                                   "request too large for that; raise GRPOConfig.vllm_generation_timeout "
-                                   "(VLLMClient's request_timeout)") from exc
-            except httpx.TransportError as exc:  # the connection broke mid-request: the server may have died
-                raise ServerUnavailable(
-                    f"the connection to the fastgrpo server at {self.base_url} broke during {method} {path} "
-                    f"({type(exc).__name__}: {exc}). Check that `fastgrpo vllm-serve` is still running and read "
-                    "its log: a crashed or killed server ends connections this way."
-                ) from exc
-        raise AssertionError("unreachable")
+        """One request; every network failure becomes an error that names the server and what to check. A refused
+        connection (nothing reached the server) is tried again where `retry_connect`."""
+        retrying = Retrying(retry=retry_if_exception_type(httpx.ConnectError), reraise=True,
+                            stop=stop_after_attempt(CONNECT_ATTEMPTS if retry_connect else 1),
+                            wait=wait_incrementing(start=0.5, increment=0.5))
+        try:
+            return retrying(self.http.request, method, path, **kwargs)
+        except httpx.ConnectError as exc:
+            raise ServerUnavailable(
+                f"cannot connect to the fastgrpo server at {self.base_url}: {exc}. Check that "
+                "`fastgrpo vllm-serve` is running, the host and port, and any firewall between here "
+                "and there."
+            ) from exc
+        except httpx.TimeoutException as exc:
+            waited = kwargs.get("timeout") or self.http.timeout.read
+            raise TimeoutError(f"{method} {path} to {self.base_url} got no answer within "
+                               f"{waited:g} s ({exc}): the server may be overloaded or frozen, or the "
+                               "request too large for that; raise GRPOConfig.vllm_generation_timeout "
+                               "(VLLMClient's request_timeout)") from exc
+        except httpx.TransportError as exc:  # the connection broke mid-request: the server may have died
+            raise ServerUnavailable(
+                f"the connection to the fastgrpo server at {self.base_url} broke during {method} {path} "
+                f"({type(exc).__name__}: {exc}). Check that `fastgrpo vllm-serve` is still running and read "
+                "its log: a crashed or killed server ends connections this way."
+            ) from exc
 
     def _request(self, method: str, path: str, retry_connect: bool = True, **kwargs) -> dict:
         response = self._send(method, path, retry_connect, **kwargs)
@@ -145,36 +168,51 @@ class VLLMClient:
         A `degraded` server (weights left mixed by a failed push) is usable: a push is what makes mixed
         weights whole again, so it is returned with a warning rather than waited out.
         """
-        began = time.monotonic()
-        deadline, last, listening = began + timeout, "no answer", False
-        while True:
-            try:
-                response = self.http.get("/health", timeout=10.0)
-                listening = True
-                if response.status_code == 200 and "weight_transfer_backend" not in response.text:
-                    self._refuse_stock_vllm()
-                body = response.json()
-                if response.status_code == 200:
-                    return body
-                last = f"status {body.get('status')!r}"
-                if body.get("status") == "degraded":
-                    log.warning("the server at %s is degraded: weights left mixed by a failed push (push the whole "
-                                "model)", self.base_url)
-                    return body
-                if body.get("status") == "failed":
-                    raise ServerError(503, "failed", f"the server at {self.base_url} failed: {body}")
-            except (httpx.ConnectError, httpx.TimeoutException, ValueError) as exc:
-                last = f"{type(exc).__name__}: {exc}"
-                listening = listening or not isinstance(exc, httpx.ConnectError)
-            if nothing_listening and not listening and time.monotonic() - began > nothing_listening[0]:
-                raise ServerUnavailable(f"nothing listens at {self.base_url} ({last}): {nothing_listening[1]}")
-            if time.monotonic() > deadline:
-                raise ServerUnavailable(
-                    f"the fastgrpo server at {self.base_url} was not ready within {timeout:.0f} s (last: {last}). "
-                    "Check that `fastgrpo vllm-serve` is running there, the host/port, firewalls, and its log; "
-                    "the client and server should run the same fastgrpo version."
-                )
-            time.sleep(1.0)
+        listening, gave_up_early = False, False
+
+        def nothing_listens(state) -> bool:
+            nonlocal listening, gave_up_early
+            listening = listening or state.outcome.exception().listening
+            gave_up_early = (nothing_listening is not None and not listening
+                             and state.seconds_since_start > nothing_listening[0])
+            return gave_up_early
+
+        retrying = Retrying(retry=retry_if_exception_type(_NotReady), wait=wait_fixed(HEALTH_POLL_S),
+                            stop=stop_after_delay(timeout) | nothing_listens)
+        try:
+            return retrying(self._poll_health)
+        except RetryError as exc:
+            last = exc.last_attempt.exception()
+            if gave_up_early:
+                hint = nothing_listening[1]
+                raise ServerUnavailable(f"nothing listens at {self.base_url} ({last}): {hint}") from last
+            raise ServerUnavailable(
+                f"the fastgrpo server at {self.base_url} was not ready within {timeout:.0f} s (last: {last}). "
+                "Check that `fastgrpo vllm-serve` is running there, the host/port, firewalls, and its log; "
+                "the client and server should run the same fastgrpo version."
+            ) from last
+
+    def _poll_health(self) -> dict:
+        """One /health poll: the body of a serving (or degraded) server; _NotReady while none serves yet."""
+        try:
+            response = self.http.get("/health", timeout=10.0)
+        except (httpx.ConnectError, httpx.TimeoutException) as exc:
+            raise _NotReady(f"{type(exc).__name__}: {exc}", not isinstance(exc, httpx.ConnectError)) from exc
+        if response.status_code == 200 and "weight_transfer_backend" not in response.text:
+            self._refuse_stock_vllm()
+        try:
+            body = response.json()
+        except ValueError as exc:
+            raise _NotReady(f"{type(exc).__name__}: {exc}", True) from exc
+        if response.status_code == 200:
+            return body
+        if body.get("status") == "degraded":
+            log.warning("the server at %s is degraded: weights left mixed by a failed push (push the whole "
+                        "model)", self.base_url)
+            return body
+        if body.get("status") == "failed":
+            raise ServerError(503, "failed", f"the server at {self.base_url} failed: {body}")
+        raise _NotReady(f"status {body.get('status')!r}", True)
 
     def _refuse_stock_vllm(self) -> None:
         """A server whose /health is not ours: a stock `vllm serve` (it answers 200 with no body) is named."""
@@ -289,33 +327,29 @@ class VLLMClient:
 
         Floating tensors travel in the server's dtype (half the bytes of float32 for bfloat16).
         """
-        import torch
-
         weights = as_weights(weights)
         if not len(weights):
             raise ValueError("update_weights got no tensors")
         backend = self._backend_for(weights.device.type)
-        for attempt in range(2):
-            if self.sender is None or self.sender.backend != backend:
-                self.close_weight_transfer()
-                self.init_weight_transfer(backend)
-            metas = weights.metas(getattr(torch, self.info["dtype"]))
-            try:
-                result = push_weights(_ServerControl(self, weight_version), self.sender, metas, iter(weights),
-                                      self.weight_transfer_timeout)
-                self.pushed_instance = self.info["instance"]  # the server process that holds these weights
-                return result["weight_version"]
-            except ServerError as exc:
-                self.close_weight_transfer()
-                # The server closed our group (a restart, a failed push it cleaned up after): reopen it and
-                # push again.
-                if exc.type == "group_closed" and attempt == 0:
-                    continue
-                raise
-            except WeightTransferError:
-                self.close_weight_transfer()
-                raise
-        raise AssertionError("unreachable")
+        # The server closed our group (a restart, a failed push it cleaned up after): reopen it and push again.
+        retrying = Retrying(retry=retry_if_exception(_group_closed), stop=stop_after_attempt(2), reraise=True)
+        return retrying(self._push, weights, backend, weight_version)
+
+    def _push(self, weights, backend: str, weight_version: int | None) -> int:
+        import torch
+
+        if self.sender is None or self.sender.backend != backend:
+            self.close_weight_transfer()
+            self.init_weight_transfer(backend)
+        metas = weights.metas(getattr(torch, self.info["dtype"]))
+        try:
+            result = push_weights(_ServerControl(self, weight_version), self.sender, metas, iter(weights),
+                                  self.weight_transfer_timeout)
+        except (ServerError, WeightTransferError):
+            self.close_weight_transfer()
+            raise
+        self.pushed_instance = self.info["instance"]  # the server process that holds these weights
+        return result["weight_version"]
 
     def _backend_for(self, device_type: str) -> str:
         """gloo for CPU tensors; for CUDA tensors the server's GPU backend (nccl, or ipc on our own GPU)."""

@@ -1,6 +1,6 @@
-"""Training runs from a spec (a YAML file or the demo's built-in one): data, rewards, config, server.
+"""Training runs from a spec (`fastgrpo grpo`'s YAML file and flags, or the demo's built-in one).
 
-A spec is a dict:
+A spec is a dict (`fastgrpo grpo` reads the same keys from YAML and flags: fastgrpo/train_cli.py):
 
     model: default                      # or a name / local path
     task: {name: arithmetic, num_examples: 512}   # a built-in task, or:
@@ -22,10 +22,30 @@ import signal
 import statistics
 import sys
 import time
-import typing
 from pathlib import Path
 
-SPEC_KEYS = {"model", "task", "dataset", "rewards", "start_server", "peft", "tools", "environment"}  # the rest are GRPOConfig fields
+
+def _optional(help_text: str):
+    return dataclasses.field(default=None, metadata={"help": help_text})
+
+
+@dataclasses.dataclass
+class RunArguments:
+    """A spec's keys that are not GRPOConfig fields (also `fastgrpo grpo`'s flags: help texts are theirs)."""
+
+    model: str | None = _optional("model name or local path (default: the embedded SmolLM2-135M-Instruct)")
+    task: dict | None = _optional("a built-in task, e.g. {name: arithmetic, num_examples: 512, seed: 0}")
+    dataset: dict | None = _optional("a JSON/JSONL/Parquet/CSV file with a `prompt` column: {path: data.jsonl}")
+    rewards: list[str] | None = _optional("reward functions: built-in names or module:function (default: the "
+                                        "task's); in YAML also {model: path} for a reward model")
+    start_server: dict | None = _optional("start `fastgrpo vllm-serve` for the run: its flags, and `devices` (its "
+                                        "CUDA_VISIBLE_DEVICES), e.g. {data_parallel_size: 1}")
+    peft: dict | None = _optional("train LoRA adapters: peft.LoraConfig's fields, e.g. {r: 16, lora_alpha: 32}")
+    tools: list[str] | None = _optional("multi-turn: functions the model may call, as module:function")
+    environment: str | None = _optional("multi-turn: an environment factory, as module:Class")
+
+
+SPEC_KEYS = {f.name for f in dataclasses.fields(RunArguments)}  # the rest are GRPOConfig fields
 
 # `fastgrpo demo --lora`: rank 16 on every attention and MLP projection, at 10x the full fine-tuning rate (adapters
 # start at zero and move only a small subspace; 2e-4 is the usual LoRA rate for a model this size).
@@ -89,6 +109,14 @@ class SpecError(ValueError):
     pass
 
 
+DEFAULT_OUTPUT_DIR = "outputs/grpo"
+
+
+def unknown_keys(keys) -> SpecError:
+    return SpecError(f"unknown keys {sorted(keys)}: use {sorted(SPEC_KEYS)} or GRPOConfig fields "
+                     "(see `fastgrpo grpo --help`)")
+
+
 def _config_fields() -> set[str]:
     from fastgrpo.config import GRPOConfig
 
@@ -100,27 +128,10 @@ def build_config(spec: dict):
 
     unknown = set(spec) - SPEC_KEYS - _config_fields()
     if unknown:
-        raise SpecError(f"unknown keys {sorted(unknown)}: use {sorted(SPEC_KEYS)} or GRPOConfig fields "
-                        "(see `python -c 'import fastgrpo; help(fastgrpo.GRPOConfig)'`)")
-    types = {f.name: f.type for f in dataclasses.fields(GRPOConfig)}
-    fields = {k: _coerce(k, v, types[k]) for k, v in spec.items() if k not in SPEC_KEYS}
-    fields.setdefault("output_dir", "outputs/grpo")
+        raise unknown_keys(unknown)
+    fields = {k: v for k, v in spec.items() if k not in SPEC_KEYS}
+    fields.setdefault("output_dir", DEFAULT_OUTPUT_DIR)
     return GRPOConfig(**fields)
-
-
-def _coerce(name: str, value, annotation):
-    """YAML reads `1e-5` as a string (it wants `1.0e-5`): turn numeric strings into the field's type."""
-    if not isinstance(value, str):
-        return value
-    allowed = typing.get_args(annotation) or (annotation,)
-    for kind in (int, float):
-        if kind in allowed:
-            try:
-                return kind(value)
-            except ValueError:
-                if kind is float:
-                    raise SpecError(f"{name}: {value!r} is not a number") from None
-    return value
 
 
 def build_dataset(spec: dict):
@@ -222,22 +233,28 @@ def server_flags(spec: dict) -> tuple[dict, str | None]:
     return flags, devices
 
 
-def rewards_and_config(spec: dict):
-    """The reward functions and the GRPOConfig of a spec; a task's own reward weights unless the spec sets them."""
+def rewards_and_config(spec: dict, config=None):
+    """The reward functions and the GRPOConfig of a spec (or `config`, built already); a task's own reward weights
+    unless the spec or config sets them."""
     funcs, weights = resolve_rewards(spec)
-    if weights is not None and "reward_weights" not in spec:
-        spec = dict(spec, reward_weights=weights)
-    return funcs, build_config(spec)
+    if config is None:
+        if weights is not None and "reward_weights" not in spec:
+            spec = dict(spec, reward_weights=weights)
+        return funcs, build_config(spec)
+    if weights is not None and config.reward_weights is None:
+        config.reward_weights = weights
+    return funcs, config
 
 
-def train(spec: dict, log=print) -> dict:
-    """Run a whole training job; returns a summary with the output paths and reward figures."""
+def train(spec: dict, log=print, config=None) -> dict:
+    """Run a whole training job; returns a summary with the output paths and reward figures. `config`: the run's
+    GRPOConfig when the caller built it (then the spec holds RunArguments' keys only)."""
     from fastgrpo.models import resolve_model
     from fastgrpo.trainer.grpo_trainer import GRPOTrainer
     from fastgrpo.trainer.reporting import MetricsFileCallback, plot_metrics, read_metrics
 
     spec = dict(spec)
-    funcs, config = rewards_and_config(spec)
+    funcs, config = rewards_and_config(spec, config)
     peft_config = build_peft_config(spec)
     multi_turn = multi_turn_args(spec)
     dataset = build_dataset(spec)
@@ -283,18 +300,6 @@ def train(spec: dict, log=print) -> dict:
         "seconds_per_step": statistics.median([r["time/generate"] + r.get("time/reward", 0) + r.get("time/train", 0)
                                                + r.get("time/weight_sync", 0) for r in rows]) if rows else None,
     }
-
-
-def load_spec(path: str | Path) -> dict:
-    import yaml
-
-    path = Path(path)
-    if not path.exists():
-        raise SpecError(f"config file {path} does not exist")
-    spec = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(spec, dict):
-        raise SpecError(f"{path} must hold a mapping of keys to values")
-    return spec
 
 
 def print_summary(summary: dict, log=print) -> None:
