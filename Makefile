@@ -26,7 +26,7 @@ nor on $(TORCH_CPU_INDEX). Fix one of:
 endef
 export TORCH_MISSING
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench clean docs
 
 install: $(STAMP)
 
@@ -57,6 +57,9 @@ demo: install
 
 test: install
 	$(PY) -m pytest tests
+
+docs: install
+	$(PY) -m mkdocs build --strict --site-dir site
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
