@@ -56,7 +56,7 @@ demo: install
 	$(VENV)/bin/fastgrpo demo
 
 test: install
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=25
 
 docs: install
 	$(PY) -m mkdocs build --strict --site-dir site

