@@ -177,11 +177,11 @@ class RoundGenerator:
             self.producer = start_producer()
             self.producer.pushed(self.pushed_version())
         generated = self.producer.take(round_index)
-        trained = self.pushed_version()
-        why = why_not_train(generated, same_inputs(generated.inputs), versions_of(generated.result), rows, trained,
+        trained, versions = self.pushed_version(), versions_of(generated.result)
+        why = why_not_train(generated, same_inputs(generated.inputs), versions, rows, trained,
                             self.args.vllm_max_weight_staleness)
         if why is None:
-            return generated.result, staleness(versions_of(generated.result), trained), generated.seconds
+            return generated.result, staleness(versions, trained), generated.seconds
         logger.warning("round %d generated ahead is not trained on: %s; generating it again now", round_index, why)
         self.regenerated += 1
         result = run_now()
@@ -216,8 +216,7 @@ class RoundGenerator:
         rows = [{k: v for k, v in x.items() if k != "prompt"} for x in inputs]
         first_row = acc.process_index * len(inputs)
         generate = turn_generator(backend, self.sampling(1))
-        context = acc.autocast() if isinstance(backend, TransformersBackend) else contextlib.nullcontext()
-        with context:
+        with self._precision(backend):
             return multi_turn.run(self.trainer, [x["prompt"] for x in inputs], rows, generate,
                                   lambda i, turn: derived_seed(a.seed, round_index, first_row + i, turn))
 
@@ -249,6 +248,10 @@ class RoundGenerator:
 
     # --- for a rollout_func, and the end of the run ----------------------------------------
 
+    def _precision(self, backend: GenerationBackend | None):
+        """transformers' generate runs in the training precision (bf16 if set); vLLM in its own dtype."""
+        return self.accelerator.autocast() if isinstance(backend, TransformersBackend) else contextlib.nullcontext()
+
     def generator(self) -> GenerationBackend:
         """This process's generator; in server mode a process other than the main one gets a client of its own."""
         if self.backend is not None:
@@ -265,8 +268,7 @@ class RoundGenerator:
         self.completion_calls += 1
         seeds = [derived_seed(a.seed, COMPLETION_SEEDS, self.completion_calls, acc.process_index, i)
                  for i in range(len(prompt_ids))]
-        context = acc.autocast() if isinstance(self.backend, TransformersBackend) else contextlib.nullcontext()
-        with context:
+        with self._precision(self.backend):
             turns = turn_generator(self.generator(), self.sampling(1))(
                 prompt_ids, caps or [a.max_completion_length] * len(prompt_ids), seeds)
         return [{"completion_ids": t.token_ids, "logprobs": t.logprobs, "stopped": t.stopped} for t in turns]
