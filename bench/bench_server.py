@@ -36,7 +36,7 @@ def reload_from_memory(worker, path: str) -> float:
     from safetensors.torch import load_file
     from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
 
-    from fastgrpo.transfer.gloo import refresh_tied_cpu_heads
+    from fastgrpo.transfer.reload import refresh_tied_cpu_heads
 
     tensors = load_file(str(Path(path) / "model.safetensors"))  # untimed: the data is in memory first
     model = worker.model_runner.get_model()

@@ -97,11 +97,43 @@ def test_an_ipc_push_to_a_server_on_the_trainers_gpu_is_exact_in_any_order(ipc_s
             random.Random(seed).shuffle(named)
             client.update_weights(named)
             assert gap(server_logprobs(client, probe_ids), expected) < GPU_TOL, seed
-        # A push whose tensors break half-way is refused before the server sees any of them (IPC shares every
-        # handle first), and the next one lands whole.
-        with pytest.raises(WeightTransferError, match="broke half-way"):
+        # The whole model is one part (32 MiB bucket): a push whose tensors break half-way fails while packing it,
+        # before the server sees any, and the next one lands whole.
+        with pytest.raises(WeightTransferError, match="first part .*broke half-way"):
             client.update_weights(FailingWeights(named, fail_after=3))
         model = perturbed_on_gpu(tiny_qwen2, 3)
+        client.update_weights(model)
+        assert gap(server_logprobs(client, probe_ids), hf_logprobs(model, probe_ids)) < GPU_TOL
+
+
+def test_an_ipc_push_in_parts_is_exact_and_the_trainer_holds_one_buffer_not_a_copy_of_the_model(
+        ipc_server, tiny_qwen2, probe_ids):
+    """48 KiB buckets: parts of the largest tensor (the embedding, 196 kB in float32) in a model of 1.4 MB. The
+    trainer's extra GPU memory during the push is that one buffer (before parts it was a copy of every tensor)."""
+    from fastgrpo.client import VLLMClient
+    from fastgrpo.transfer import NamedWeights, WeightTransferError
+    from fastgrpo.transfer.packing import part_capacity, plan_parts
+
+    with VLLMClient(base_url=ipc_server.base_url, weight_transfer_timeout=60, api_key=KEY,
+                    bucket_bytes=48 << 10) as client:
+        model = perturbed_on_gpu(tiny_qwen2, 4)
+        named = [(n, p.detach()) for n, p in model.named_parameters()]
+        metas = NamedWeights(named).metas(torch.float32)
+        assert len(plan_parts(metas, 48 << 10)) > 5
+        client.update_weights({"model.norm.weight": model.model.norm.weight.detach()})  # opens the group
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        client.update_weights(named)
+        extra = torch.cuda.max_memory_allocated() - before
+        capacity, model_bytes = part_capacity(metas, 48 << 10), sum(m.nbytes for m in metas)
+        assert extra <= capacity + (64 << 10) and extra < model_bytes / 4, (extra, capacity, model_bytes)
+        assert gap(server_logprobs(client, probe_ids), hf_logprobs(model, probe_ids)) < GPU_TOL
+        # Broken after some parts loaded: generation is refused until a whole push lands, which is exact.
+        with pytest.raises(WeightTransferError, match=r"part \d+ of \d+ of the push failed .*broke half-way"):
+            client.update_weights(FailingWeights(named, fail_after=len(named) // 2))
+        assert client.health()["weights_consistent"] is False
+        model = perturbed_on_gpu(tiny_qwen2, 5)
         client.update_weights(model)
         assert gap(server_logprobs(client, probe_ids), hf_logprobs(model, probe_ids)) < GPU_TOL
 

@@ -100,6 +100,12 @@ def test_multi_node_flags_fail_at_start_naming_the_fix():
     # CUDA IPC pushes are unpickled in the engines: never without an API key.
     assert "--api_key KEY" in refused("--weight-transfer-backend", "ipc")
     validate(parser.parse_args(["vllm-serve", "--model", "m", "--weight-transfer-backend", "ipc", "--api-key", "k"]))
+    # ipc and shm have the engines read the trainer's memory: every DP rank on the trainer's machine.
+    assert "every DP rank must run on the trainer's machine" in refused(
+        "--weight-transfer-backend", "shm", "--data-parallel-size", "2", "--data-parallel-size-local", "1",
+        "--data-parallel-address", "h")
+    validate(parser.parse_args(["vllm-serve", "--model", "m", "--weight-transfer-backend", "shm",
+                                "--data-parallel-size", "2"]))
     ok = parser.parse_args(["vllm-serve", "--model", "m", "--headless", "--data-parallel-size", "2",
                             "--data-parallel-size-local", "1", "--data-parallel-start-rank", "1",
                             "--data-parallel-address", "10.0.0.1", "--data-parallel-rpc-port", "13400"])
@@ -168,7 +174,8 @@ def test_weight_transfer_backend_auto_follows_the_build_and_ipc_needs_a_gpu():
     assert ServerSettings("m").engine_backend(on_cpu=True) == "gloo"
     assert ServerSettings("m").engine_backend(on_cpu=False) == "nccl"
     assert ServerSettings("m", weight_transfer_backend="ipc").engine_backend(on_cpu=False) == "ipc"
-    with pytest.raises(ValueError, match="needs GPUs.*leave it at auto"):
+    assert ServerSettings("m", weight_transfer_backend="shm").engine_backend(on_cpu=True) == "shm"
+    with pytest.raises(ValueError, match="needs GPUs.*gloo \\(auto\\), or shm"):
         ServerSettings("m", weight_transfer_backend="ipc").engine_backend(on_cpu=True)
 
 

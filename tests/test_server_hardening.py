@@ -98,7 +98,12 @@ def announce(client, model) -> dict:
 def test_an_announced_push_holds_no_generation_and_expires(server, hf_model, probe_ids):
     with VLLMClient(base_url=server.base_url, timeout=60) as c:
         c.init_weight_transfer("gloo")
-        announce(c, hf_model)
+        transfer_id = announce(c, hf_model)["transfer_id"]
+        assert c.health()["weight_push"] == "announced"
+        # A part (ipc and shm pushes come in parts) is refused by a gloo server, and the announcement stands.
+        part = httpx.post(server.base_url + "/weights/update", timeout=30, json={
+            "transfer_id": transfer_id, "part": {"first": 0, "tensor_sizes": [4], "last": False, "shm_name": "x"}})
+        assert part.status_code == 400 and "comes with ipc and shm pushes only" in part.json()["error"], part.text
         assert c.health()["weight_push"] == "announced"
         # Before, every one of these waited for the announced push's 120 s timeout.
         assert max(timed_generation(server) for _ in range(3)) < GENERATION_BOUND_S

@@ -26,7 +26,10 @@ from fastgrpo.transfer.packing import (
     TensorMeta,
     bucket_length,
     dtype_name,
+    pack_part,
+    part_capacity,
     plan_buckets,
+    plan_parts,
     stream_offsets,
     update_info,
     wire_meta,
@@ -255,45 +258,52 @@ def test_gloo_groups_share_one_device_and_its_polling_thread_where_asked(shared)
     assert all(o["loops"] == (1 if shared == "1" else 5) for o in outs)  # the world's group and 4 more
 
 
-class _HandleSender:
-    """A backend whose workers read the tensors themselves (CUDA IPC's shape, without a GPU)."""
+class _PartSender:
+    """A backend whose workers read the tensors themselves (CUDA IPC's and shm's shape, in plain memory): each
+    part packed into one reused buffer, as theirs are."""
 
-    backend, handles_in_update = "handles", True
+    backend, handles_in_update, bucket_bytes = "handles", True, 4096
 
     def __init__(self, events):
-        self.events, self.kept = events, []
+        self.events, self.buffer = events, None
 
-    def share(self, metas, tensors):
-        self.kept = [t.clone() for t in tensors]
-        self.events.append("share")
-        return {"handles": [m.name for m in metas]}
-
-    def send(self, metas, tensors):
-        self.events.append("send")
-        assert next(iter(tensors), None) is None, "share consumed every tensor; send must not pull more"
-        return 0
+    def share(self, parts, metas, tensors):
+        self.buffer = torch.empty(part_capacity(metas, self.bucket_bytes), dtype=torch.uint8)
+        tensors = iter(tensors)
+        for k, part in enumerate(parts):
+            pack_part(part, metas, tensors, self.buffer)
+            self.events.append(f"share {k}")
+            yield {"handle": id(self.buffer)}
 
     def release(self):
         self.events.append("release")
-        self.kept = []
+        self.buffer = None
 
     def close(self):
         self.events.append("close")
 
 
 class _RecordingControl:
-    def __init__(self, events, fail=False):
-        self.events, self.fail, self.received = events, fail, None
+    """Loads each part from the sender's buffer, as a worker would."""
+
+    def __init__(self, events, sender, fail_at=None):
+        self.events, self.sender, self.fail_at, self.loaded, self.parts = events, sender, fail_at, {}, 0
 
     def start(self, info):
         self.events.append("start")
 
-    def receive(self, info):
-        self.received = info
-        self.events.append("receive")
-        if self.fail:
-            raise RuntimeError("the worker could not map the handles")
-        return {"weight_version": 1}
+    def receive_part(self, info, part, last):
+        k, self.parts = self.parts, self.parts + 1
+        self.events.append(f"receive {k}")
+        if k == self.fail_at:
+            raise RuntimeError("the worker could not map the buffer")
+        offset = 0
+        for name, dtype, shape, size in zip(info["names"], info["dtype_names"], info["shapes"], info["tensor_sizes"],
+                                            strict=True):
+            piece = self.sender.buffer[offset:offset + size].view(getattr(torch, dtype)).view(shape)
+            self.loaded[name] = piece.clone()
+            offset += size
+        return {"weight_version": 1} if last else {"tensors_loaded": part.stop}
 
     def finish(self):
         self.events.append("finish")
@@ -302,23 +312,53 @@ class _RecordingControl:
         self.events.append("abort")
 
 
-def test_a_push_whose_request_carries_handles_shares_them_before_receive_and_releases_after_finish():
+def test_a_push_in_parts_packs_each_part_only_after_the_workers_loaded_the_last_and_releases_after_finish():
     from fastgrpo.transfer import push_weights
 
-    tensors = {"a": torch.ones(3), "b": torch.zeros(2, 2)}
+    # 4096-byte bucket, but d (1500 floats, 6000 B) is larger, so the buffer holds 6000 B: parts [a] (4000 B, b does
+    # not fit beside it), [b, c] (4800 B), [d], [e].
+    tensors = {"a": torch.arange(1000.0), "b": torch.arange(600.0) + 0.5, "c": torch.arange(600.0) - 0.5,
+               "d": torch.arange(1500.0).reshape(30, 50), "e": torch.ones(10)}
     metas = [wire_meta(n, t.shape, t.dtype, torch.float32) for n, t in tensors.items()]
     events = []
-    control = _RecordingControl(events)
-    assert push_weights(control, _HandleSender(events), metas, iter(tensors.values()), 5) == {"weight_version": 1}
-    # The tensors must stay alive until the generator's finish (vLLM's layerwise reload may read them then).
-    assert events in (["start", "share", "receive", "send", "finish", "release"],
-                      ["start", "share", "send", "receive", "finish", "release"])  # receive runs on a thread
-    assert control.received["handles"] == ["a", "b"] and control.received["names"] == ["a", "b"]
+    sender = _PartSender(events)
+    control = _RecordingControl(events, sender)
+    assert push_weights(control, sender, metas, iter(tensors.values()), 5) == {"weight_version": 1}
+    # The buffer is reused: each part is packed only once the one before it was loaded, and kept until the finish.
+    assert events == ["start", "share 0", "receive 0", "share 1", "receive 1", "share 2", "receive 2", "share 3",
+                      "receive 3", "finish", "release"]
+    assert control.loaded.keys() == tensors.keys()
+    assert all(torch.equal(control.loaded[n], t) for n, t in tensors.items())
 
     events.clear()
-    with pytest.raises(RuntimeError, match="could not map"):  # the generator's own error, as it said it
-        push_weights(_RecordingControl(events, fail=True), _HandleSender(events), metas, iter(tensors.values()), 5)
-    assert events[-2:] == ["close", "abort"] and "finish" not in events
+    control = _RecordingControl(events, sender, fail_at=1)
+    with pytest.raises(WeightTransferError, match="part 2 of 4 of the push failed .*could not map.* loaded 1 of 5"):
+        push_weights(control, sender, metas, iter(tensors.values()), 5)
+    assert events == ["start", "share 0", "receive 0", "share 1", "receive 1", "release", "abort"]
+
+
+def test_parts_fit_the_bucket_or_the_largest_tensor_and_never_split_one():
+    def metas(*specs):
+        return [TensorMeta(f"t{i}", dtype, (n,)) for i, (dtype, n) in enumerate(specs)]
+
+    bucket = 4096
+    # Exactly full, then one element over: a new part.
+    assert [p.sizes for p in plan_parts(metas(("float32", 512), ("float32", 512)), bucket)] == [(2048, 2048)]
+    assert [p.sizes for p in plan_parts(metas(("float32", 512), ("float32", 513)), bucket)] == [(2048,), (2052,)]
+    # A tensor larger than the bucket sets the capacity; smaller ones fill parts up to it.
+    big = metas(("float32", 100), ("float32", 3000), ("float32", 100), ("float32", 2900))
+    assert part_capacity(big, bucket) == 12000 and part_capacity(big, 1 << 30) == 24400  # never past the push
+    assert part_capacity(metas(("float32", 0)), bucket) == 1
+    assert [(p.first, p.sizes) for p in plan_parts(big, bucket)] == [(0, (400,)), (1, (12000,)), (2, (400, 11600))]
+    # A float32 at an offset of 2 mod 4 (after 3 bfloat16s) starts a new part, so each dtype view is aligned.
+    mixed = metas(("bfloat16", 3), ("float32", 4), ("bfloat16", 2), ("bfloat16", 1))
+    assert [p.sizes for p in plan_parts(mixed, bucket)] == [(6,), (16, 4, 2)]
+    # Empty tensors travel in a part too (their loader must still see them); every tensor once, in order.
+    many = metas(("float32", 0), *[("float32", 300)] * 40, ("int64", 7))
+    parts = plan_parts(many, bucket)
+    assert [i for p in parts for i in range(p.first, p.stop)] == list(range(len(many)))
+    assert all(sum(p.sizes) <= bucket for p in parts) and len(parts) == 14
+    assert plan_parts([], bucket) == []
 
 
 # --- NCCL has no timeout of its own: ours bound it. NCCL needs GPUs, so these stand a blocking fake in for its

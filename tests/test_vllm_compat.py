@@ -29,12 +29,28 @@ def test_the_installed_release_is_told_apart_by_its_own_signatures():
     NCCLWeightTransferInitInfo(**init)  # parses
 
 
-def test_the_gloo_engines_are_concrete_and_request_errors_include_vllms_own():
+def test_ipc_parts_tell_vllms_ipc_engine_packed_mode_once_in_the_place_it_reads_it():
+    from vllm.distributed.weight_transfer.ipc_engine import IPCWeightTransferInitInfo, IPCWeightTransferUpdateInfo
+
+    from fastgrpo.transfer.ipc import IpcSender
+
+    init = IpcSender.worker_init_info("127.0.0.1", 1234, 1, 2, 4096, 10)
+    update = IpcSender.worker_update_fields(4096)
+    assert [init, update].count({"packed": True}) == 1 and {} in (init, update)
+    assert IPCWeightTransferInitInfo(**init).__dict__.get("packed", True)  # 0.32 reads it here, 0.26 per update
+    # A part's update info, as the server builds it, parses in vLLM's own class (CUDA's handle aside).
+    part = IPCWeightTransferUpdateInfo(names=["a"], dtype_names=["float32"], shapes=[[2]], tensor_sizes=[8],
+                                       ipc_handles={"GPU-uuid": ()}, **update)
+    assert part.tensor_sizes == [8]
+
+
+def test_our_worker_engines_are_concrete_and_request_errors_include_vllms_own():
     from vllm.exceptions import VLLMValidationError
 
     from fastgrpo.transfer.gloo import GlooWeightTransferEngine
+    from fastgrpo.transfer.shm import ShmWeightTransferEngine
 
-    assert not GlooWeightTransferEngine.__abstractmethods__
+    assert not GlooWeightTransferEngine.__abstractmethods__ and not ShmWeightTransferEngine.__abstractmethods__
     assert VLLMValidationError in vllm_compat.request_error_types()
     assert ValueError in vllm_compat.request_error_types()
 

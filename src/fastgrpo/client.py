@@ -24,7 +24,7 @@ from tenacity import (
 )
 
 from fastgrpo.net import free_port
-from fastgrpo.protocol import GenerateResponse, RolloutRecording
+from fastgrpo.protocol import PART_HANDLE_FIELDS, GenerateResponse, RolloutRecording
 from fastgrpo.transfer import (
     DEFAULT_BUCKET_BYTES,
     WeightControl,
@@ -95,9 +95,15 @@ class _ServerControl(WeightControl):
         self.transfer_id = started["transfer_id"]
 
     def receive(self, info: dict) -> dict:
-        handles = {k: info[k] for k in ("ipc_handles_pickled",) if k in info}  # CUDA IPC: the data itself
         return self.client._request("POST", "/weights/update", retry_connect=False,
-                                    json={"transfer_id": self.transfer_id, **handles})
+                                    json={"transfer_id": self.transfer_id})
+
+    def receive_part(self, info: dict, part, last: bool) -> dict:
+        # The server knows the part's names, dtypes and shapes from the announcement: only the handle travels.
+        handles = {k: info[k] for k in PART_HANDLE_FIELDS.values() if k in info}
+        return self.client._request("POST", "/weights/update", retry_connect=False, json={
+            "transfer_id": self.transfer_id,
+            "part": {"first": part.first, "tensor_sizes": list(part.sizes), "last": last, **handles}})
 
 
 class VLLMClient:
@@ -308,7 +314,8 @@ class VLLMClient:
             raise ValueError(
                 f"the tensors call for {backend!r} but the server's engines use "
                 f"{self.info['weight_transfer_backend']!r}: send CPU tensors to a CPU server and CUDA tensors "
-                "to a GPU server (nccl; ipc where the server runs on the trainer's own GPU)"
+                "to a GPU server (nccl; ipc where the server runs on the trainer's own GPU; shm takes CPU tensors "
+                "from its own machine)"
             )
         self._request("GET", "/v1/models")  # a wrong API key fails here at once, whatever the backend
         world_size = self.info["weight_transfer_ranks"] + 1
@@ -352,12 +359,12 @@ class VLLMClient:
         return result["weight_version"]
 
     def _backend_for(self, device_type: str) -> str:
-        """gloo for CPU tensors; for CUDA tensors the server's GPU backend (nccl, or ipc on our own GPU)."""
-        if device_type != "cuda":
-            return "gloo"
-        if self.sender is not None and self.sender.backend in ("nccl", "ipc"):
+        """For CPU tensors gloo, or shm where the server takes it; for CUDA tensors the server's GPU backend
+        (nccl, or ipc on our own GPU)."""
+        local, network = ("ipc", "nccl") if device_type == "cuda" else ("shm", "gloo")
+        if self.sender is not None and self.sender.backend in (local, network):
             return self.sender.backend
-        return "ipc" if self.health()["weight_transfer_backend"] == "ipc" else "nccl"
+        return local if self.health()["weight_transfer_backend"] == local else network
 
     def close_weight_transfer(self) -> None:
         if self.sender is not None:

@@ -165,7 +165,7 @@ class InitTransferRequest(BaseModel):
     master_address: str
     master_port: int = Field(ge=1, le=65535)
     world_size: int = Field(ge=2)
-    backend: Literal["gloo", "nccl", "ipc"] | None = None  # default: the server's (gloo on CPU, nccl on GPU)
+    backend: Literal["gloo", "nccl", "ipc", "shm"] | None = None  # default: the server's (gloo on CPU, nccl on GPU)
     bucket_bytes: int = Field(DEFAULT_BUCKET_BYTES, ge=MIN_BUCKET_BYTES, multiple_of=ALIGN,
                               description="bytes per broadcast; the trainer packs and the workers unpack by it")
     timeout_s: float = Field(120.0, gt=0, le=3600)
@@ -219,11 +219,26 @@ class AdapterListResponse(BaseModel):
     adapters: list[AdapterInfo]
 
 
+class PushPart(BaseModel):
+    """One part of a push whose workers read the trainer's memory (--weight_transfer_backend ipc or shm):
+    announced tensors [first, first + len(tensor_sizes)), packed back to back in the trainer's buffer. Parts come
+    in order, one request each; the last one ends the push."""
+
+    first: int = Field(ge=0, description="index of the part's first tensor among the announced ones")
+    tensor_sizes: list[Annotated[int, Field(ge=0)]] = Field(min_length=1, description="bytes of each tensor")
+    last: bool
+    # ipc: the buffer's CUDA IPC handle, pickled and base64-encoded as vLLM's HTTP weight-sync client sends it.
+    ipc_handles_pickled: str | None = None
+    shm_name: str | None = None  # shm: the buffer's file in /dev/shm (fastgrpo-weights-<32 hex>)
+
+
+# Which field of a part carries the buffer's handle, by backend.
+PART_HANDLE_FIELDS = {"ipc": "ipc_handles_pickled", "shm": "shm_name"}
+
+
 class FinishUpdateRequest(BaseModel):
     transfer_id: str
-    # CUDA IPC only (--weight_transfer_backend ipc): the tensors' handles, pickled and base64-encoded as
-    # vLLM's HTTP weight-sync client sends them.
-    ipc_handles_pickled: str | None = None
+    part: PushPart | None = None  # ipc and shm pushes; gloo and nccl send everything in one request
 
 
 class OkResponse(BaseModel):
@@ -233,6 +248,13 @@ class OkResponse(BaseModel):
 class WeightVersionResponse(BaseModel):
     weight_version: int
     seconds: float | None = None
+
+
+class PushPartResponse(BaseModel):
+    """A part of a push loaded; the push goes on (the last part answers with the new weight version)."""
+
+    tensors_loaded: int
+    tensors: int
 
 
 class RecordedSequence(BaseModel):

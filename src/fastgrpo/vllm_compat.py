@@ -4,14 +4,14 @@ Read from both releases' sources (0.26.0: the CUDA wheel built for torch 2.11 an
 13; 0.32.0: the CPU build CI runs). The same in both, so not here: the worker engine
 methods (init / start / update / finish), the request wrappers, the layerwise reload,
 pause_generation(mode="keep") and resume, sleep(level) / wake_up(tags), the IPC
-engine's unpacked request (names, dtype_names, shapes, ipc_handles_pickled),
+engine's packed request (names, dtype_names, shapes, tensor_sizes, ipc_handles_pickled),
 AsyncEngineArgs' fields, SamplingParams' fields and general plugins. What differs:
 
 - the trainer-engine base class: 0.26 `TrainerWeightTransferEngine[Config, InitInfo]`
   built with a config, 0.32 `[InitInfo]` without one;
 - 0.26's worker-engine base has one more abstract method, `trainer_send_weights`;
-- NCCL's packed wire parameters: 0.32 agrees them once, in the init info; 0.26 takes
-  them with every update (and rejects them in the init);
+- NCCL's packed wire parameters, and IPC's `packed`: 0.32 agrees them once, in the init
+  info; 0.26 takes them with every update (and rejects them in the init);
 - request errors: 0.32 raises `VLLMClientError` (not a ValueError); 0.26 has only
   `VLLMValidationError`, a ValueError;
 - 0.26's engines have no `shutdown_weight_transfer_engine` (a new init replaces the old);
@@ -40,6 +40,13 @@ def nccl_packed_in_init() -> bool:
     from vllm.distributed.weight_transfer.nccl_common import NCCLWeightTransferInitInfo
 
     return "packed" in {f.name for f in dataclasses.fields(NCCLWeightTransferInitInfo)}
+
+
+@cache
+def ipc_packed_in_init() -> bool:
+    """Whether vLLM's IPC engine is told packed mode once, in the init info (0.32), or with each update (0.26)."""
+    info = import_without_ray("vllm.distributed.weight_transfer.ipc_engine").IPCWeightTransferInitInfo
+    return "packed" in {f.name for f in dataclasses.fields(info)}
 
 
 def has_engine_method(engine, name: str) -> bool:

@@ -70,10 +70,11 @@ def add_parser(subparsers) -> None:
     add_flag(p, "--kv_after_push", default="recompute", choices=["recompute", "keep"],
              help="requests in flight during a weight push: recompute their keys and values under the new "
                   "weights (default), or keep those computed under the old ones (new requests never reuse them)")
-    add_flag(p, "--weight_transfer_backend", default="auto", choices=["auto", "nccl", "ipc"],
-             help="how pushed weights reach the engines: auto (gloo on vLLM's CPU build, NCCL on GPUs) or ipc "
-                  "(CUDA IPC, for a trainer on this server's own GPU, where NCCL refuses two ranks on one device; "
-                  "pushes are then taken from this machine only)")
+    add_flag(p, "--weight_transfer_backend", default="auto", choices=["auto", "nccl", "ipc", "shm"],
+             help="how pushed weights reach the engines: auto (gloo on vLLM's CPU build, NCCL on GPUs), ipc "
+                  "(CUDA IPC, for a trainer on this server's own GPU, where NCCL refuses two ranks on one device) "
+                  "or shm (shared memory, for a trainer's CPU tensors on this machine); ipc and shm take pushes from "
+                  "this machine only, in parts of the trainer's bucket (vllm_weight_sync_bucket_mb) or its largest tensor")
     add_flag(p, "--enable_lora", action="store_true",
              help="serve LoRA adapters that trainers push (PUT /adapters/NAME): one per run, beside the base model")
     add_flag(p, "--max_lora_rank", type=int, default=16, choices=LORA_RANKS,
@@ -128,6 +129,10 @@ def validate(args) -> None:
          "in them: start it with --api_key KEY too (the trainer passes it: GRPOConfig(vllm_server_api_key=KEY))"),
     ]
     dp, local, first = args.data_parallel_size, args.data_parallel_size_local, args.data_parallel_start_rank
+    checks.append((args.weight_transfer_backend not in ("ipc", "shm") or (not args.headless and local in (None, dp)),
+                   f"--weight_transfer_backend {args.weight_transfer_backend} has the engines read the trainer's "
+                   "memory, so every DP rank must run on the trainer's machine: leave --data_parallel_size_local "
+                   "and --headless out, or use nccl (gloo on CPUs) across machines"))
     if local is not None:
         checks.append((1 <= local <= dp, f"--data_parallel_size_local must be in 1..--data_parallel_size ({dp})"))
     if args.headless:

@@ -68,7 +68,8 @@ class ServerSettings:
     # preempts them and resets the prefix cache), or "keep" theirs, and new requests' prefix-cache keys are
     # salted by weight version so that no other request reuses keys computed under old weights.
     kv_after_push: str = "recompute"
-    # "auto": gloo on vLLM's CPU build, NCCL on GPUs; "ipc": CUDA IPC, for a trainer on the server's GPU.
+    # "auto": gloo on vLLM's CPU build, NCCL on GPUs; "ipc": CUDA IPC, for a trainer on the server's GPU;
+    # "shm": shared memory, for a trainer's CPU tensors on the server's machine.
     weight_transfer_backend: str = "auto"
     # LoRA adapters (serve/adapters.py): vLLM's limits on their rank and on how many one batch mixes.
     enable_lora: bool = False
@@ -83,9 +84,9 @@ class ServerSettings:
     def engine_backend(self, on_cpu: bool) -> str:
         if self.weight_transfer_backend == "auto":
             return "gloo" if on_cpu else "nccl"
-        if on_cpu and self.weight_transfer_backend != "gloo":
+        if on_cpu and self.weight_transfer_backend not in ("gloo", "shm"):
             raise ValueError(f"--weight_transfer_backend {self.weight_transfer_backend} needs GPUs; vLLM's CPU "
-                             "build moves weights over gloo: leave it at auto")
+                             "build moves weights over gloo (auto), or shm from a trainer on this machine")
         return self.weight_transfer_backend
 
     @property

@@ -48,6 +48,12 @@ class PendingPush:
     phase: Literal["announced", "loading"] = "announced"  # loading: from the drain of in-flight generations on
     expiry: asyncio.Task | None = None  # ends an announcement whose data never starts
     load_deadline: float | None = None  # time.monotonic() by which its load has ended or failed (cleanup aside)
+    # A push in parts (ipc, shm): one /weights/update per part, the engines held between them.
+    was_consistent: bool = False  # were the weights whole before its first part
+    loaded: int = 0  # announced tensors loaded so far, in order
+    began: float = 0.0  # time.perf_counter() at its first part
+    part_loading: bool = False  # a part's request is being served
+    idle: asyncio.Task | None = None  # fails the push if its next part does not come
 
 
 @dataclass

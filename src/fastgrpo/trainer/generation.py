@@ -182,14 +182,18 @@ class ServerBackend(GenerationBackend):
 class _EngineControl(WeightControl):
     """The control plane of an in-process engine: vLLM's worker methods through `collective_rpc`."""
 
-    def __init__(self, llm):
-        self.llm = llm
+    def __init__(self, llm, sender):
+        self.llm, self.sender = llm, sender
 
     def start(self, info):
         self.llm.collective_rpc("start_weight_update")
 
     def receive(self, info):
         self.llm.collective_rpc("update_weights", kwargs={"update_info": info})
+
+    def receive_part(self, info, part, last):
+        fields = self.sender.worker_update_fields(self.sender.bucket_bytes)  # vLLM 0.26's IPC: packed, per update
+        self.llm.collective_rpc("update_weights", kwargs={"update_info": {**info, **fields}})
 
     def finish(self):
         self.llm.collective_rpc("finish_weight_update")
@@ -335,7 +339,7 @@ class ColocateBackend(GenerationBackend):
         if self.sender.group is None:
             self._open_group()
         self.consistent = False
-        push_weights(_EngineControl(self.llm), self.sender, weights.metas(self.llm.llm_engine.model_config.dtype),
+        push_weights(_EngineControl(self.llm, self.sender), self.sender, weights.metas(self.llm.llm_engine.model_config.dtype),
                      iter(weights), self.timeout_s)
         self.consistent = True  # the trainer always pushes its whole model
         self.version = version

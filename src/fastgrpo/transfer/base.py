@@ -2,20 +2,24 @@
 
 A sender is rank 0 of a group that every inference worker joins at
 `rank_offset + its rank`; it broadcasts the packed weights. A backend whose
-workers map the trainer's memory instead (CUDA IPC) broadcasts nothing: its
-`share` returns fields that the update request carries (`handles_in_update`). The worker side of each
+workers map the trainer's memory instead (CUDA IPC, shared memory) broadcasts
+nothing (`handles_in_update`): a push goes in parts (packing.plan_parts), each
+packed into one reused buffer whose handle the part's update request carries, so
+a push holds one buffer (a bucket, or the largest tensor), never a copy of the
+model. The worker side of each
 backend is a vLLM `WeightTransferEngine` (ours for gloo, vLLM's own for NCCL),
 whose init info the sender describes with `worker_init_info`, so the server, the
 colocate backend and the client all build it in one place.
 """
 
 import importlib
+import socket
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 
 import torch
 
-from fastgrpo.transfer.packing import TensorMeta, check_bucket_bytes
+from fastgrpo.transfer.packing import Part, TensorMeta, check_bucket_bytes
 
 DEFAULT_BUCKET_BYTES = 32 << 20
 DEFAULT_TIMEOUT_S = 120.0
@@ -23,7 +27,7 @@ DEFAULT_TIMEOUT_S = 120.0
 
 class WeightSender(ABC):
     backend: str
-    handles_in_update = False  # True: `share` hands out the tensors' handles, and `send` moves no bytes
+    handles_in_update = False  # True: `share` hands out handles to the tensors, part by part; `send` is unused
     tells_arrivals = True  # False: `peers_arrived` cannot tell, and `open` may wait for ever (NCCL's init)
 
     def __init__(self, bucket_bytes: int = DEFAULT_BUCKET_BYTES):
@@ -55,15 +59,49 @@ class WeightSender(ABC):
     def send(self, metas: list[TensorMeta], tensors: Iterator[torch.Tensor]) -> int:
         """Broadcast one tensor per meta, in order, pulled lazily. Returns bytes sent."""
 
-    def share(self, metas: list[TensorMeta], tensors: Iterator[torch.Tensor]) -> dict:
-        """Fields for the update request that let the workers read the tensors themselves (IPC handles)."""
+    def share(self, parts: list[Part], metas: list[TensorMeta], tensors: Iterator[torch.Tensor]) -> Iterator[dict]:
+        """For each part in order, the fields of its update request that let the workers read its tensors (a
+        handle to the buffer they were packed into). The caller resumes it only once the workers have loaded the
+        part: the next part overwrites the buffer."""
         raise NotImplementedError(f"the {self.backend} backend broadcasts; it shares no handles")
 
     def release(self) -> None:
-        """After a push: drop what `share` kept alive for the workers."""
+        """After a push: drop what `share` kept for the workers (the buffer)."""
 
     def close(self) -> None:
         pass
+
+
+class SharingSender(WeightSender):
+    """A sender whose workers read the trainer's memory (CUDA IPC, shared memory): no rendezvous and no
+    collective, only a socket that accepts connections while this trainer lives, by which the server tells a
+    running owner of its group from a dead one (serve/weights.py)."""
+
+    handles_in_update = True
+
+    def __init__(self, bucket_bytes: int = DEFAULT_BUCKET_BYTES):
+        super().__init__(bucket_bytes)
+        self.group = None  # the listening socket
+
+    @staticmethod
+    def worker_init_info(master_address, master_port, rank_offset, world_size, bucket_bytes, timeout_s) -> dict:
+        return {}
+
+    def listen(self, master_address, master_port, world_size, timeout_s) -> None:
+        if self.group is None:
+            self.group = socket.create_server((master_address, master_port))
+
+    def open(self, master_address, master_port, world_size, timeout_s) -> None:
+        self.listen(master_address, master_port, world_size, timeout_s)
+
+    def send(self, metas, tensors) -> int:
+        raise NotImplementedError(f"a {self.backend} push goes in parts, through share()")
+
+    def close(self) -> None:
+        self.release()
+        if self.group is not None:
+            self.group.close()
+            self.group = None
 
 
 # name -> "module:Class"; imported on use, so neither backend is loaded unless asked for.
@@ -71,7 +109,9 @@ SENDERS = {
     "gloo": "fastgrpo.transfer.gloo:GlooSender",
     "nccl": "fastgrpo.transfer.nccl:NcclSender",
     "ipc": "fastgrpo.transfer.ipc:IpcSender",
+    "shm": "fastgrpo.transfer.shm:ShmSender",
 }
+SHARING_BACKENDS = ("ipc", "shm")  # the workers read the trainer's memory: trainer and server share a machine
 
 
 def sender_class(backend: str) -> type[WeightSender]:

@@ -32,6 +32,7 @@ from fastgrpo.quiet_gloo import gloo_options
 from fastgrpo.transfer.base import DEFAULT_BUCKET_BYTES, DEFAULT_TIMEOUT_S, WeightSender
 from fastgrpo.transfer.bucketed import ReceiveBuffers, receive_buckets, send_buckets
 from fastgrpo.transfer.packing import TensorMeta, dtype_name, metas_from_info
+from fastgrpo.transfer.reload import LayerwiseReload
 
 # Raised by a worker whose trainer never sent; the server maps it to a 504 that says so.
 TRAINER_DID_NOT_SEND = "the trainer's weights did not arrive"
@@ -107,44 +108,6 @@ class GlooSender(WeightSender):
 # Worker side (runs inside vLLM's worker processes).
 
 
-def tied_cpu_heads(model: torch.nn.Module) -> list[list[torch.nn.Module]]:
-    """Groups of modules that share one weight and each keep their own packed CPU GEMM (`cpu_linear`)."""
-    from vllm.platforms import current_platform
-
-    if not current_platform.is_cpu():
-        return []
-    sharers: dict[int, list[torch.nn.Module]] = {}
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if isinstance(weight, torch.Tensor) and hasattr(module, "cpu_linear"):
-            sharers.setdefault(id(weight), []).append(module)
-    return [modules for modules in sharers.values() if len(modules) > 1]
-
-
-def refresh_tied_cpu_heads(model: torch.nn.Module, packed_before: dict | None = None) -> None:
-    """Re-pack the CPU GEMM of modules that share a tied weight (lm_head = embed_tokens).
-
-    vLLM's CPU build packs each linear/LM-head weight for its GEMM kernels after
-    loading (`cpu_linear`). With tied embeddings the checkpoint only carries
-    `embed_tokens`, so a reload re-processes that module alone and the LM head
-    keeps computing logits from its stale packed copy (measured here: a pushed
-    embedding changed the server's logprobs by ~2 nats against transformers).
-    With `packed_before` (each module's `cpu_linear` before the reload), only the
-    sharers the reload left stale are re-packed, and only if another sharer was
-    re-packed; without it, every sharer is (the embedding's repack is a sizeable
-    part of a push of a small model, so it is worth not doing twice).
-    """
-    for modules in tied_cpu_heads(model):
-        if packed_before is None:
-            stale = modules
-        else:
-            stale = [m for m in modules if m.cpu_linear is packed_before.get(m)]
-            if len(stale) == len(modules):
-                continue  # the shared weight was not reloaded
-        for module in stale:
-            module.quant_method.process_weights_after_loading(module)
-
-
 @dataclass(kw_only=True)
 class GlooWeightTransferInitInfo(WeightTransferInitInfo):
     master_address: str
@@ -176,7 +139,8 @@ def _wait_for_trainer(work) -> None:
         raise
 
 
-class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, GlooWeightTransferUpdateInfo]):
+class GlooWeightTransferEngine(LayerwiseReload,
+                               WeightTransferEngine[GlooWeightTransferInitInfo, GlooWeightTransferUpdateInfo]):
     init_info_cls = GlooWeightTransferInitInfo
     update_info_cls = GlooWeightTransferUpdateInfo
 
@@ -185,7 +149,6 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, 
         self.group = None
         self.bucket_bytes = DEFAULT_BUCKET_BYTES
         self.buffers = ReceiveBuffers(self.bucket_bytes)
-        self.packed_before: dict = {}
 
     def init_transfer_engine(self, init_info: GlooWeightTransferInitInfo) -> None:
         if self.group is not None:
@@ -199,18 +162,6 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, 
         store = rendezvous(init_info.master_address, init_info.master_port, rank, init_info.world_size,
                            min(init_info.timeout_s, WORKER_RENDEZVOUS_TIMEOUT_S))
         self.group = open_group(store, rank, init_info.world_size, init_info.timeout_s)
-
-    def start_weight_update(self) -> None:
-        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
-
-        self.packed_before = {m: m.cpu_linear for group in tied_cpu_heads(self.model) for m in group}
-        initialize_layerwise_reload(self.model)
-
-    def finish_weight_update(self) -> None:
-        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
-
-        finalize_layerwise_reload(self.model, self.model_config)
-        refresh_tied_cpu_heads(self.model, self.packed_before)
 
     def update_weights(self, update_info) -> None:
         # The base class synchronizes an accelerator afterwards; gloo is synchronous on CPU.

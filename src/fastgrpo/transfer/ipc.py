@@ -1,11 +1,15 @@
 """CUDA IPC: the weight-transfer backend for a trainer on the same GPU as its engine.
 
 Colocate mode, and a server on the trainer's own GPU (a single-GPU user's setup),
-put two processes on one device, which NCCL refuses. IPC needs no collective: the
-update request itself carries, for each tensor, a CUDA IPC handle to a copy in the
-engine's dtype, and the worker (vLLM's `IPCWeightTransferEngine`, unpacked mode,
-the same in vLLM 0.26 and 0.32) maps it and loads it. The copies live until the
-push is confirmed.
+put two processes on one device, which NCCL refuses. IPC needs no collective: a
+push goes in parts (packing.plan_parts), each packed into one GPU buffer in the
+engine's dtype whose CUDA IPC handle the part's update request carries, and the
+workers (vLLM's `IPCWeightTransferEngine`, packed mode) map it, copy the tensors
+out and load them. So a push costs one buffer, a bucket or the largest tensor,
+not a second copy of the model on a GPU that already holds two.
+
+The buffer is exported afresh for each part: torch pairs each export with one
+import and release on the worker, which vLLM 0.26's packed consumer does per part.
 
 The handles travel pickled (vLLM's HTTP form), which the workers unpickle only
 with VLLM_ALLOW_INSECURE_SERIALIZATION=1: the server sets it for its engines when
@@ -15,65 +19,53 @@ group owner's token), never through vLLM's weight routes.
 """
 
 import base64
+import itertools
 import pickle
-import socket
 
 import torch
 
-from fastgrpo.transfer.base import DEFAULT_BUCKET_BYTES, WeightSender
+from fastgrpo import vllm_compat
+from fastgrpo.transfer.base import DEFAULT_BUCKET_BYTES, SharingSender
+from fastgrpo.transfer.packing import pack_part, part_capacity
 
 # What an engine needs to unpickle the handles (vllm.envs reads it in each worker).
 INSECURE_SERIALIZATION_ENV = "VLLM_ALLOW_INSECURE_SERIALIZATION"
 
 
-class IpcSender(WeightSender):
+class IpcSender(SharingSender):
     backend = "ipc"
-    handles_in_update = True
 
     def __init__(self, bucket_bytes: int = DEFAULT_BUCKET_BYTES):
-        super().__init__(bucket_bytes)  # unused: unpacked IPC moves each tensor whole
-        self.group = None  # a listening socket: the trainer's presence (see listen)
-        self.copies: list[torch.Tensor] = []
+        super().__init__(bucket_bytes)
+        self.buffer: torch.Tensor | None = None  # the parts' buffer, during a push
 
     @staticmethod
     def worker_init_info(master_address, master_port, rank_offset, world_size, bucket_bytes, timeout_s) -> dict:
-        return {}  # no rendezvous; unpacked is the default of both vLLM versions
+        return {"packed": True} if vllm_compat.ipc_packed_in_init() else {}
 
-    def listen(self, master_address, master_port, world_size, timeout_s) -> None:
-        # No rendezvous, but a socket that accepts connections while this trainer lives: the server tells a
-        # running owner of its group from a dead one by connecting to it (serve/weights.py).
-        if self.group is None:
-            self.group = socket.create_server((master_address, master_port))
+    @staticmethod
+    def worker_update_fields(bucket_bytes: int) -> dict:
+        return {} if vllm_compat.ipc_packed_in_init() else {"packed": True}  # vLLM 0.26: with every update
 
-    def open(self, master_address, master_port, world_size, timeout_s) -> None:
-        self.listen(master_address, master_port, world_size, timeout_s)
-
-    def share(self, metas, tensors) -> dict:
-        handles = []
-        for meta, tensor in zip(metas, tensors, strict=True):
-            if tensor.device.type != "cuda":
-                raise ValueError(f"{meta.name} is on {tensor.device}: CUDA IPC sends CUDA tensors only")
-            # Always a copy: a gathering iterator (ZeRO-3, FSDP) may free its tensor once we pull the next.
-            copy = tensor.detach().to(meta.torch_dtype, copy=True).contiguous()
-            self.copies.append(copy)
-            uuid = str(torch.cuda.get_device_properties(copy.device).uuid)
-            handles.append({uuid: reduce_cuda_tensor(copy)})
-        torch.cuda.synchronize()  # the copies are complete before another process reads them
-        return {"ipc_handles_pickled": base64.b64encode(pickle.dumps(handles)).decode("ascii")}
-
-    def send(self, metas, tensors) -> int:
-        return sum(m.nbytes for m in metas)  # the handles in the update request carried everything
+    def share(self, parts, metas, tensors):
+        tensors = iter(tensors)
+        for part in parts:
+            first = next(tensors)  # the part's device decides the buffer's
+            if first.device.type != "cuda":
+                raise ValueError(f"{metas[part.first].name} is on {first.device}: CUDA IPC sends CUDA tensors only")
+            if self.buffer is None:
+                self.buffer = torch.empty(part_capacity(metas, self.bucket_bytes), dtype=torch.uint8,
+                                          device=first.device)
+            pack_part(part, metas, itertools.chain([first], tensors), self.buffer)
+            torch.cuda.synchronize()  # the part is complete before another process reads it
+            uuid = str(torch.cuda.get_device_properties(self.buffer.device).uuid)
+            handle = {uuid: reduce_cuda_tensor(self.buffer)}  # a fresh export per part (see the module's doc)
+            yield {"ipc_handles_pickled": base64.b64encode(pickle.dumps(handle)).decode("ascii")}
 
     def release(self) -> None:
-        self.copies = []
+        self.buffer = None  # back to the allocator for training
         if torch.cuda.is_available():
-            torch.cuda.ipc_collect()  # lets the allocator reuse memory that the worker had mapped
-
-    def close(self) -> None:
-        self.release()
-        if self.group is not None:
-            self.group.close()
-            self.group = None
+            torch.cuda.ipc_collect()  # once the workers released their imports, torch frees the exports
 
 
 def reduce_cuda_tensor(tensor: torch.Tensor) -> tuple:

@@ -110,6 +110,55 @@ def bucket_length(bucket: list[Piece]) -> int:
     return max((p.offset + p.nbytes for p in bucket), default=0)
 
 
+@dataclass(frozen=True)
+class Part:
+    """Tensors [first, first + len(sizes)) of a push, back to back in one shared buffer: vLLM's packed IPC layout
+    (the workers split the buffer by `sizes`, view each piece in its dtype and copy it out)."""
+
+    first: int
+    sizes: tuple[int, ...]  # bytes of each tensor
+
+    @property
+    def stop(self) -> int:
+        return self.first + len(self.sizes)
+
+
+def part_capacity(metas: list[TensorMeta], bucket_bytes: int) -> int:
+    """The shared buffer a push in parts needs: a bucket, or the largest tensor where that is larger (a tensor
+    is never cut: the workers view each one whole), or the whole push where that is smaller (at least a byte)."""
+    return min(max([bucket_bytes] + [m.nbytes for m in metas]), max(sum(m.nbytes for m in metas), 1))
+
+
+def plan_parts(metas: list[TensorMeta], bucket_bytes: int) -> list[Part]:
+    """Cut a push into parts that each fit `part_capacity`: consecutive tensors, in order.
+
+    A part also ends before a tensor whose offset would not be a multiple of its element size (dtype views need
+    it); tensors of one dtype never cause that.
+    """
+    capacity = part_capacity(metas, check_bucket_bytes(bucket_bytes))
+    parts: list[Part] = []
+    first, sizes, used = 0, [], 0
+    for index, meta in enumerate(metas):
+        if sizes and (used + meta.nbytes > capacity or used % meta.torch_dtype.itemsize):
+            parts.append(Part(first, tuple(sizes)))
+            first, sizes, used = index, [], 0
+        sizes.append(meta.nbytes)
+        used += meta.nbytes
+    if sizes:
+        parts.append(Part(first, tuple(sizes)))
+    return parts
+
+
+def pack_part(part: Part, metas: list[TensorMeta], tensors, buffer: torch.Tensor) -> None:
+    """Copy the part's tensors, pulled from `tensors` one at a time, back to back into `buffer` (each copy casts
+    to the wire dtype and moves to the buffer's device)."""
+    offset = 0
+    for index, size in zip(range(part.first, part.stop), part.sizes):
+        meta = metas[index]
+        buffer[offset:offset + size].view(meta.torch_dtype).view(meta.shape).copy_(next(tensors))
+        offset += size
+
+
 def byte_view(tensor: torch.Tensor) -> torch.Tensor:
     """A contiguous tensor's bytes as a flat uint8 view."""
     return tensor.reshape(-1).view(torch.uint8)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from fastgrpo.transfer.base import WeightSender
-from fastgrpo.transfer.packing import TensorMeta, update_info
+from fastgrpo.transfer.packing import Part, TensorMeta, plan_parts, update_info
 
 
 # What a generator runs after a failed push. vLLM ends a worker's update session when `update_weights`
@@ -67,6 +67,12 @@ class WeightControl:
         """Block until every worker has received and loaded the push; returns the generator's answer."""
         raise NotImplementedError
 
+    def receive_part(self, info: dict, part: Part, last: bool):
+        """A push in parts (a sharing backend): block until every worker has loaded this part, whose update
+        info (vLLM's: its tensors' names, dtypes, shapes and sizes, and the buffer's handle) is `info`. Returns
+        the generator's answer; the last part's is the push's."""
+        raise NotImplementedError
+
     def finish(self) -> None:
         """After a successful receive."""
 
@@ -84,6 +90,9 @@ class VllmClientControl(WeightControl):
         self.client.start_weight_update()
 
     def receive(self, info):
+        return self.client.update_weights(info)
+
+    def receive_part(self, info, part, last):
         return self.client.update_weights(info)
 
     def finish(self):
@@ -162,16 +171,8 @@ def push_weights(control: WeightControl, sender: WeightSender, metas: list[Tenso
     """
     info = update_info(metas)
     control.start(info)
-    if sender.handles_in_update:  # the update request carries the tensors' handles; nothing is broadcast
-        try:
-            info = {**info, **sender.share(metas, tensors)}
-        except BaseException as exc:
-            sender.release()
-            control.abort()
-            if not isinstance(exc, Exception):
-                raise
-            raise WeightTransferError(f"sharing the weights failed ({type(exc).__name__}: {exc}) before the "
-                                      "generator saw any of them; the next push starts afresh") from exc
+    if sender.handles_in_update:  # the update requests carry handles to the tensors; nothing is broadcast
+        return _push_in_parts(control, sender, metas, tensors, info)
     received = Background(control.receive, info)
     try:
         try:
@@ -192,4 +193,34 @@ def push_weights(control: WeightControl, sender: WeightSender, metas: list[Tenso
         control.finish()
     finally:
         sender.release()  # only now: vLLM's layerwise reload may read shared tensors until the finish
+    return result
+
+
+def _push_in_parts(control: WeightControl, sender: WeightSender, metas: list[TensorMeta],
+                   tensors: Iterator[torch.Tensor], info: dict):
+    """A push through a sharing backend: each part packed into the sender's buffer, then loaded by the workers,
+    before the next overwrites it. Returns the last part's answer."""
+    parts = plan_parts(metas, sender.bucket_bytes)
+    loaded, result = 0, None
+    try:
+        for part, fields in zip(parts, sender.share(parts, metas, tensors), strict=True):
+            part_info = {key: values[part.first:part.stop] for key, values in info.items()}
+            result = control.receive_part({**part_info, "tensor_sizes": list(part.sizes), **fields}, part,
+                                          last=part is parts[-1])
+            loaded += 1
+    except BaseException as exc:
+        sender.release()
+        control.abort()
+        if not isinstance(exc, Exception):
+            raise
+        if loaded == 0:
+            raise WeightTransferError(f"the first part of the push failed ({type(exc).__name__}: {exc}) before "
+                                      "the generator loaded any tensor; the next push starts afresh") from exc
+        raise WeightTransferError(f"part {loaded + 1} of {len(parts)} of the push failed ({type(exc).__name__}: "
+                                  f"{exc}) after the generator loaded {parts[loaded].first} of {len(metas)} "
+                                  "tensors: it refuses to generate until a whole push lands; push again") from exc
+    try:
+        control.finish()
+    finally:
+        sender.release()
     return result

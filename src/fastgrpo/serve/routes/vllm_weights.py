@@ -37,6 +37,7 @@ from fastgrpo.serve.weights import (
     finish_load,
     rendezvous_error,
 )
+from fastgrpo.transfer.base import SHARING_BACKENDS
 from fastgrpo.transfer.plugin import register
 
 log = logging.getLogger("fastgrpo.serve")
@@ -109,10 +110,10 @@ def checked_init_info(init_info: dict[str, Any], peer: str | None, state: Server
     engine = state.engine
     if not engine.alive:
         raise ApiError(503, "engine_dead", str(engine.dead_error()))
-    if engine.backend == "ipc":  # its handles are unpickled in the engines: only an owned group may send them
-        raise ApiError(403, "forbidden", "this server takes CUDA IPC pushes through /weights/* only, where the "
-                       "group's owner token guards each push (fastgrpo's VLLMClient); vLLM's weight routes carry no "
-                       "owner", "init_info")
+    if engine.backend in SHARING_BACKENDS:  # the engines read what a push names: only an owned group may name it
+        raise ApiError(403, "forbidden", f"this server takes {engine.backend} pushes through /weights/* only, where "
+                       "the group's owner token guards each part (fastgrpo's VLLMClient); vLLM's weight routes carry "
+                       "no owner", "init_info")
     info = check_fields(engine_class(engine.backend).init_info_cls, init_info, "init_info")
     expected = state.weight_transfer_ranks + 1
     if getattr(info, "world_size", expected) != expected:

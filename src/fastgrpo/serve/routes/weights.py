@@ -8,12 +8,15 @@ import uuid
 from fastapi import APIRouter, Request
 
 from fastgrpo.protocol import (
+    PART_HANDLE_FIELDS,
     ErrorResponse,
     FinishUpdateRequest,
     GroupRequest,
     InitTransferRequest,
     InitTransferResponse,
     OkResponse,
+    PushPart,
+    PushPartResponse,
     StartUpdateRequest,
     StartUpdateResponse,
     WeightVersionResponse,
@@ -35,6 +38,8 @@ from fastgrpo.serve.weights import (
     rendezvous_error,
 )
 from fastgrpo.transfer import sender_class
+from fastgrpo.transfer.base import SHARING_BACKENDS
+from fastgrpo.transfer.shm import FILE_NAME as SHM_FILE_NAME
 from fastgrpo.transfer.packing import metas_from_info
 
 log = logging.getLogger("fastgrpo.serve")
@@ -59,10 +64,10 @@ def check_init(req: InitTransferRequest, peer: str | None, state: ServerState) -
                        f"built with {engine.backend!r} (gloo on the CPU build, nccl on GPUs); send "
                        "tensors from the matching device", "backend")
     check_group_address(req.master_address, peer, state.weight_transfer_any_address)
-    if engine.backend == "ipc" and not is_loopback(peer):
-        raise ApiError(403, "forbidden", f"this server takes CUDA IPC pushes (--weight_transfer_backend ipc) from "
-                       f"this machine only, and {peer} is not loopback: CUDA IPC maps the trainer's GPU memory, "
-                       "so the trainer must run here, on the server's GPU", "master_address")
+    if engine.backend in SHARING_BACKENDS and not is_loopback(peer):
+        raise ApiError(403, "forbidden", f"this server takes {engine.backend} pushes (--weight_transfer_backend "
+                       f"{engine.backend}) from this machine only, and {peer} is not loopback: the engines read the "
+                       "trainer's memory, so the trainer must run here", "master_address")
 
 
 async def take_over_group(state: ServerState, timeout_s: float) -> None:
@@ -147,51 +152,128 @@ async def weights_start(req: StartUpdateRequest, state: State):
     return StartUpdateResponse(transfer_id=transfer_id, num_tensors=len(req.names), bytes=nbytes)
 
 
-@router.post("/update", response_model=WeightVersionResponse)
+@router.post("/update", response_model=WeightVersionResponse | PushPartResponse)
 async def weights_update(req: FinishUpdateRequest, state: State):
+    """Load the announced push: all of it (gloo, nccl: the trainer broadcasts meanwhile), or its next part (ipc,
+    shm: the workers read the trainer's buffer), the engines held from the first part to the last."""
     from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
 
-    pending = state.pending
-    if pending is None or pending.transfer_id != req.transfer_id or pending.phase != "announced" or state.group is None:
-        raise ApiError(409, "weight_transfer", f"transfer {req.transfer_id!r} is unknown, expired or already "
-                       "loading: call /weights/start again", "transfer_id")
-    engine = state.engine
-    if (engine.backend == "ipc") != (req.ipc_handles_pickled is not None):
-        raise ApiError(400, "invalid_request", "ipc_handles_pickled comes with a CUDA IPC push and only with one: "
-                       f"this server's engines take {engine.backend!r} pushes", "ipc_handles_pickled")
-    pending.expiry.cancel()
-    pending.phase = "loading"
+    pending, part, engine = state.pending, req.part, state.engine
+    phase = "loading" if part is not None and part.first > 0 else "announced"
+    if (pending is None or pending.transfer_id != req.transfer_id or pending.phase != phase
+            or pending.part_loading or state.group is None):
+        raise ApiError(409, "weight_transfer", f"transfer {req.transfer_id!r} is unknown, expired, or not at this "
+                       "point (a part is loading, or parts came out of order): call /weights/start again",
+                       "transfer_id")
     push = pending.request
-    # begin_load waits up to timeout_s for admitted requests, then the workers receive within timeout_s + 10.
-    pending.load_deadline = time.monotonic() + 2 * push.timeout_s + 10
-    try:
-        was_consistent = await begin_load(state, push.timeout_s)
-    except ApiError:
-        state.pending = None
-        raise
-    began = time.perf_counter()
-    info = {"names": push.names, "dtype_names": push.dtype_names, "shapes": push.shapes}
-    if req.ipc_handles_pickled is not None:
-        info["ipc_handles_pickled"] = req.ipc_handles_pickled
+    problem = part_problem(engine.backend, part, push, pending.loaded)
+    if problem is not None:
+        error = ApiError(400, "invalid_request", problem, "part")
+        if pending.phase == "loading":  # parts already loaded: this push cannot end whole
+            error = await fail_load(state, error, push.timeout_s)
+            await end_load(state)
+        raise error
+    if pending.phase == "announced":
+        pending.expiry.cancel()
+        pending.phase = "loading"
+        # begin_load waits up to timeout_s for admitted requests, then the workers receive within timeout_s + 10.
+        pending.load_deadline = time.monotonic() + 2 * push.timeout_s + 10
+        try:
+            pending.was_consistent = await begin_load(state, push.timeout_s)
+        except ApiError:
+            state.pending = None
+            raise
+        pending.began = time.perf_counter()
+    else:
+        pending.idle.cancel()
+        pending.load_deadline = time.monotonic() + push.timeout_s + 10
+    first, stop = (part.first, part.first + len(part.tensor_sizes)) if part is not None else (0, len(push.names))
+    info = {"names": push.names[first:stop], "dtype_names": push.dtype_names[first:stop],
+            "shapes": push.shapes[first:stop]}
+    if part is not None:
+        info.update(part.model_dump(include={"tensor_sizes", *PART_HANDLE_FIELDS.values()}, exclude_none=True))
     info.update(sender_class(engine.backend).worker_update_fields(state.group.bucket_bytes))
+    last = part is None or part.last
+    pending.part_loading = True
     try:
         await engine.each("update_weights", WeightTransferUpdateRequest(update_info=info), timeout=push.timeout_s + 10)
-        await finish_load(state, push.names, was_consistent, push.weight_version)
+        pending.loaded = stop
+        if last:
+            await finish_load(state, push.names, pending.was_consistent, push.weight_version)
     except Exception as exc:
-        raise await fail_load(state, exc, push.timeout_s) from None
-    finally:
+        error = await fail_load(state, exc, push.timeout_s)
         await end_load(state)
-    return WeightVersionResponse(weight_version=state.weight_version, seconds=round(time.perf_counter() - began, 4))
+        raise error from None
+    finally:
+        pending.part_loading = False
+    if not last:
+        pending.idle = asyncio.create_task(fail_if_idle(state, pending, push.timeout_s))
+        return PushPartResponse(tensors_loaded=stop, tensors=len(push.names))
+    await end_load(state)
+    return WeightVersionResponse(weight_version=state.weight_version,
+                                 seconds=round(time.perf_counter() - pending.began, 4))
+
+
+def part_problem(backend: str, part: PushPart | None, push: StartUpdateRequest, loaded: int) -> str | None:
+    """What is wrong with a /weights/update's part, for the engines' backend and the push so far; None if fine."""
+    field = PART_HANDLE_FIELDS.get(backend)
+    if field is None:
+        return None if part is None else (f"`part` comes with ipc and shm pushes only; this server's engines take "
+                                          f"{backend!r} pushes, which the trainer broadcasts in one request")
+    if part is None:
+        return f"this server's engines take {backend!r} pushes, which come in parts: send `part` (VLLMClient does)"
+    sent = {name for name in PART_HANDLE_FIELDS.values() if getattr(part, name) is not None}
+    if sent != {field}:
+        return f"a {backend} part carries `{field}` and no other handle; this one has {sorted(sent) or 'none'}"
+    if backend == "shm" and not SHM_FILE_NAME.fullmatch(part.shm_name):
+        return f"shm_name {part.shm_name!r} is not a push's file (fastgrpo-weights-<32 hex>)"
+    stop = part.first + len(part.tensor_sizes)
+    if part.first != loaded:
+        return f"the part starts at tensor {part.first}, but {loaded} are loaded: parts come in order"
+    if stop > len(push.names) or part.last != (stop == len(push.names)):
+        return (f"the part ends at tensor {stop} with last={part.last}, but {len(push.names)} were announced: the "
+                "last part, and only it, ends there")
+    metas = metas_from_info(push.names[part.first:stop], push.dtype_names[part.first:stop],
+                            push.shapes[part.first:stop])
+    for meta, size in zip(metas, part.tensor_sizes):
+        if size != meta.nbytes:
+            return f"tensor_sizes says {size} bytes for {meta.name}, but {meta.dtype} {list(meta.shape)} is {meta.nbytes}"
+    return None
+
+
+async def fail_if_idle(state: ServerState, pending: PendingPush, timeout_s: float) -> None:
+    """A push in parts whose next part has not come within timeout_s fails (its trainer died or hangs)."""
+    await asyncio.sleep(timeout_s)
+    if state.pending is pending and not pending.part_loading:
+        log.warning("weight push %s failed: its next part did not come within %.0f s", pending.transfer_id,
+                    timeout_s)
+        await fail_between_parts(state, pending, TimeoutError())
+
+
+async def fail_between_parts(state: ServerState, pending: PendingPush, why: BaseException) -> None:
+    """End a push in parts that waits for its next part: the engines are released, the group closed, and
+    generation refused until a whole push lands."""
+    pending.part_loading = True  # claimed: a part that comes now gets 409
+    if pending.idle is not None and pending.idle is not asyncio.current_task():
+        pending.idle.cancel()
+    await fail_load(state, why, pending.request.timeout_s)
+    await end_load(state)
 
 
 @router.post("/close", response_model=OkResponse)
 async def weights_close(req: GroupRequest, state: State):
-    """The owner leaves: its announced push is dropped and the group closed (not while a push loads)."""
+    """The owner leaves: its announced push is dropped, a push in parts that waits for its next part fails, and
+    the group is closed (not while the workers load)."""
     if state.group is None:
         return OkResponse()
     owned_group(state, req.group_id)
-    if state.pending is not None and state.pending.phase == "loading":
-        raise ApiError(409, "weight_transfer", "a weight push is loading: close the group once it has ended")
+    pending = state.pending
+    if pending is not None and pending.phase == "loading":
+        if pending.idle is None or pending.part_loading:
+            raise ApiError(409, "weight_transfer", "a weight push is loading: close the group once it has ended")
+        await fail_between_parts(state, pending, ApiError(
+            409, "weight_transfer", f"the trainer closed its group after {pending.loaded} of "
+            f"{len(pending.request.names)} tensors of its push had loaded"))  # fail_load closes the group
     end_pending(state)
     await close_group(state)
     return OkResponse()
