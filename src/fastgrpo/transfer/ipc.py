@@ -8,8 +8,11 @@ workers (vLLM's `IPCWeightTransferEngine`, packed mode) map it, copy the tensors
 out and load them. So a push costs one buffer, a bucket or the largest tensor,
 not a second copy of the model on a GPU that already holds two.
 
-The buffer is exported afresh for each part: torch pairs each export with one
-import and release on the worker, which vLLM 0.26's packed consumer does per part.
+The next part overwrites the buffer only once every worker's update call has
+returned, and vLLM's engine returns only after synchronizing its device (0.26 and
+0.32), so its copies of the part are complete. The buffer is exported afresh for
+each part: torch pairs each export with one import and release on the worker,
+which vLLM 0.26's packed consumer does per part.
 
 The handles travel pickled (vLLM's HTTP form), which the workers unpickle only
 with VLLM_ALLOW_INSECURE_SERIALIZATION=1: the server sets it for its engines when
