@@ -229,7 +229,8 @@ def test_grpo_trainer_in_server_mode_pushes_in_parts_and_the_server_keeps_its_we
     observer = VLLMClient(base_url=server.base_url)
 
     def server_logprobs(ids):
-        return observer.generate(prompt_token_ids=[ids], max_tokens=1, prompt_logprobs=True).results[0].prompt_logprobs[1:]
+        answer = observer.generate(prompt_token_ids=[ids], max_tokens=1, prompt_logprobs=True)
+        return answer.results[0].prompt_logprobs[1:]
 
     probe = ProbeCallback(trainer, probe_ids, server_logprobs)
     trainer.add_callback(probe)  # after the weight-sync callback: sees the pushed weights

@@ -10,6 +10,7 @@ from fastgrpo.serve import DEFAULT_MAX_ROLLOUTS
 from fastgrpo.serve.engines import DEFAULT_DP_RPC_PORT, ServerSettings, check_devices
 from fastgrpo.serve.headless import run_headless
 from fastgrpo.transfer.adapters import LORA_RANKS
+from fastgrpo.transfer.base import SHARING_BACKENDS
 
 
 def _optional_bool(value: str) -> bool:
@@ -74,7 +75,8 @@ def add_parser(subparsers) -> None:
              help="how pushed weights reach the engines: auto (gloo on vLLM's CPU build, NCCL on GPUs), ipc "
                   "(CUDA IPC, for a trainer on this server's own GPU, where NCCL refuses two ranks on one device) "
                   "or shm (shared memory, for a trainer's CPU tensors on this machine); ipc and shm take pushes from "
-                  "this machine only, in parts of the trainer's bucket (vllm_weight_sync_bucket_mb) or its largest tensor")
+                  "this machine only, in parts of the trainer's bucket (vllm_weight_sync_bucket_mb) or its largest "
+                  "tensor")
     add_flag(p, "--enable_lora", action="store_true",
              help="serve LoRA adapters that trainers push (PUT /adapters/NAME): one per run, beside the base model")
     add_flag(p, "--max_lora_rank", type=int, default=16, choices=LORA_RANKS,
@@ -129,7 +131,7 @@ def validate(args) -> None:
          "in them: start it with --api_key KEY too (the trainer passes it: GRPOConfig(vllm_server_api_key=KEY))"),
     ]
     dp, local, first = args.data_parallel_size, args.data_parallel_size_local, args.data_parallel_start_rank
-    checks.append((args.weight_transfer_backend not in ("ipc", "shm") or (not args.headless and local in (None, dp)),
+    checks.append((args.weight_transfer_backend not in SHARING_BACKENDS or (not args.headless and local in (None, dp)),
                    f"--weight_transfer_backend {args.weight_transfer_backend} has the engines read the trainer's "
                    "memory, so every DP rank must run on the trainer's machine: leave --data_parallel_size_local "
                    "and --headless out, or use nccl (gloo on CPUs) across machines"))

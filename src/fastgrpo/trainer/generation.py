@@ -339,8 +339,8 @@ class ColocateBackend(GenerationBackend):
         if self.sender.group is None:
             self._open_group()
         self.consistent = False
-        push_weights(_EngineControl(self.llm, self.sender), self.sender, weights.metas(self.llm.llm_engine.model_config.dtype),
-                     iter(weights), self.timeout_s)
+        metas = weights.metas(self.llm.llm_engine.model_config.dtype)
+        push_weights(_EngineControl(self.llm, self.sender), self.sender, metas, iter(weights), self.timeout_s)
         self.consistent = True  # the trainer always pushes its whole model
         self.version = version
 

@@ -7,7 +7,7 @@ nothing (`handles_in_update`): a push goes in parts (packing.plan_parts), each
 packed into one reused buffer whose handle the part's update request carries, so
 a push holds one buffer (a bucket, or the largest tensor), never a copy of the
 model. The worker side of each
-backend is a vLLM `WeightTransferEngine` (ours for gloo, vLLM's own for NCCL),
+backend is a vLLM `WeightTransferEngine` (ours for gloo and shm, vLLM's own for NCCL and IPC),
 whose init info the sender describes with `worker_init_info`, so the server, the
 colocate backend and the client all build it in one place.
 """

@@ -92,9 +92,6 @@ class VllmClientControl(WeightControl):
     def receive(self, info):
         return self.client.update_weights(info)
 
-    def receive_part(self, info, part, last):
-        return self.client.update_weights(info)
-
     def finish(self):
         self.client.finish_weight_update()
 

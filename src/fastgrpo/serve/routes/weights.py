@@ -39,8 +39,8 @@ from fastgrpo.serve.weights import (
 )
 from fastgrpo.transfer import sender_class
 from fastgrpo.transfer.base import SHARING_BACKENDS
-from fastgrpo.transfer.shm import FILE_NAME as SHM_FILE_NAME
 from fastgrpo.transfer.packing import metas_from_info
+from fastgrpo.transfer.shm import FILE_NAME as SHM_FILE_NAME
 
 log = logging.getLogger("fastgrpo.serve")
 LOAD_CLEANUP_GRACE_S = 30.0  # after a failed load's workers give up: abort, finalize, close the group
@@ -173,20 +173,8 @@ async def weights_update(req: FinishUpdateRequest, state: State):
             error = await fail_load(state, error, push.timeout_s)
             await end_load(state)
         raise error
-    if pending.phase == "announced":
-        pending.expiry.cancel()
-        pending.phase = "loading"
-        # begin_load waits up to timeout_s for admitted requests, then the workers receive within timeout_s + 10.
-        pending.load_deadline = time.monotonic() + 2 * push.timeout_s + 10
-        try:
-            pending.was_consistent = await begin_load(state, push.timeout_s)
-        except ApiError:
-            state.pending = None
-            raise
-        pending.began = time.perf_counter()
-    else:
-        pending.idle.cancel()
-        pending.load_deadline = time.monotonic() + push.timeout_s + 10
+    pending.part_loading = True  # from here on, another part gets 409
+    await hold_engines(state, pending)
     first, stop = (part.first, part.first + len(part.tensor_sizes)) if part is not None else (0, len(push.names))
     info = {"names": push.names[first:stop], "dtype_names": push.dtype_names[first:stop],
             "shapes": push.shapes[first:stop]}
@@ -194,15 +182,16 @@ async def weights_update(req: FinishUpdateRequest, state: State):
         info.update(part.model_dump(include={"tensor_sizes", *PART_HANDLE_FIELDS.values()}, exclude_none=True))
     info.update(sender_class(engine.backend).worker_update_fields(state.group.bucket_bytes))
     last = part is None or part.last
-    pending.part_loading = True
     try:
         await engine.each("update_weights", WeightTransferUpdateRequest(update_info=info), timeout=push.timeout_s + 10)
         pending.loaded = stop
         if last:
             await finish_load(state, push.names, pending.was_consistent, push.weight_version)
-    except Exception as exc:
+    except BaseException as exc:  # a cancelled request too: the engines are released either way
         error = await fail_load(state, exc, push.timeout_s)
         await end_load(state)
+        if not isinstance(exc, Exception):
+            raise
         raise error from None
     finally:
         pending.part_loading = False
@@ -212,6 +201,26 @@ async def weights_update(req: FinishUpdateRequest, state: State):
     await end_load(state)
     return WeightVersionResponse(weight_version=state.weight_version,
                                  seconds=round(time.perf_counter() - pending.began, 4))
+
+
+async def hold_engines(state: ServerState, pending: PendingPush) -> None:
+    """Before a push's first part: pause the engines for it (begin_load). Before a later one: they are held
+    already; stop waiting for it."""
+    push = pending.request
+    if pending.phase == "loading":
+        pending.idle.cancel()
+        pending.load_deadline = time.monotonic() + push.timeout_s + 10
+        return
+    pending.expiry.cancel()
+    pending.phase = "loading"
+    # begin_load waits up to timeout_s for admitted requests, then the workers receive within timeout_s + 10.
+    pending.load_deadline = time.monotonic() + 2 * push.timeout_s + 10
+    try:
+        pending.was_consistent = await begin_load(state, push.timeout_s)
+    except ApiError:
+        state.pending = None
+        raise
+    pending.began = time.perf_counter()
 
 
 def part_problem(backend: str, part: PushPart | None, push: StartUpdateRequest, loaded: int) -> str | None:
@@ -237,7 +246,8 @@ def part_problem(backend: str, part: PushPart | None, push: StartUpdateRequest, 
                             push.shapes[part.first:stop])
     for meta, size in zip(metas, part.tensor_sizes):
         if size != meta.nbytes:
-            return f"tensor_sizes says {size} bytes for {meta.name}, but {meta.dtype} {list(meta.shape)} is {meta.nbytes}"
+            return (f"tensor_sizes says {size} bytes for {meta.name}, but {meta.dtype} {list(meta.shape)} is "
+                    f"{meta.nbytes}")
     return None
 
 
