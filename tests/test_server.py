@@ -159,24 +159,35 @@ def test_a_seeded_prompt_gets_the_same_completions_whether_its_n_is_cut_across_r
 def test_concurrent_requests_are_served_concurrently(client):
     """A short request sent while a long one is generating finishes first, on a rank the long one also
     occupies: requests join the running batch instead of queueing behind each other."""
-    finished = []
 
-    def run(name, prompts, max_tokens):
-        # ignore_eos: the long request really is long (16 x 8 x 200 tokens, seconds), whatever the model samples.
-        client.generate(prompts, n=8, max_tokens=max_tokens, temperature=1.0, ignore_eos=True)
-        finished.append(name)
+    def race() -> list[str]:
+        finished = []
 
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        long = pool.submit(run, "long", ["count with me"] * 16, 200)
-        deadline = time.monotonic() + 60
-        # Send the short one once the long one is in the server's hands (both ranks carry its load).
-        while not all(r["load_tokens"] for r in client.health()["dp_ranks"]):
-            assert not long.done(), "the long request finished before it was seen in flight"
-            assert time.monotonic() < deadline, "the long request never showed up in the ranks' load"
-            time.sleep(0.01)
-        short = pool.submit(run, "short", ["count with me"], 2)
-        long.result(), short.result()
-    assert finished == ["short", "long"]
+        def run(name, prompts, max_tokens):
+            # ignore_eos: the long request really is long (16 x 8 x 200 tokens, seconds), whatever the model samples.
+            client.generate(prompts, n=8, max_tokens=max_tokens, temperature=1.0, ignore_eos=True)
+            finished.append(name)
+
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            long = pool.submit(run, "long", ["count with me"] * 16, 200)
+            deadline = time.monotonic() + 60
+            # Send the short one once the long one is in the server's hands (both ranks carry its load).
+            while not all(r["load_tokens"] for r in client.health()["dp_ranks"]):
+                assert not long.done(), "the long request finished before it was seen in flight"
+                assert time.monotonic() < deadline, "the long request never showed up in the ranks' load"
+                time.sleep(0.01)
+            short = pool.submit(run, "short", ["count with me"], 2)
+            long.result(), short.result()
+        return finished
+
+    # Up to 3 races: on a loaded machine the poll above can see the long request late, near its end (seen once
+    # in a full suite run). A server that queued requests behind each other loses all three.
+    outcomes = []
+    for _ in range(3):
+        outcomes.append(race())
+        if outcomes[-1] == ["short", "long"]:
+            break
+    assert outcomes[-1] == ["short", "long"], outcomes
 
 
 def test_a_generation_whose_client_went_away_is_aborted_in_the_engines_and_counted(server, client):
