@@ -353,6 +353,8 @@ def test_parts_fit_the_bucket_or_the_largest_tensor_and_never_split_one():
     # A float32 at an offset of 2 mod 4 (after 3 bfloat16s) starts a new part, so each dtype view is aligned.
     mixed = metas(("bfloat16", 3), ("float32", 4), ("bfloat16", 2), ("bfloat16", 1))
     assert [p.sizes for p in plan_parts(mixed, bucket)] == [(6,), (16, 4, 2)]
+    # An empty tensor needs no alignment: it never ends a part by itself.
+    assert [p.sizes for p in plan_parts(metas(("bfloat16", 3), ("float32", 0)), bucket)] == [(6, 0)]
     # Empty tensors travel in a part too (their loader must still see them); every tensor once, in order.
     many = metas(("float32", 0), *[("float32", 300)] * 40, ("int64", 7))
     parts = plan_parts(many, bucket)

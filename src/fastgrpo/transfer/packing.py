@@ -139,7 +139,7 @@ def plan_parts(metas: list[TensorMeta], bucket_bytes: int) -> list[Part]:
     parts: list[Part] = []
     first, sizes, used = 0, [], 0
     for index, meta in enumerate(metas):
-        if sizes and (used + meta.nbytes > capacity or used % meta.torch_dtype.itemsize):
+        if sizes and (used + meta.nbytes > capacity or (meta.nbytes and used % meta.torch_dtype.itemsize)):
             parts.append(Part(first, tuple(sizes)))
             first, sizes, used = index, [], 0
         sizes.append(meta.nbytes)

@@ -116,9 +116,10 @@ class ShmWeightTransferEngine(LayerwiseReload,
         self.receive_weights(self.parse_update_info(update_info))
 
     def receive_weights(self, update_info: ShmWeightTransferUpdateInfo) -> None:
-        path = os.path.join(SHM_DIR, update_info.shm_name)
-        try:
-            mapped = torch.from_file(path, shared=False, size=sum(update_info.tensor_sizes), dtype=torch.uint8)
+        path, nbytes = os.path.join(SHM_DIR, update_info.shm_name), sum(update_info.tensor_sizes)
+        try:  # a part of empty tensors only has nothing to map
+            mapped = (torch.from_file(path, shared=False, size=nbytes, dtype=torch.uint8) if nbytes
+                      else torch.empty(0, dtype=torch.uint8))
         except RuntimeError as exc:
             raise RuntimeError(f"the trainer's shared-memory buffer {path} could not be read ({exc}): the trainer "
                                "must run on this machine, as the same user") from exc
