@@ -53,6 +53,7 @@ class PendingPush:
     loaded: int = 0  # announced tensors loaded so far, in order
     began: float = 0.0  # time.perf_counter() at its first part
     part_loading: bool = False  # a part's request is being served
+    touched: float = 0.0  # time.monotonic() when its last part loaded
     idle: asyncio.Task | None = None  # fails the push if its next part does not come
 
 

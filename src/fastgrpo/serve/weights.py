@@ -33,6 +33,8 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import time
+from collections.abc import Callable
 
 from fastgrpo.serve.errors import ApiError
 from fastgrpo.serve.specs import covers_all
@@ -90,6 +92,13 @@ async def rendezvous_error(address: str, port: int, timeout_s: float = PROBE_TIM
     with contextlib.suppress(OSError):
         await writer.wait_closed()
     return None
+
+
+async def until_idle(busy: Callable[[], bool], last_call: Callable[[], float], idle_s: float) -> None:
+    """Return once a push of several calls has gone idle_s without one: none running (`busy`), and none begun
+    since `last_call()` (a time.monotonic()). Both multi-call pushes fail then: vLLM's routes', ours in parts."""
+    while busy() or time.monotonic() - last_call() < idle_s:
+        await asyncio.sleep(min(1.0, idle_s / 10))
 
 
 def owned_group(state: ServerState, group_id: str) -> WeightGroup:

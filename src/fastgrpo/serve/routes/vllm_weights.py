@@ -36,6 +36,7 @@ from fastgrpo.serve.weights import (
     fail_load,
     finish_load,
     rendezvous_error,
+    until_idle,
 )
 from fastgrpo.transfer.base import SHARING_BACKENDS
 from fastgrpo.transfer.plugin import register
@@ -74,8 +75,7 @@ def start_push(state: ServerState, was_consistent: bool) -> VllmPush:
 
 
 async def fail_when_idle(state: ServerState, push: VllmPush) -> None:
-    while push.loading or time.monotonic() - push.touched < PUSH_IDLE_S:
-        await asyncio.sleep(1.0)
+    await until_idle(lambda: push.loading > 0, lambda: push.touched, PUSH_IDLE_S)
     log.warning("a push through vLLM's weight routes saw no call for %.0f s: failed, engines released", PUSH_IDLE_S)
     await fail_push(state, push, TimeoutError(f"no /update_weights or /finish_weight_update for {PUSH_IDLE_S:.0f} s"))
 

@@ -36,6 +36,7 @@ from fastgrpo.serve.weights import (
     is_loopback,
     owned_group,
     rendezvous_error,
+    until_idle,
 )
 from fastgrpo.transfer import sender_class
 from fastgrpo.transfer.base import SHARING_BACKENDS
@@ -170,8 +171,7 @@ async def weights_update(req: FinishUpdateRequest, state: State):
     if problem is not None:
         error = ApiError(400, "invalid_request", problem, "part")
         if pending.phase == "loading":  # parts already loaded: this push cannot end whole
-            error = await fail_load(state, error, push.timeout_s)
-            await end_load(state)
+            await fail_between_parts(state, pending, error)
         raise error
     pending.part_loading = True  # from here on, another part gets 409
     await hold_engines(state, pending)
@@ -188,6 +188,7 @@ async def weights_update(req: FinishUpdateRequest, state: State):
         if last:
             await finish_load(state, push.names, pending.was_consistent, push.weight_version)
     except BaseException as exc:  # a cancelled request too: the engines are released either way
+        stop_watching(pending)
         error = await fail_load(state, exc, push.timeout_s)
         await end_load(state)
         if not isinstance(exc, Exception):
@@ -196,8 +197,11 @@ async def weights_update(req: FinishUpdateRequest, state: State):
     finally:
         pending.part_loading = False
     if not last:
-        pending.idle = asyncio.create_task(fail_if_idle(state, pending, push.timeout_s))
+        pending.touched = time.monotonic()
+        if pending.idle is None:  # one watcher for the whole push
+            pending.idle = asyncio.create_task(fail_if_idle(state, pending))
         return PushPartResponse(tensors_loaded=stop, tensors=len(push.names))
+    stop_watching(pending)
     await end_load(state)
     return WeightVersionResponse(weight_version=state.weight_version,
                                  seconds=round(time.perf_counter() - pending.began, 4))
@@ -205,10 +209,9 @@ async def weights_update(req: FinishUpdateRequest, state: State):
 
 async def hold_engines(state: ServerState, pending: PendingPush) -> None:
     """Before a push's first part: pause the engines for it (begin_load). Before a later one: they are held
-    already; stop waiting for it."""
+    already."""
     push = pending.request
     if pending.phase == "loading":
-        pending.idle.cancel()
         pending.load_deadline = time.monotonic() + push.timeout_s + 10
         return
     pending.expiry.cancel()
@@ -251,21 +254,26 @@ def part_problem(backend: str, part: PushPart | None, push: StartUpdateRequest, 
     return None
 
 
-async def fail_if_idle(state: ServerState, pending: PendingPush, timeout_s: float) -> None:
-    """A push in parts whose next part has not come within timeout_s fails (its trainer died or hangs)."""
-    await asyncio.sleep(timeout_s)
-    if state.pending is pending and not pending.part_loading:
+async def fail_if_idle(state: ServerState, pending: PendingPush) -> None:
+    """A push in parts whose next part has not come within its timeout fails (its trainer died or hangs)."""
+    timeout_s = pending.request.timeout_s
+    await until_idle(lambda: pending.part_loading, lambda: pending.touched, timeout_s)
+    if state.pending is pending:
         log.warning("weight push %s failed: its next part did not come within %.0f s", pending.transfer_id,
                     timeout_s)
         await fail_between_parts(state, pending, TimeoutError())
+
+
+def stop_watching(pending: PendingPush) -> None:
+    if pending.idle is not None and pending.idle is not asyncio.current_task():
+        pending.idle.cancel()
 
 
 async def fail_between_parts(state: ServerState, pending: PendingPush, why: BaseException) -> None:
     """End a push in parts that waits for its next part: the engines are released, the group closed, and
     generation refused until a whole push lands."""
     pending.part_loading = True  # claimed: a part that comes now gets 409
-    if pending.idle is not None and pending.idle is not asyncio.current_task():
-        pending.idle.cancel()
+    stop_watching(pending)
     await fail_load(state, why, pending.request.timeout_s)
     await end_load(state)
 
